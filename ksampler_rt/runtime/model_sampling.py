@@ -1,0 +1,140 @@
+"""Discrete SD model sampling: the sigma table, sigma <-> timestep, prediction types, latent scale.
+
+Behaviour matches ComfyUI 0.3.64 ``comfy/model_sampling.py`` (``ModelSamplingDiscrete``, ``EPS``,
+``V_PREDICTION``) and ``comfy/latent_formats.py``:
+
+* the beta schedule ComfyUI calls "linear" (diffusers' ``scaled_linear``) is computed in float64,
+  the sigma table is stored as float32 and ``log_sigmas`` is the float64 log cast to float32;
+* ``timestep(sigma)`` is the *nearest* table index (no interpolation), ``sigma(t)`` interpolates
+  linearly in log-sigma;
+* denoised predictions are formed in float32, as ComfyUI does on the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PREDICTION_TYPES = ("eps", "v")
+
+
+def _sigma_column(sigma, ndim: int):
+    """Broadcast a scalar or per-row sigma against an [N, ...] array (ComfyUI's reshape_sigma)."""
+    sigma = np.asarray(sigma, dtype=np.float32)
+    if sigma.size == 1:
+        return sigma.reshape(())
+    return sigma.reshape(sigma.shape[:1] + (1,) * (ndim - 1))
+
+
+def _rescale_zero_terminal_snr(sigmas: np.ndarray) -> np.ndarray:
+    """Zero-terminal-SNR rescaling (Lin et al. 2023) as ComfyUI's rescale_zero_terminal_snr_sigmas."""
+    alphas_bar_sqrt = np.sqrt(1.0 / (sigmas * sigmas + 1.0))
+    first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt ** 2
+    alphas_bar[-1] = 4.8973451890853435e-08
+    return ((1 - alphas_bar) / alphas_bar) ** 0.5
+
+
+class ModelSamplingDiscrete:
+    """The 1000-step discrete VP schedule of SD1.x / SD2.x / SDXL in sigma (Karras) form."""
+
+    sigma_data = 1.0
+
+    def __init__(self, prediction: str = "eps", zsnr: bool = False, linear_start: float = 0.00085,
+                 linear_end: float = 0.012, timesteps: int = 1000):
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(f"prediction: received {prediction!r}, expected one of {PREDICTION_TYPES}")
+        self.prediction = prediction
+        self.zsnr = bool(zsnr)
+        self.linear_start, self.linear_end, self.num_timesteps = linear_start, linear_end, int(timesteps)
+        betas = np.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=np.float64) ** 2
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        sigmas64 = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        if self.zsnr:
+            sigmas64 = _rescale_zero_terminal_snr(sigmas64)
+        self.sigmas = sigmas64.astype(np.float32)
+        self.log_sigmas = np.log(sigmas64).astype(np.float32)
+
+    # -- the table -------------------------------------------------------------------------
+    @property
+    def sigma_min(self) -> np.float32:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> np.float32:
+        return self.sigmas[-1]
+
+    def timestep(self, sigma) -> np.ndarray:
+        """Nearest table index for each sigma, as float32 (what the UNet receives)."""
+        log_sigma = np.log(np.asarray(sigma, dtype=np.float32))
+        dists = np.abs(log_sigma.reshape(1, -1) - self.log_sigmas[:, None])
+        return dists.argmin(axis=0).astype(np.float32).reshape(np.shape(sigma))
+
+    def sigma(self, timestep) -> np.ndarray:
+        """Sigma at a (fractional) timestep: linear interpolation in log-sigma, float32."""
+        t = np.clip(np.asarray(timestep, dtype=np.float32), 0, len(self.sigmas) - 1)
+        low, high = np.floor(t).astype(np.int64), np.ceil(t).astype(np.int64)
+        w = (t - np.floor(t)).astype(np.float32)
+        log_sigma = (1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]
+        return np.exp(log_sigma).astype(np.float32)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        return float(self.sigma(np.float32((1.0 - percent) * 999.0)))
+
+    # -- prediction types ------------------------------------------------------------------
+    def calculate_input(self, sigma, x: np.ndarray) -> np.ndarray:
+        """c_in * x: the scaled latent the UNet sees."""
+        sigma = _sigma_column(sigma, x.ndim)
+        return x / (sigma ** 2 + np.float32(self.sigma_data ** 2)) ** np.float32(0.5)
+
+    def calculate_denoised(self, sigma, model_output: np.ndarray, x: np.ndarray) -> np.ndarray:
+        sigma = _sigma_column(sigma, model_output.ndim)
+        if self.prediction == "eps":
+            return x - model_output * sigma
+        sd = np.float32(self.sigma_data)
+        return (x * sd ** 2 / (sigma ** 2 + sd ** 2)
+                - model_output * sigma * sd / (sigma ** 2 + sd ** 2) ** np.float32(0.5))
+
+    def noise_scaling(self, sigma, noise: np.ndarray, latent: np.ndarray, max_denoise: bool = False) -> np.ndarray:
+        sigma = _sigma_column(sigma, noise.ndim)
+        if max_denoise:
+            noise = noise * np.sqrt(np.float32(1.0) + sigma ** np.float32(2.0))
+        else:
+            noise = noise * sigma
+        return noise + latent
+
+    def inverse_noise_scaling(self, sigma, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the runtime needs to know about a model family."""
+
+    name: str
+    prediction: str
+    latent_scale: float
+    latent_channels: int = 4
+    context_dim: int = 768
+    adm_channels: int = 0  # SDXL's `y` width (pooled text embedding + size/crop time ids)
+
+
+FAMILIES: dict[str, Family] = {
+    "sd15": Family("sd15", "eps", 0.18215, context_dim=768),
+    "sd2": Family("sd2", "eps", 0.18215, context_dim=1024),
+    "sd2-v": Family("sd2-v", "v", 0.18215, context_dim=1024),
+    "sdxl": Family("sdxl", "eps", 0.13025, context_dim=2048, adm_channels=2816),
+    "sdxl-refiner": Family("sdxl-refiner", "eps", 0.13025, context_dim=1280, adm_channels=2560),
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"family: received {name!r}, expected one of {tuple(FAMILIES)}") from None
