@@ -67,7 +67,7 @@ class ModelSamplingDiscrete:
 
     def timestep(self, sigma) -> np.ndarray:
         """Nearest table index for each sigma, as float32 (what the UNet receives)."""
-        log_sigma = np.log(np.asarray(sigma, dtype=np.float32))
+        log_sigma = np.log(np.asarray(sigma, dtype=np.float32).astype(np.float64)).astype(np.float32)
         dists = np.abs(log_sigma.reshape(1, -1) - self.log_sigmas[:, None])
         return dists.argmin(axis=0).astype(np.float32).reshape(np.shape(sigma))
 
@@ -77,7 +77,8 @@ class ModelSamplingDiscrete:
         low, high = np.floor(t).astype(np.int64), np.ceil(t).astype(np.int64)
         w = (t - np.floor(t)).astype(np.float32)
         log_sigma = (1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]
-        return np.exp(log_sigma).astype(np.float32)
+        # exp in float64, rounded to float32: matches torch's float32 exp far more often than np.exp does
+        return np.exp(log_sigma.astype(np.float64)).astype(np.float32)
 
     def percent_to_sigma(self, percent: float) -> float:
         if percent <= 0.0:

@@ -1,0 +1,166 @@
+"""Classifier-free guidance on denoised predictions, one batched UNet call per evaluation.
+
+Reproduces ComfyUI 0.3.64 ``comfy/samplers.py`` (``sampling_function``, ``_calc_cond_batch``,
+``cfg_function``) for plain ``[cond, {}]`` conditioning lists:
+
+* conditioning entries are queued cond-first, then batched in *reverse* queue order, so one
+  call carries ``[uncond rows..., cond rows...]``; entries whose contexts cannot be
+  concatenated (token lengths whose LCM is more than 4x the shorter) go in separate calls;
+* contexts of different token lengths are repeated up to their LCM (this does not change
+  attention's result);
+* each conditioning's rows are repeated / truncated to the latent batch size;
+* several entries of one list are summed in batch order and divided by their count;
+* ``cfg == 1`` (``math.isclose``) drops the uncond rows, unless the sampler is a CFG++ one;
+* the result is ``uncond + (cond - uncond) * cfg``, always in that form.
+
+Everything that depends only on the conditioning is laid out once, at construction, so a
+step costs one ``np.concatenate`` of the latent plus the UNet call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .model import Model, UNetOutputError
+
+COND, UNCOND = 0, 1
+
+
+def repeat_to_batch_size(array: np.ndarray, batch_size: int) -> np.ndarray:
+    """ComfyUI's ``comfy.utils.repeat_to_batch_size`` on axis 0."""
+    n = array.shape[0]
+    if n > batch_size:
+        return array[:batch_size]
+    if n < batch_size:
+        return np.concatenate([array] * math.ceil(batch_size / n))[:batch_size]
+    return array
+
+
+@dataclass
+class _Entry:
+    kind: int                 # COND or UNCOND
+    context: np.ndarray       # [B, T, D]
+    y: np.ndarray | None      # [B, adm] for SDXL
+
+
+def _can_concat(a: _Entry, b: _Entry) -> bool:
+    """CONDCrossAttn.can_concat (+ CONDRegular for y): same width, token LCM at most 4x."""
+    ta, tb = a.context.shape[1], b.context.shape[1]
+    if ta != tb and math.lcm(ta, tb) // min(ta, tb) > 4:
+        return False
+    if (a.y is None) != (b.y is None) or (a.y is not None and a.y.shape != b.y.shape):
+        return False
+    return True
+
+
+@dataclass
+class _Call:
+    """One UNet call: which entry kinds its row groups belong to and their fixed inputs."""
+
+    kinds: list[int]
+    context: np.ndarray
+    y: np.ndarray | None
+
+
+class CFGDenoiser:
+    """D(x, sigma) with classifier-free guidance, as ComfyUI's CFGGuider presents it to samplers."""
+
+    def __init__(self, model: Model, positive: list, negative: list, cfg: float, batch_size: int,
+                 latent_hw: tuple[int, int], *, cfg_pp: bool = False, sigmas: np.ndarray | None = None):
+        self.inner = model
+        self.model_sampling = model.model_sampling
+        self.cfg = float(cfg)
+        self.batch_size = batch_size
+        self.uses_uncond = cfg_pp or not math.isclose(self.cfg, 1.0)
+        self.sigmas = sigmas  # the schedule, only to name the step in error messages
+        entries = self._entries(positive, COND, latent_hw)
+        if self.uses_uncond:
+            entries += self._entries(negative, UNCOND, latent_hw)
+        self.calls = self._plan(entries)
+        self.counts = {kind: sum(c.kinds.count(kind) for c in self.calls) for kind in (COND, UNCOND)}
+
+    # -- layout, once per sampling run -----------------------------------------------------
+    def _entries(self, conditioning: list, kind: int, latent_hw: tuple[int, int]) -> list[_Entry]:
+        family = self.inner.family
+        out = []
+        for context, options in conditioning:
+            context = repeat_to_batch_size(np.asarray(context, dtype=np.float32), self.batch_size)
+            y = None
+            if family.adm_channels:
+                y = self._adm(options, latent_hw)
+            out.append(_Entry(kind, context, y))
+        return out
+
+    def _adm(self, options: dict, latent_hw: tuple[int, int]) -> np.ndarray:
+        """SDXL's ``y``: ComfyUI's encode_adm with width/height defaulting to the latent size x 8
+        (comfy/samplers.py encode_model_conds)."""
+        from .conditioning import sdxl_adm
+
+        pooled = options.get("pooled_output")
+        if pooled is None:
+            raise ValueError(f"conditioning: family {self.inner.family.name!r} needs a 'pooled_output' in each "
+                             "conditioning entry's options (what CLIPTextEncode of an SDXL checkpoint produces)")
+        height = options.get("height", latent_hw[0] * 8)
+        width = options.get("width", latent_hw[1] * 8)
+        y = sdxl_adm(np.asarray(pooled, dtype=np.float32), width=width, height=height,
+                     crop_w=options.get("crop_w", 0), crop_h=options.get("crop_h", 0),
+                     target_width=options.get("target_width", width),
+                     target_height=options.get("target_height", height))
+        return repeat_to_batch_size(y, self.batch_size)
+
+    @staticmethod
+    def _plan(entries: list[_Entry]) -> list[_Call]:
+        queue, calls = list(entries), []
+        while queue:
+            first = queue[0]
+            picked = [i for i in range(len(queue)) if _can_concat(queue[i], first)]
+            picked.reverse()  # ComfyUI batches the concatenable entries in reverse queue order
+            group = [queue[i] for i in picked]
+            for i in picked:  # descending indices: popping keeps the rest valid
+                queue.pop(i)
+            tokens = math.lcm(*(e.context.shape[1] for e in group))
+            context = np.concatenate([np.tile(e.context, (1, tokens // e.context.shape[1], 1)) for e in group])
+            y = None if group[0].y is None else np.concatenate([e.y for e in group])
+            calls.append(_Call([e.kind for e in group], np.ascontiguousarray(context), y))
+        return calls
+
+    # -- evaluation, every step ---------------------------------------------------------------
+    def _predictions(self, x: np.ndarray, sigma) -> dict[int, np.ndarray]:
+        sums: dict[int, np.ndarray] = {}
+        b = self.batch_size
+        for call in self.calls:
+            rows = len(call.kinds)
+            x_in = x if rows == 1 else np.concatenate([x] * rows)
+            sigmas = np.full(x_in.shape[0], sigma, dtype=np.float32)
+            kwargs = {} if call.y is None else {"y": call.y}
+            try:
+                out = self.inner.apply_model(x_in, sigmas, call.context, **kwargs)
+            except UNetOutputError as exc:
+                raise UNetOutputError(f"{self._where(sigma)}: {exc}") from exc
+            for j, kind in enumerate(call.kinds):
+                chunk = out[j * b:(j + 1) * b]
+                sums[kind] = chunk.copy() if kind not in sums else sums[kind] + chunk
+        for kind, total in sums.items():
+            if self.counts[kind] > 1:
+                sums[kind] = total / np.float32(self.counts[kind])
+        return sums
+
+    def _where(self, sigma) -> str:
+        if self.sigmas is None or len(self.sigmas) < 2:
+            return f"sigma={float(sigma):.6g}"
+        step = max(int(np.count_nonzero(self.sigmas >= np.float32(sigma))) - 1, 0)
+        return f"step {step + 1} of {len(self.sigmas) - 1} (sigma={float(sigma):.6g})"
+
+    def with_uncond(self, x: np.ndarray, sigma) -> tuple[np.ndarray, np.ndarray]:
+        """(CFG result, uncond denoised); uncond is zeros when cfg == 1 skipped it (as ComfyUI)."""
+        preds = self._predictions(x, sigma)
+        cond = preds[COND]
+        uncond = preds.get(UNCOND)
+        if uncond is None:
+            uncond = np.zeros_like(cond)
+        return uncond + (cond - uncond) * np.float32(self.cfg), uncond
+
+    def __call__(self, x: np.ndarray, sigma) -> np.ndarray:
+        return self.with_uncond(x, sigma)[0]

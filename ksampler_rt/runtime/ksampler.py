@@ -1,0 +1,168 @@
+"""ComfyUI's KSampler and KSampler (Advanced) nodes, in numpy.
+
+Follows ComfyUI 0.3.64 ``nodes.common_ksampler`` -> ``comfy.sample.sample`` ->
+``comfy.samplers.KSampler.sample`` -> ``CFGGuider`` -> ``KSAMPLER.sample``:
+
+1. noise = zeros when noise is disabled, else ``prepare_noise(latent, seed, batch_index)``;
+2. sigmas = the scheduler's list for ``steps`` (discard-penultimate samplers, denoise tail),
+   then the start/end window (``window_sigmas``), which may return the input unchanged;
+3. a non-zero latent is scaled into the model's space (``process_latent_in``);
+4. x = noise_scaling(sigma_0, noise, latent, max_denoise) -- max_denoise when sigma_0 is sigma_max;
+5. the sampler runs on the CFG denoiser with a noise source seeded by the node seed;
+6. the result goes back to VAE space (``process_latent_out``) as float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from .cfg import CFGDenoiser
+from .model import Model
+from .noise import NoiseSource, prepare_noise
+from .samplers import get_sampler
+from .schedulers import calculate_sigmas, window_sigmas
+
+ProgressCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
+
+_ENABLE_DISABLE = ("enable", "disable")
+_STEPS_MAX = 10000
+_CFG_MAX = 100.0
+
+
+def _flag(name: str, value) -> bool:
+    """"enable"/"disable" as ComfyUI's combos take them; bools accepted too."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if value in _ENABLE_DISABLE:
+        return value == "enable"
+    raise ValueError(f"{name}: received {value!r}, expected one of {_ENABLE_DISABLE} (or a bool)")
+
+
+def _int_in(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}: received {value!r} ({type(value).__name__}), expected an integer in [{low}, {high}]")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name}: received {value}, expected an integer in [{low}, {high}]")
+    return int(value)
+
+
+def _check_cfg(cfg) -> float:
+    try:
+        value = float(cfg)
+    except (TypeError, ValueError):
+        raise ValueError(f"cfg: received {cfg!r}, expected a number in [0, {_CFG_MAX}]") from None
+    if math.isnan(value) or not 0.0 <= value <= _CFG_MAX:
+        raise ValueError(f"cfg: received {cfg!r}, expected a number in [0, {_CFG_MAX}]")
+    return value
+
+
+def _check_latent(latent_image) -> np.ndarray:
+    if not isinstance(latent_image, dict) or "samples" not in latent_image:
+        raise ValueError(f"latent_image: received {type(latent_image).__name__}, expected a LATENT dict "
+                         "{'samples': float32 array [B, C, H, W]}")
+    samples = np.asarray(latent_image["samples"])
+    if samples.ndim != 4 or not np.issubdtype(samples.dtype, np.floating):
+        raise ValueError(f"latent_image['samples']: received a {samples.dtype} array of shape {samples.shape}, "
+                         "expected a 4-D float array [B, C, H, W]")
+    if latent_image.get("noise_mask") is not None:
+        raise ValueError("latent_image['noise_mask']: inpainting masks are not supported yet; "
+                         "received a LATENT with a noise_mask, expected none")
+    return samples.astype(np.float32, copy=False)
+
+
+def _check_conditioning(name: str, conditioning, width: int | None) -> int:
+    """Validate a CONDITIONING list; returns the context width D shared by every entry."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError(f"{name}: received {type(conditioning).__name__}, expected a non-empty CONDITIONING list "
+                         "of [array [1, T, D], dict] pairs")
+    for i, entry in enumerate(conditioning):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[1], dict):
+            raise ValueError(f"{name}[{i}]: received {type(entry).__name__}, expected a [array [1, T, D], dict] pair")
+        context = np.asarray(entry[0])
+        if context.ndim != 3 or 0 in context.shape:
+            raise ValueError(f"{name}[{i}]: received a context of shape {context.shape}, expected [1, T, D] (3-D, non-empty)")
+        if width is not None and context.shape[2] != width:
+            raise ValueError(f"{name}[{i}]: received context width D={context.shape[2]}, expected D={width} "
+                             "like the other conditioning entries")
+        width = context.shape[2]
+    return width
+
+
+def _fit_channels(model: Model, latent: np.ndarray) -> np.ndarray:
+    """comfy.sample.fix_empty_latent_channels: an all-zero latent takes the model's channel count."""
+    channels = model.latent_channels
+    if latent.shape[1] == channels:
+        return latent
+    if not latent.any():
+        return np.zeros((latent.shape[0], channels) + latent.shape[2:], dtype=np.float32)
+    raise ValueError(f"latent_image: received {latent.shape[1]} channels, expected {channels} for family "
+                     f"{model.family.name!r}")
+
+
+def common_ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                    positive, negative, latent: dict, denoise: float = 1.0, disable_noise: bool = False,
+                    start_step: int | None = None, last_step: int | None = None,
+                    force_full_denoise: bool = False, callback: ProgressCallback | None = None) -> dict:
+    """The shared body of both nodes (nodes.common_ksampler)."""
+    if not isinstance(model, Model):
+        raise ValueError(f"model: received {type(model).__name__}, expected a ksampler_rt.runtime.Model")
+    seed = _int_in("seed", seed, 0, 2 ** 64 - 1)
+    steps = _int_in("steps", steps, 1, _STEPS_MAX)
+    cfg = _check_cfg(cfg)
+    spec = get_sampler(sampler_name)
+    width = _check_conditioning("positive", positive, None)
+    _check_conditioning("negative", negative, width)
+    latent_image = _fit_channels(model, _check_latent(latent))
+
+    if disable_noise:
+        noise = np.zeros_like(latent_image)
+    else:
+        noise = prepare_noise(latent_image, seed, latent.get("batch_index"))
+
+    sigmas = calculate_sigmas(model, scheduler, steps, sampler_name, denoise)
+    sigmas, returns_input = window_sigmas(sigmas, start_step, last_step, force_full_denoise)
+    out = dict(latent)
+    if returns_input or len(sigmas) == 0:
+        out["samples"] = latent_image.copy()
+        return out
+
+    if latent_image.any():  # ComfyUI does not shift an empty latent
+        latent_image = model.process_latent_in(latent_image)
+    ms = model.model_sampling
+    sigma_max, sigma_0 = float(ms.sigma_max), float(sigmas[0])
+    max_denoise = math.isclose(sigma_max, sigma_0, rel_tol=1e-05) or sigma_0 > sigma_max
+    x = ms.noise_scaling(sigmas[0], noise, latent_image, max_denoise)
+
+    denoiser = CFGDenoiser(model, positive, negative, cfg, latent_image.shape[0], latent_image.shape[2:4],
+                           cfg_pp=spec.cfg_pp, sigmas=sigmas)
+    total = len(sigmas) - 1
+    on_step = None if callback is None else (lambda i, x_i, denoised: callback(i, total, x_i, denoised))
+    samples = spec.fn(denoiser, x, sigmas, NoiseSource(seed), callback=on_step)
+    samples = ms.inverse_noise_scaling(sigmas[-1], samples)
+    out["samples"] = model.process_latent_out(samples.astype(np.float32))
+    return out
+
+
+def ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+             positive, negative, latent_image: dict, denoise: float = 1.0, *,
+             callback: ProgressCallback | None = None) -> dict:
+    """ComfyUI's ``KSampler`` node: returns a new LATENT dict keeping the input's other keys."""
+    return common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                           latent_image, denoise=denoise, callback=callback)
+
+
+def ksampler_advanced(model: Model, add_noise, noise_seed: int, steps: int, cfg: float, sampler_name: str,
+                      scheduler: str, positive, negative, latent_image: dict, start_at_step: int,
+                      end_at_step: int, return_with_leftover_noise, *,
+                      callback: ProgressCallback | None = None) -> dict:
+    """ComfyUI's ``KSamplerAdvanced`` node (denoise 1.0, a start/end window over the full schedule)."""
+    start = _int_in("start_at_step", start_at_step, 0, _STEPS_MAX)
+    end = _int_in("end_at_step", end_at_step, 0, _STEPS_MAX)
+    return common_ksampler(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                           latent_image, denoise=1.0,
+                           disable_noise=not _flag("add_noise", add_noise),
+                           start_step=start, last_step=end,
+                           force_full_denoise=not _flag("return_with_leftover_noise", return_with_leftover_noise),
+                           callback=callback)
