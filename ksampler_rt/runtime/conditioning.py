@@ -36,6 +36,19 @@ SDXL_ADM_DIM = POOLED_DIM + 6 * EMBED_DIM  # 2816
 SDXL_REFINER_ADM_DIM = POOLED_DIM + 5 * EMBED_DIM  # 2560
 
 
+# torch's CPU float32 exp (SLEEF expf_u10, used by ComfyUI for these frequencies) is not correctly
+# rounded for two of the 128 Timestep(256) exponents: it returns one ulp above the correctly rounded
+# value at j = 12 and j = 106. Since t * freq reaches ~1000 rad, one ulp of freq is ~3e-5 in the
+# embedding, so the two are nudged to match ComfyUI exactly (checked against torch in the tests).
+_TORCH_EXP_ULP_UP_256 = (12, 106)
+
+
+def _torch_freqs_256(freqs: np.ndarray) -> np.ndarray:
+    bits = freqs.view(np.uint32).copy()
+    bits[list(_TORCH_EXP_ULP_UP_256)] += 1
+    return bits.view(np.float32)
+
+
 def timestep_embedding(timesteps, dim: int = EMBED_DIM, max_period: float = 10000.0) -> np.ndarray:
     """ComfyUI's ``timestep_embedding``: [N] values -> float32 [N, dim] = [cos(t*f), sin(t*f)] (+ a zero
     column when dim is odd)."""
@@ -43,6 +56,8 @@ def timestep_embedding(timesteps, dim: int = EMBED_DIM, max_period: float = 1000
     half = dim // 2
     exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
     freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    if half == EMBED_DIM // 2 and max_period == 10000.0:
+        freqs = _torch_freqs_256(freqs)
     args = (t[:, None] * freqs[None, :]).astype(np.float64)
     emb = np.concatenate([np.cos(args), np.sin(args)], axis=-1).astype(np.float32)
     if dim % 2:

@@ -1,9 +1,20 @@
-"""Steps shared by several samplers, written once (float32 throughout, like ComfyUI on the CPU)."""
+"""Steps shared by several samplers, written once (float32 throughout, like ComfyUI on the CPU).
+
+Reference: ComfyUI 0.3.64 ``comfy/k_diffusion/sampling.py`` (k-diffusion, Katherine Crowson, MIT).
+Sigmas are float32 scalars and latents float32 arrays; a Python float mixed in stays weak (NEP 50),
+exactly like a Python float mixed with a 0-d float32 torch tensor. ``x ** 2`` / ``x ** 0.5`` on tensors
+are a square / a square root in torch, so they are written that way here.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 F32 = np.float32
+
+
+def f32(value) -> np.float32:
+    """A float32 scalar (the 0-d tensor ``sigmas[i]`` of ComfyUI)."""
+    return np.float32(value)
 
 
 def to_d(x: np.ndarray, sigma, denoised: np.ndarray) -> np.ndarray:
@@ -12,19 +23,82 @@ def to_d(x: np.ndarray, sigma, denoised: np.ndarray) -> np.ndarray:
 
 
 def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
-    """Split a step into a deterministic move to sigma_down and fresh noise of std sigma_up."""
+    """Split a step into a deterministic move to sigma_down and fresh noise of std sigma_up.
+
+    sigma_up = min(sigma_to, eta * sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2)),
+    sigma_down = sqrt(sigma_to^2 - sigma_up^2); eta = 0 gives (sigma_to, 0).
+    """
     sigma_from, sigma_to = F32(sigma_from), F32(sigma_to)
     if not eta:
         return sigma_to, F32(0.0)
-    sigma_up = min(sigma_to, F32(eta) * np.sqrt(sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2))
-    sigma_down = np.sqrt(sigma_to ** 2 - sigma_up ** 2)
+    with np.errstate(invalid="ignore"):
+        up = eta * np.sqrt(sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from))
+    sigma_up = min(sigma_to, F32(up))  # Python min: keeps sigma_to unless up is strictly smaller
+    sigma_down = np.sqrt(sigma_to * sigma_to - sigma_up * sigma_up)
     return F32(sigma_down), F32(sigma_up)
 
 
 def sigma_to_half_log_snr(sigma):
-    """lambda = -log(sigma) for the VP/eps family (ComfyUI's sigma_to_half_log_snr, non-CONST branch)."""
-    return -np.log(np.asarray(sigma, dtype=F32))
+    """lambda = log(alpha / sigma) = -log(sigma) for the VP/eps family (non-CONST branch); -log 0 = inf."""
+    with np.errstate(divide="ignore"):
+        return -np.log(F32(sigma)) if np.ndim(sigma) == 0 else -np.log(np.asarray(sigma, dtype=F32))
 
 
 def half_log_snr_to_sigma(half_log_snr):
-    return np.exp(-np.asarray(half_log_snr, dtype=F32))
+    """sigma = exp(-lambda), the inverse of :func:`sigma_to_half_log_snr`."""
+    return np.exp(-F32(half_log_snr)) if np.ndim(half_log_snr) == 0 else np.exp(-np.asarray(half_log_snr, dtype=F32))
+
+
+def offset_first_sigma_for_snr(sigmas: np.ndarray) -> np.ndarray:
+    """ComfyUI moves sigmas[0] off 1 only for CONST (flow) models; the discrete VP models here keep it."""
+    return sigmas
+
+
+def ei_h_phi_1(h):
+    """h * phi_1(h) = expm1(h) (exponential-integrator weight)."""
+    return np.expm1(h)
+
+
+def ei_h_phi_2(h):
+    """h * phi_2(h) = (expm1(h) - h) / h."""
+    return (np.expm1(h) - h) / h
+
+
+def lerp(start, end, weight):
+    """torch.lerp's two-sided formula: start + w (end - start) for |w| < 1/2, else end - (end - start)(1 - w)."""
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1 - weight)
+
+
+def brownian_bounds(sigmas: np.ndarray):
+    """(smallest positive sigma, largest sigma): the interval ComfyUI builds its BrownianTree on."""
+    sigmas = np.asarray(sigmas, dtype=F32)
+    return F32(sigmas[sigmas > 0].min()), F32(sigmas.max())
+
+
+def fma32(a, b, c) -> np.float32:
+    """float32 fused multiply-add a * b + c (single rounding), emulated through float64."""
+    return F32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+def torch_linspace(start, end, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps)`` in float32, as torch's CPU (AVX2 build) kernel computes it.
+
+    step = (end - start) / (steps - 1) in float32; element i is start + step * i for i < steps // 2 and
+    end - step * (steps - 1 - i) otherwise, each contracted into one fused multiply-add. Matched bit for
+    bit against torch 2.13 on an AVX2 CPU.
+    """
+    start, end = F32(start), F32(end)
+    if steps == 1:
+        return np.array([start], dtype=F32)
+    step = F32((end - start) / F32(steps - 1))
+    half = steps // 2
+    out = [fma32(step, i, start) if i < half else fma32(-step, steps - 1 - i, end) for i in range(steps)]
+    return np.array(out, dtype=F32)
+
+
+def notify(callback, i, x, denoised) -> None:
+    """The per-step callback of the sampler contract: ``callback(i, x, denoised)``."""
+    if callback is not None:
+        callback(i, x, denoised)

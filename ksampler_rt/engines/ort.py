@@ -1,0 +1,255 @@
+"""ONNX Runtime backends: CPU, CUDA (IO binding + CUDA graphs), and the TensorRT execution provider.
+
+``onnxruntime`` (CPU build) is a core dependency; the CUDA / TensorRT providers need the
+``onnxruntime-gpu`` wheel *instead of* it (``pip uninstall -y onnxruntime && pip install
+onnxruntime-gpu==1.31.1``). A session is created with exactly the providers asked for and
+``session.get_providers()`` is checked afterwards: a GPU request never silently runs on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .base import Engine, check_io_matches
+from .spec import EngineError, ShapeProfile, TensorSpec
+
+CPU_EP, CUDA_EP, TRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+GPU_SWAP = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu==1.31.1"
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def default_cpu_threads() -> int:
+    """Intra-op threads for CPU sessions: ``$KSAMPLER_RT_ORT_THREADS``, else the usable cores.
+
+    Only one model runs at a time in a sampling loop (CLIP, then the UNet, then the VAE), so each
+    session may use every core, as long as idle sessions do not spin (see ``cpu_session_options``).
+    """
+    env = os.environ.get("KSAMPLER_RT_ORT_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_session_options(threads: int | None = None, spinning: bool = False, level: str = "all",
+                        optimized_model_path: str | None = None, external_data_min_bytes: int | None = None):
+    """SessionOptions for the CPU backend.
+
+    ``spinning=False`` sets ``session.intra_op.allow_spinning=0``: worker threads sleep instead of
+    busy-waiting after each op, so the three sessions of a pipeline (and other processes) do not steal
+    cores from whichever one is running. Measured (``python -m ksampler_rt.bench.engines``): on a
+    shared machine spinning buys nothing measurable per UNet call and costs idle CPU, hence the default.
+    """
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[level]
+    so.intra_op_num_threads = int(threads or default_cpu_threads())
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    so.log_severity_level = 3
+    if optimized_model_path:
+        so.optimized_model_filepath = str(optimized_model_path)
+        if external_data_min_bytes is not None:  # models > 2 GiB cannot be one protobuf
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        Path(optimized_model_path).name + ".data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                        str(int(external_data_min_bytes)))
+    return so
+
+
+def check_providers(session, requested: Sequence[str], model: str) -> None:
+    """Refuse a session that dropped a GPU provider that was asked for."""
+    got = list(session.get_providers())
+    for p in requested:
+        if p != CPU_EP and p not in got:
+            raise EngineError(
+                f"{model}: asked ONNX Runtime for {p} but the session runs on {got}; refusing to fall back "
+                f"to the CPU silently. Install the GPU build ({GPU_SWAP}) with a matching CUDA/cuDNN, or "
+                f"choose --backend onnxruntime-cpu")
+
+
+def session_specs(session) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    def conv(args):
+        return [TensorSpec(a.name, a.type, tuple(d if isinstance(d, int) else d for d in a.shape)) for a in args]
+
+    return conv(session.get_inputs()), conv(session.get_outputs())
+
+
+class OrtCpuEngine(Engine):
+    """ONNX Runtime on the CPU. ``path`` is the cached optimized model (or a raw ONNX file)."""
+
+    backend = "onnxruntime-cpu"
+
+    def __init__(self, model, inputs, outputs, profiles=None, *, path, threads: int | None = None,
+                 spinning: bool = False, optimized: bool = True, **kw):
+        super().__init__(model, inputs, outputs, profiles, source=str(path), **kw)
+        self.path = Path(path)
+        self.threads = threads
+        self.spinning = spinning
+        # An optimized model from the cache already had every pass applied (and holds ORT's CPU layout
+        # ops); running them again costs load time for nothing.
+        self.level = "disable" if optimized else "all"
+        self.session = None
+
+    def _load(self):
+        ort = _ort()
+        so = cpu_session_options(self.threads, self.spinning, self.level)
+        self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=[CPU_EP])
+        check_providers(self.session, [CPU_EP], self.model)
+        ins, outs = session_specs(self.session)
+        check_io_matches(self.model, self.inputs, ins, "inputs", str(self.path))
+        check_io_matches(self.model, self.outputs, outs, "outputs", str(self.path))
+
+    def _release(self):
+        self.session = None
+
+    def _run(self, feeds, profile_index):
+        results = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, results))
+
+
+class _Bucket:
+    """Fixed device buffers + an IO binding for one exact set of input shapes."""
+
+    __slots__ = ("binding", "inputs", "outputs", "graph_id", "run_options", "calls")
+
+
+class OrtCudaEngine(Engine):
+    """ONNX Runtime with the CUDA (optionally TensorRT) execution provider.
+
+    Per shape bucket (one exact set of input shapes) the engine keeps device ``OrtValue``s for every input
+    and output, bound once with IO binding: a call copies the numpy inputs into them
+    (``update_inplace``), runs, and copies the outputs back; nothing is allocated per call. With
+    ``cuda_graph=True`` (static buckets) the session is created with ``enable_cuda_graph`` and each bucket
+    gets its own graph id (run option ``gpu_graph_id``): the first call per bucket captures, later calls
+    replay. Written against the documented onnxruntime-gpu API; not run on this project's CPU CI.
+    """
+
+    backend = "onnxruntime-cuda"
+
+    def __init__(self, model, inputs, outputs, profiles=None, *, path, device_id: int = 0,
+                 cuda_graph: bool = True, tensorrt_ep: bool = False, trt_cache_dir: str | None = None,
+                 fp16: bool = False, max_buckets: int = 8, **kw):
+        super().__init__(model, inputs, outputs, profiles, source=str(path), **kw)
+        if tensorrt_ep:
+            self.backend = "onnxruntime-trt"
+            self._set_validator()
+        self.path = Path(path)
+        self.device_id = device_id
+        self.cuda_graph = cuda_graph
+        self.tensorrt_ep = tensorrt_ep
+        self.trt_cache_dir = trt_cache_dir
+        self.fp16 = fp16
+        self.max_buckets = max_buckets
+        self.session = None
+        self._buckets: dict[tuple, _Bucket] = {}
+
+    def providers(self) -> list:
+        cuda_opts = {"device_id": str(self.device_id), "cudnn_conv_algo_search": "EXHAUSTIVE",
+                     "do_copy_in_default_stream": "1"}
+        if self.cuda_graph:
+            cuda_opts["enable_cuda_graph"] = "1"
+        providers = []
+        if self.tensorrt_ep:
+            trt_opts = {"device_id": str(self.device_id), "trt_fp16_enable": "1" if self.fp16 else "0",
+                        "trt_engine_cache_enable": "1", "trt_timing_cache_enable": "1"}
+            if self.trt_cache_dir:
+                trt_opts["trt_engine_cache_path"] = str(self.trt_cache_dir)
+                trt_opts["trt_timing_cache_path"] = str(self.trt_cache_dir)
+            if self.cuda_graph:
+                trt_opts["trt_cuda_graph_enable"] = "1"
+            if self.profiles:
+                for key, attr in (("trt_profile_min_shapes", "min"), ("trt_profile_opt_shapes", "opt"),
+                                  ("trt_profile_max_shapes", "max")):
+                    trt_opts[key] = ",".join(
+                        f"{n}:{'x'.join(map(str, getattr(p[n], attr)))}" for p in self.profiles for n in p.ranges)
+            providers.append((TRT_EP, trt_opts))
+        providers.append((CUDA_EP, cuda_opts))
+        return providers
+
+    def _load(self):
+        ort = _ort()
+        available = ort.get_available_providers()
+        wanted = [TRT_EP, CUDA_EP] if self.tensorrt_ep else [CUDA_EP]
+        for p in wanted:
+            if p not in available:
+                raise EngineError(f"{self.model}: {p} is not available in this onnxruntime ({available}); "
+                                  f"install the GPU build: {GPU_SWAP}")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.providers())
+        except Exception as exc:
+            hint = (" (CUDA graphs need every node on the GPU; retry with cuda_graph=False)"
+                    if self.cuda_graph else "")
+            raise EngineError(f"{self.model}: creating the ONNX Runtime GPU session failed: {exc}{hint}") from exc
+        check_providers(self.session, wanted, self.model)
+        ins, outs = session_specs(self.session)
+        check_io_matches(self.model, self.inputs, ins, "inputs", str(self.path))
+
+    def _release(self):
+        self._buckets.clear()  # drops the device OrtValues
+        self.session = None
+
+    def _bucket(self, feeds) -> _Bucket:
+        ort = _ort()
+        key = tuple((n, feeds[n].shape) for n in self.input_names)
+        b = self._buckets.get(key)
+        if b is not None:
+            return b
+        if len(self._buckets) >= self.max_buckets:
+            raise EngineError(f"{self.model}: more than {self.max_buckets} distinct input shapes; each keeps its "
+                              f"own device buffers (and CUDA graph). Raise max_buckets or use fewer sizes")
+        dev = ("cuda", self.device_id)
+        b = _Bucket()
+        b.calls = 0
+        b.inputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(feeds[n].shape), feeds[n].dtype.type, *dev)
+                    for n in self.input_names}
+        b.binding = self.session.io_binding()
+        for n, v in b.inputs.items():
+            v.update_inplace(feeds[n])
+            b.binding.bind_ortvalue_input(n, v)
+        # One plain run (graph id -1 = no capture) with ORT-allocated outputs tells us their shapes.
+        warm = ort.RunOptions()
+        warm.add_run_config_entry("gpu_graph_id", "-1")
+        for n in self.output_names:
+            b.binding.bind_output(n, *dev)
+        self.session.run_with_iobinding(b.binding, warm)
+        shapes = [o.shape() for o in b.binding.get_outputs()]
+        b.binding.clear_binding_outputs()
+        b.outputs = {}
+        for spec, shape in zip(self.outputs, shapes):
+            v = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(spec.dtype).type, *dev)
+            b.binding.bind_ortvalue_output(spec.name, v)
+            b.outputs[spec.name] = v
+        b.graph_id = len(self._buckets) if self.cuda_graph else -1
+        b.run_options = ort.RunOptions()
+        b.run_options.add_run_config_entry("gpu_graph_id", str(b.graph_id))
+        self._buckets[key] = b
+        return b
+
+    def _run(self, feeds, profile_index):
+        b = self._bucket(feeds)
+        for n, v in b.inputs.items():
+            v.update_inplace(np.ascontiguousarray(feeds[n]))
+        self.session.run_with_iobinding(b.binding, b.run_options)
+        b.calls += 1
+        return {n: v.numpy() for n, v in b.outputs.items()}

@@ -1,0 +1,176 @@
+"""Which dim of which input is batch / height / width / tokens, and the shape profiles built from that.
+
+Pure logic (no backend import), shared by the TensorRT builder, the ONNX Runtime CUDA-graph buckets,
+validation messages and cache keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .spec import EngineError, ShapeProfile, ShapeRange, TensorSpec
+
+BATCH, LATENT_H, LATENT_W, PIXEL_H, PIXEL_W, TOKENS = "batch", "latent_h", "latent_w", "pixel_h", "pixel_w", "tokens"
+MODELS = ("unet", "clip", "clip2", "vae_decoder", "vae_encoder")
+CLIP_TOKENS = 77
+
+
+def dim_roles(model: str, inputs: Sequence[TensorSpec]) -> dict[str, list[str | None]]:
+    """Role of each dim of each input, by position, then spread to dims that share a symbolic name."""
+    roles: dict[str, list[str | None]] = {}
+    for i, spec in enumerate(inputs):
+        r: list[str | None] = [None] * spec.rank
+        if spec.rank >= 1:
+            r[0] = BATCH
+        image_like = spec.rank == 4 and (spec.name == "sample" or i == 0)
+        if model == "unet" and image_like or model == "vae_decoder" and i == 0 and spec.rank == 4:
+            r[2], r[3] = LATENT_H, LATENT_W
+        elif model == "vae_encoder" and i == 0 and spec.rank == 4:
+            r[2], r[3] = PIXEL_H, PIXEL_W
+        elif model == "unet" and spec.name == "encoder_hidden_states" and spec.rank == 3:
+            r[1] = TOKENS
+        elif model in ("clip", "clip2") and spec.rank == 2:
+            r[1] = TOKENS
+        roles[spec.name] = r
+    by_symbol: dict[str, str] = {}
+    for spec in inputs:
+        for d, role in zip(spec.shape, roles[spec.name]):
+            if isinstance(d, str) and role is not None:
+                by_symbol.setdefault(d, role)
+    for spec in inputs:
+        for k, d in enumerate(spec.shape):
+            if roles[spec.name][k] is None and isinstance(d, str) and d in by_symbol:
+                roles[spec.name][k] = by_symbol[d]
+    return roles
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """What the user asked for: image sizes (width, height), batch and token ranges, static or dynamic."""
+
+    sizes: tuple = ((512, 512),)
+    batch: tuple = (1, 4)
+    tokens: tuple = (CLIP_TOKENS, CLIP_TOKENS)
+    dynamic: bool = False
+    latent_scale: int = 8
+
+    def __post_init__(self):
+        object.__setattr__(self, "sizes", tuple((int(w), int(h)) for w, h in self.sizes) or ((512, 512),))
+        object.__setattr__(self, "batch", (int(self.batch[0]), int(self.batch[1])))
+        object.__setattr__(self, "tokens", (int(self.tokens[0]), int(self.tokens[1])))
+        for w, h in self.sizes:
+            if w % self.latent_scale or h % self.latent_scale:
+                raise EngineError(f"image size {w}x{h} is not a multiple of the latent scale {self.latent_scale}")
+
+    def cli_args(self, sizes=None, batch=None, tokens=None) -> str:
+        sizes = sizes or self.sizes
+        batch = batch or self.batch
+        tokens = tokens or self.tokens
+        out = "--shapes " + ",".join(f"{w}x{h}" for w, h in sizes)
+        out += f" --batch {batch[0]}-{batch[1]}" if batch[0] != batch[1] else f" --batch {batch[0]}"
+        if tokens != (CLIP_TOKENS, CLIP_TOKENS):
+            out += f" --tokens {tokens[0]}-{tokens[1]}"
+        if self.dynamic:
+            out += " --dynamic"
+        return out
+
+
+def _bucket_label(sizes, dynamic) -> str:
+    if not dynamic:
+        w, h = sizes[0]
+        return f"{w}x{h} static"
+    ws, hs = [w for w, _ in sizes], [h for _, h in sizes]
+    return f"{min(ws)}x{min(hs)}..{max(ws)}x{max(hs)} dynamic"
+
+
+def _model_tokens(model: str, req: ProfileRequest) -> tuple[int, int, int]:
+    if model in ("clip", "clip2"):  # CLIP encodes 77-token chunks; longer prompts are more chunks
+        return CLIP_TOKENS, CLIP_TOKENS, CLIP_TOKENS
+    return req.tokens[0], req.tokens[0], req.tokens[1]
+
+
+def compute_profiles(model: str, inputs: Sequence[TensorSpec], req: ProfileRequest) -> list[ShapeProfile]:
+    """Static: one profile per image size (the shape buckets). Dynamic: one profile spanning them all.
+
+    Static dims of the graph are kept as they are; a dynamic dim gets its range from its role, and a
+    dynamic dim with no known role is an error (TensorRT needs a range for every dim).
+    """
+    roles = dim_roles(model, inputs)
+    s = req.latent_scale
+    b_lo, b_hi = req.batch
+    b_opt = min(max(2, b_lo), b_hi)  # cond+uncond in one call is the common case
+    t_lo, t_opt, t_hi = _model_tokens(model, req)
+    groups = [[size] for size in req.sizes] if not req.dynamic else [list(req.sizes)]
+    profiles = []
+    for sizes in groups:
+        ws, hs = [w for w, _ in sizes], [h for _, h in sizes]
+        w0, h0 = sizes[0]
+        span = {
+            BATCH: (b_lo, b_opt, b_hi),
+            LATENT_W: (min(ws) // s, w0 // s, max(ws) // s), LATENT_H: (min(hs) // s, h0 // s, max(hs) // s),
+            PIXEL_W: (min(ws), w0, max(ws)), PIXEL_H: (min(hs), h0, max(hs)),
+            TOKENS: (t_lo, t_opt, t_hi),
+        }
+        ranges = {}
+        for spec in inputs:
+            lo, opt, hi = [], [], []
+            for k, (d, role) in enumerate(zip(spec.shape, roles[spec.name])):
+                if isinstance(d, int):
+                    if role is not None and role in span and not (span[role][0] <= d <= span[role][2]):
+                        raise EngineError(
+                            f"{model} input {spec.name!r} is exported with a static {role} of {d} "
+                            f"(shape {spec.shape_str()}): re-export with dynamic axes or ask for a "
+                            f"matching size")
+                    lo.append(d), opt.append(d), hi.append(d)
+                elif role is None:
+                    raise EngineError(
+                        f"{model} input {spec.name!r} dim {k} ({d or '?'}) is dynamic and its meaning is "
+                        f"unknown, so no range can be chosen for it; export it with a static size")
+                else:
+                    a, o, z = span[role]
+                    lo.append(a), opt.append(o), hi.append(z)
+            ranges[spec.name] = ShapeRange(tuple(lo), tuple(opt), tuple(hi))
+        profiles.append(ShapeProfile(ranges, _bucket_label(sizes, req.dynamic)))
+    return profiles
+
+
+def build_hint(model: str, inputs: Sequence[TensorSpec], req: ProfileRequest | None,
+               export_dir: str | None, backend: str | None):
+    """A ``hint(spec, shape)`` for Validator: the build command that would accept ``shape``."""
+    roles = dim_roles(model, inputs)
+    target = export_dir or "EXPORT_DIR"
+    s = req.latent_scale if req else 8
+
+    def hint(spec: TensorSpec, shape: tuple) -> str | None:
+        r = roles.get(spec.name, [])
+        w = h = None
+        batch = tokens = None
+        for role, v in zip(r, shape):
+            if role == LATENT_W:
+                w = v * s
+            elif role == LATENT_H:
+                h = v * s
+            elif role == PIXEL_W:
+                w = v
+            elif role == PIXEL_H:
+                h = v
+            elif role == BATCH:
+                batch = v
+            elif role == TOKENS:
+                tokens = v
+        base = req or ProfileRequest()
+        sizes = list(base.sizes)
+        if w and h and (w, h) not in sizes:
+            sizes.append((w, h))
+        b = base.batch
+        if batch and not b[0] <= batch <= b[1]:
+            b = (min(b[0], batch), max(b[1], batch))
+        t = base.tokens
+        if tokens and model not in ("clip", "clip2") and not t[0] <= tokens <= t[1]:
+            t = (min(t[0], tokens), max(t[1], tokens))
+        if sizes == list(base.sizes) and b == base.batch and t == base.tokens:
+            return None
+        be = f" --backend {backend}" if backend else ""
+        return f"build a wider one with `ksampler-rt build {target}{be} {base.cli_args(sizes, b, t)}`"
+
+    return hint

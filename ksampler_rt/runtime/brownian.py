@@ -1,0 +1,232 @@
+"""numpy port of torchsde 0.2.6 ``BrownianTree`` as ComfyUI builds it.
+
+ComfyUI (``comfy/k_diffusion/sampling.py: BatchedBrownianTree``) calls
+``torchsde.BrownianTree(t0, w0=zeros_like(x), t1, entropy=seed)`` with the defaults
+``tol=1e-6, pool_size=24``, which constructs ``BrownianInterval(..., halfway_tree=True,
+cache_size=45, levy_area_approximation='none')`` (torchsde/_brownian/derived.py and
+brownian_interval.py). Behaviour reproduced here:
+
+* Times are quantised with ``round(t, 6)`` (``ndigits = -int(log10(tol))``); node ends are rounded.
+* Root: ``SeedSequence(entropy, pool_size=24).generate_state(3)[0]`` seeds a torch CPU generator;
+  ``W_root = randn(shape) * float32(sqrt(t1 - t0))`` with the *unrounded* t0, t1.
+* Splitting a node always happens at its rounded midpoint ("halfway tree"); splitting towards a
+  query point recurses until a rounded midpoint equals it. A split node's seed is
+  ``SeedSequence(entropy, spawn_key=(key, depth), pool_size=24).generate_state(4)[0]`` with
+  ``key = 2*parent_key + (0 left | 1 right)``, root ``key = depth = 0``.
+* Brownian bridge, in float32 as torch evaluates it: with ``h = 1/(end-start)``,
+  ``l = mid-start``, ``r = end-mid`` (Python doubles),
+  ``W_left = (W * f32(l)) * f32(h) + Z * f32(sqrt(l*r*h))``, ``W_right = W - W_left`` where Z is the
+  parent's ``randn`` under its seed.
+* A query [ta, tb] is clamped to the root interval, decomposed into the tree's intervals (the
+  decomposition and all values are independent of the query history: the tree is dyadic), and
+  their increments are summed left to right in float32.
+
+torchsde's LRU cache (45 entries) only changes speed, never values; here both children of a
+node are computed and cached together (saving one randn per node) and the noise of all nodes a
+query needs is generated in one vectorised batch.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+
+from .noise import _check_kernel, _check_seed, randn_many
+
+__all__ = ["BrownianTree"]
+
+_F32 = np.float32
+
+
+class _Node:
+    __slots__ = ("start", "end", "parent", "is_left", "midway", "spawn_key", "depth",
+                 "w_seed", "left", "right")
+
+    def __init__(self, start, end, parent, is_left):
+        self.start = start
+        self.end = end
+        self.parent = parent
+        self.is_left = is_left
+        self.midway = None
+        self.spawn_key = None
+        self.depth = None
+        self.w_seed = None
+        self.left = None
+        self.right = None
+
+
+class BrownianTree:
+    """``torchsde.BrownianTree(t0, zeros(shape), t1, entropy=entropy)`` increments, in numpy.
+
+    ``tree(ta, tb)`` returns W(tb) - W(ta) as float32 of ``shape`` (``ta <= tb``).
+    """
+
+    def __init__(self, t0: float, t1: float, shape, entropy: int, *, tol: float = 1e-6,
+                 pool_size: int = 24, cache_size: Optional[int] = 512,
+                 kernel: Optional[str] = None):
+        try:
+            t0 = float(t0)
+            t1 = float(t1)
+        except (TypeError, ValueError):
+            raise TypeError(f"t0/t1: got {t0!r}, {t1!r}; accepted: real numbers with t0 <= t1") from None
+        if not (math.isfinite(t0) and math.isfinite(t1)) or t0 > t1:
+            raise ValueError(f"t0/t1: got t0={t0}, t1={t1}; accepted: finite numbers with t0 <= t1")
+        if tol <= 0:
+            raise ValueError(f"tol: got {tol}; accepted: a positive float")
+        self.entropy = _check_seed(entropy, "entropy")
+        self.shape = tuple(int(s) for s in shape)
+        self.kernel = _check_kernel(kernel)
+        self.tol = float(tol)
+        self.pool_size = int(pool_size)
+        self.ndigits = -int(math.log10(tol))
+        self.cache_size = cache_size
+        self.t0 = t0
+        self.t1 = t1
+        self.root = _Node(self._round(t0), self._round(t1), None, None)
+        self.root.spawn_key = 0
+        self.root.depth = 0
+        ss = np.random.SeedSequence(entropy=self.entropy, pool_size=self.pool_size)
+        w_seed = int(ss.generate_state(3)[0])
+        self.root_w = randn_many([w_seed], self.shape, self.kernel)[0] * _F32(math.sqrt(t1 - t0))
+        self._cache: "OrderedDict[_Node, np.ndarray]" = OrderedDict()
+        self._last = self.root
+        self.n_randn = 1  # statistics: randn draws made
+
+    # ------------------------------------------------------------------ structure
+    def _round(self, x: float) -> float:
+        return round(x, self.ndigits)
+
+    def _split_exact(self, node: _Node, midway: float) -> None:
+        node.midway = self._round(midway)
+        if node.parent is not None:
+            node.spawn_key = 2 * node.parent.spawn_key + (0 if node.is_left else 1)
+            node.depth = node.parent.depth + 1
+        ss = np.random.SeedSequence(entropy=self.entropy, spawn_key=(node.spawn_key, node.depth),
+                                    pool_size=self.pool_size)
+        node.w_seed = int(ss.generate_state(4)[0])
+        node.left = _Node(node.start, self._round(midway), node, True)
+        node.right = _Node(self._round(midway), node.end, node, False)
+
+    def _split(self, node: _Node, point: float) -> None:
+        while True:
+            self._split_exact(node, 0.5 * (node.end + node.start))
+            if point > node.midway:
+                node = node.right
+            elif point < node.midway:
+                node = node.left
+            else:
+                return
+
+    def _loc(self, node: _Node, ta: float, tb: float) -> list:
+        """torchsde ``_Interval._loc_inner`` without trampolines: the ordered tree intervals
+        whose union is [ta, tb] (creating splits as needed)."""
+        out = []
+        stack = [(node, ta, tb)]
+        while stack:
+            node, ta, tb = stack.pop()
+            while True:
+                if ta < node.start or tb > node.end:
+                    node = node.parent
+                    continue
+                if ta == node.start and tb == node.end:
+                    out.append(node)
+                    break
+                if node.midway is None:
+                    if ta == node.start:
+                        self._split(node, tb)
+                        node = node.left
+                    else:
+                        self._split(node, ta)
+                        node = node.right
+                    continue
+                if tb <= node.midway:
+                    node = node.left
+                    continue
+                if ta >= node.midway:
+                    node = node.right
+                    continue
+                stack.append((node.right, node.midway, tb))
+                tb = node.midway
+                node = node.left
+        return out
+
+    # ------------------------------------------------------------------ values
+    def _cached(self, node: _Node) -> Optional[np.ndarray]:
+        if node is self.root:
+            return self.root_w
+        w = self._cache.get(node)
+        if w is not None:
+            self._cache.move_to_end(node)
+        return w
+
+    def _store(self, node: _Node, w: np.ndarray) -> None:
+        self._cache[node] = w
+        self._cache.move_to_end(node)
+        if self.cache_size is not None:
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def _values(self, nodes: list) -> list:
+        # All parents whose noise is needed, top-down, without duplicates.
+        known = {}
+        order = []  # parents to expand, ancestors before descendants
+        seen = set()
+        for node in nodes:
+            chain = []
+            cur = node
+            while True:
+                w = self._cached(cur) if cur not in known else known[cur]
+                if w is not None:
+                    known[cur] = w
+                    break
+                chain.append(cur.parent)
+                cur = cur.parent
+            for p in reversed(chain):
+                if p not in seen:
+                    seen.add(p)
+                    order.append(p)
+        if order:
+            noises = randn_many([p.w_seed for p in order], self.shape, self.kernel)
+            self.n_randn += len(order)
+            for p, z in zip(order, noises):
+                w = known.get(p)
+                if w is None:
+                    w = self._cached(p)
+                h_rec = 1 / (p.end - p.start)
+                l_diff = p.midway - p.start
+                r_diff = p.end - p.midway
+                var = l_diff * r_diff * h_rec
+                w_left = (w * _F32(l_diff)) * _F32(h_rec)
+                w_left += z * _F32(math.sqrt(var))
+                w_right = w - w_left
+                known[p.left] = w_left
+                known[p.right] = w_right
+                self._store(p.left, w_left)
+                self._store(p.right, w_right)
+        return [known[n] for n in nodes]
+
+    def __call__(self, ta: float, tb: float) -> np.ndarray:
+        ta = float(ta)
+        tb = float(tb)
+        start, end = self.root.start, self.root.end
+        # Clamp to the root interval as torchsde does (it warns every time; sigma_max as float32
+        # is routinely a hair above its 6-digit rounding, so only warn beyond the tolerance).
+        for name, v in (("ta", ta), ("tb", tb)):
+            if v < start - self.tol or v > end + self.tol:
+                warnings.warn(f"BrownianTree: {name}={v} outside [{start}, {end}]; clamped")
+        ta = min(max(ta, start), end)
+        tb = min(max(tb, start), end)
+        if ta > tb:
+            raise ValueError(f"ta/tb: got ta={ta}, tb={tb}; accepted: ta <= tb")
+        if ta == tb:
+            return np.zeros(self.shape, dtype=_F32)
+        intervals = self._loc(self._last, self._round(ta), self._round(tb))
+        self._last = intervals[-1]
+        ws = self._values(intervals)
+        w = ws[0].copy()
+        for wi in ws[1:]:
+            w = w + wi
+        return w

@@ -1,0 +1,516 @@
+"""Bit-exact numpy reproduction of torch's CPU ``randn`` and of ComfyUI's noise sources.
+
+Nothing here imports torch; torch is only a test-time oracle.
+
+Behaviour reproduced (torch 2.13, read from ``ATen/native/cpu/DistributionTemplates.h``,
+``ATen/core/DistributionsHelper.h``, ``ATen/core/TransformationHelper.h``,
+``ATen/native/cpu/avx_mathfun.h``; see /work/shared/reference/torch-cpu-randn.md):
+
+* Engine: ``at::mt19937`` seeded with ``init_genrand(seed & 0xffffffff)``. This is the same stream
+  as numpy's ``MT19937`` with legacy seeding, so numpy's C implementation supplies the raw words.
+* ``numel >= 16`` (contiguous float32): ``normal_fill`` -- all ``n`` float uniforms
+  ``(u32 & 0xFFFFFF) * 2**-24`` are drawn first, then Box-Muller runs on each block of 16
+  (``u1 = 1 - d[0:8]``, ``u2 = d[8:16]``). If ``n % 16 != 0``, 16 *fresh* uniforms are drawn and
+  their Box-Muller result overwrites the last 16 elements.
+* ``numel < 16``: ``at::normal_distribution<double>`` per element: two 53-bit doubles
+  (``random64 = hi32 << 32 | lo32``), ``r = sqrt(-2 log1p(-u2))``, ``theta = 2 pi u1``, returns
+  ``r cos(theta)`` and caches ``r sin(theta)`` in the generator for the next scalar draw. The cache
+  survives across calls (the >= 16 path neither reads nor clears it) and ``manual_seed`` clears it.
+* The Box-Muller arithmetic of the >= 16 path depends on the ATen CPU capability:
+  - ``"avx2"``: ``NormalFill16<float>`` AVX2 specialisation with the Cephes-style ``log256_ps`` and
+    ``sincos256_ps`` of ``avx_mathfun.h`` in float32, with GCC's FMA contractions (found
+    empirically, see the reference doc). FMA is emulated as an exact float64 product plus the
+    addend, rounded to float32 (double rounding is possible in principle; never observed).
+  - ``"default"`` (scalar template; also what torch uses with AVX512 and on non-x86): glibc
+    ``logf``/``cosf``/``sinf`` with ``theta = (float)(2*pi_double * u2)``. glibc's float functions
+    are emulated with float64 numpy functions rounded to float32; glibc is not always correctly
+    rounded, so about 1-2 % of elements may differ by 1 ulp from torch (|diff| <= 2.4e-7 for
+    |x| < 4). See ``_box_muller_default``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+from typing import Callable, Optional
+
+import numpy as np
+
+__all__ = [
+    "TorchCPUGenerator",
+    "default_kernel",
+    "prepare_noise",
+    "NoiseSource",
+    "KERNELS",
+]
+
+KERNELS = ("avx2", "default")
+_ENV_KERNEL = "KSAMPLER_RT_RANDN_KERNEL"
+_MAX_SEED = 2**64 - 1
+
+_F32 = np.float32
+_F64 = np.float64
+
+# ---------------------------------------------------------------------------------------------
+# kernel selection
+# ---------------------------------------------------------------------------------------------
+_detected_kernel: Optional[str] = None
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo", "r", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def default_kernel() -> str:
+    """The Box-Muller kernel torch's CPU randn uses on this machine.
+
+    Order: env ``KSAMPLER_RT_RANDN_KERNEL`` (``avx2``/``default``), then torch's own override
+    ``ATEN_CPU_CAPABILITY`` (``avx2`` -> avx2, anything else -> default), then /proc/cpuinfo:
+    ``avx2`` when the CPU has avx2+fma and no avx512 (torch prefers its AVX512 build, whose
+    normal_fill is the scalar template), else ``default``.
+    """
+    env = os.environ.get(_ENV_KERNEL, "").strip().lower()
+    if env:
+        if env not in KERNELS:
+            raise ValueError(
+                f"{_ENV_KERNEL}: got {env!r}; accepted values are 'avx2' or 'default'"
+            )
+        return env
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if aten:
+        return "avx2" if aten == "avx2" else "default"
+    global _detected_kernel
+    if _detected_kernel is None:
+        machine = platform.machine().lower()
+        flags = _cpu_flags() if machine in ("x86_64", "amd64", "i686", "i386") else set()
+        has_avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+        _detected_kernel = "avx2" if ("avx2" in flags and "fma" in flags and not has_avx512) else "default"
+    return _detected_kernel
+
+
+def _check_kernel(kernel: Optional[str]) -> str:
+    if kernel is None:
+        return default_kernel()
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: got {kernel!r}; accepted values are 'avx2', 'default' or None")
+    return kernel
+
+
+def _check_seed(seed, name: str = "seed") -> int:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(
+            f"{name}: got {seed!r} of type {type(seed).__name__}; accepted: an int in [0, 2**64-1]"
+        )
+    seed = int(seed)
+    if seed < 0 or seed > _MAX_SEED:
+        raise ValueError(f"{name}: got {seed}; accepted: an int in [0, 2**64-1]")
+    return seed
+
+
+def _check_shape(shape) -> tuple:
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape: got {shape!r}; accepted: a tuple of non-negative ints") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape: got {shape}; accepted: a tuple of non-negative ints")
+    return shape
+
+
+# ---------------------------------------------------------------------------------------------
+# AVX2 kernel: avx_mathfun.h log256_ps / sincos256_ps with GCC's FMA contractions
+# ---------------------------------------------------------------------------------------------
+_LOG_P = [_F32(v) for v in (
+    7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+    -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)]
+_LOG_Q1 = _F32(-2.12194440e-4)
+_LOG_Q2 = _F32(0.693359375)
+_SQRTHF = _F32(0.707106781186547524)
+_MIN_NORM = np.uint32(0x00800000).view(_F32)
+_MDP1 = _F64(_F32(-0.78515625))
+_MDP2 = _F64(_F32(-2.4187564849853515625e-4))
+_MDP3 = _F64(_F32(-3.77489497744594108e-8))
+_SINCOF = [_F32(v) for v in (-1.9515295891e-4, 8.3321608736e-3, -1.6666654611e-1)]
+_COSCOF = [_F32(v) for v in (2.443315711809948e-005, -1.388731625493765e-003, 4.166664568298827e-002)]
+_FOPI = _F32(1.27323954473516)
+_TWO_PI_F32 = _F32(2.0 * math.pi)
+_HALF = _F32(0.5)
+_ONE = _F32(1.0)
+_SIGN = np.uint32(0x80000000)
+
+
+def _fma(a, b, c):
+    """float32 fma(a, b, c): the float64 product of two floats is exact; one rounding to f64 of the
+    sum, then to f32 (double rounding is theoretically possible, never observed)."""
+    t = np.multiply(a, b, dtype=_F64)
+    t += c
+    return t.astype(_F32)
+
+
+def _log256_ps(x: np.ndarray) -> np.ndarray:
+    """avx_mathfun.h ``log256_ps`` for float32 x > 0 (FMA contraction points as GCC emits)."""
+    x = np.maximum(x, _MIN_NORM)
+    bits = x.view(np.uint32)
+    e = ((bits >> np.uint32(23)).astype(np.int32) - 127).astype(_F32)
+    e += _ONE
+    m = ((bits & np.uint32(0x807FFFFF)) | np.uint32(0x3F000000)).view(_F32)
+    mask = m < _SQRTHF
+    xm = m - _ONE
+    xm += np.where(mask, m, _F32(0))
+    e -= mask.astype(_F32)
+    z = xm * xm
+    y = _fma(_LOG_P[0], xm, _LOG_P[1])
+    for p in _LOG_P[2:]:
+        y = _fma(y, xm, p)
+    y *= xm
+    y = _fma(y, z, e * _LOG_Q1)
+    y -= z * _HALF
+    xm += y
+    return _fma(e, _LOG_Q2, xm)
+
+
+def _sincos256_ps(x: np.ndarray):
+    """avx_mathfun.h ``sincos256_ps`` for float32 x >= 0 (FMA contraction points as GCC emits)."""
+    j = (x * _FOPI).astype(np.int32)
+    j += 1
+    j &= ~1
+    y = j.astype(_F64)
+    # x = ((x - y*DP1) - y*DP2) - y*DP3, each step an FMA
+    xr = (y * _MDP1 + x).astype(_F32)
+    xr = (y * _MDP2 + xr).astype(_F32)
+    xr = (y * _MDP3 + xr).astype(_F32)
+    z = xr * xr
+    yc = _fma(_fma(_COSCOF[0], z, _COSCOF[1]), z, _COSCOF[2])
+    yc = _fma(yc * z, z, -(z * _HALF))
+    yc += _ONE
+    ys = _fma(_fma(_SINCOF[0], z, _SINCOF[1]), z, _SINCOF[2])
+    ys = _fma(ys * z, xr, xr)
+    poly = (j & 2) == 0
+    s = np.where(poly, ys, yc)
+    c = np.where(poly, yc, ys)
+    ju = j.view(np.uint32)
+    s.view(np.uint32)[...] ^= (ju & np.uint32(4)) << np.uint32(29)
+    c.view(np.uint32)[...] ^= (~(ju - np.uint32(2)) & np.uint32(4)) << np.uint32(29)
+    return s, c
+
+
+def _box_muller_avx2(u1: np.ndarray, u2: np.ndarray):
+    """``NormalFill16<float>`` AVX2 specialisation (mean 0, std 1): returns (r cos, r sin)."""
+    radius = np.sqrt(_F32(-2.0) * _log256_ps(u1))
+    s, c = _sincos256_ps(_TWO_PI_F32 * u2)
+    return radius * c, radius * s
+
+
+def _box_muller_default(u1: np.ndarray, u2: np.ndarray):
+    """Scalar ``NormalFill16`` primary template (mean 0, std 1).
+
+    torch: ``radius = sqrtf(-2 * logf(u1))``, ``theta = (float)(2*pi_double * (double)u2)``,
+    ``out = radius * cosf(theta)`` / ``radius * sinf(theta)``. glibc's logf/cosf/sinf are emulated
+    by float64 numpy functions rounded to float32 (correctly rounded almost always; glibc is
+    not always, so a small fraction of elements can be 1 ulp off torch).
+    """
+    lg = np.log(u1.astype(_F64)).astype(_F32)
+    radius = np.sqrt(_F32(-2.0) * lg)
+    theta = ((2.0 * math.pi) * u2.astype(_F64)).astype(_F32).astype(_F64)
+    return radius * np.cos(theta).astype(_F32), radius * np.sin(theta).astype(_F32)
+
+
+_BOX_MULLER = {"avx2": _box_muller_avx2, "default": _box_muller_default}
+
+
+def _normal_fill(u: np.ndarray, n: int, kernel: str) -> np.ndarray:
+    """``normal_fill`` on ``n`` uniforms (plus 16 tail uniforms when n % 16 != 0)."""
+    nb = n // 16
+    tail = (n % 16) != 0
+    blocks = u[: nb * 16].reshape(nb, 2, 8)
+    if tail:
+        blocks = np.concatenate([blocks, u[n: n + 16].reshape(1, 2, 8)], axis=0)
+    u1 = _ONE - blocks[:, 0, :]
+    u2 = np.ascontiguousarray(blocks[:, 1, :])
+    a, b = _BOX_MULLER[kernel](u1, u2)
+    res = np.empty((blocks.shape[0], 2, 8), dtype=_F32)
+    res[:, 0, :] = a
+    res[:, 1, :] = b
+    res = res.reshape(-1)
+    if not tail:
+        return res
+    out = np.empty(n, dtype=_F32)
+    out[: nb * 16] = res[: nb * 16]
+    # overlapping tail: the last 16 elements come from the fresh block
+    out[n - 16:] = res[nb * 16:]
+    return out
+
+
+_TWO_M24 = _F32(2.0**-24)
+
+
+def _u32_to_uniform(raw: np.ndarray) -> np.ndarray:
+    """``uniform_real_distribution<float>(0,1)``: ``(u32 & 0xFFFFFF) * 2**-24`` (exact)."""
+    bits = raw.astype(np.uint32)
+    bits &= np.uint32(0xFFFFFF)
+    return bits.view(np.int32).astype(_F32) * _TWO_M24
+_TWO_M53 = 2.0**-53
+_MASK53 = (1 << 53) - 1
+
+
+class TorchCPUGenerator:
+    """``torch.Generator().manual_seed(seed)`` on the CPU, as a numpy stream.
+
+    ``randn(shape)`` returns float32 values identical to successive ``torch.randn(shape,
+    generator=g)`` calls on one torch generator (bit-exact for ``kernel="avx2"``).
+    ``get_state()`` / ``set_state()`` give a picklable snapshot of the stream position.
+    """
+
+    __slots__ = ("_seed", "_bg", "_next_double_normal", "kernel")
+
+    def __init__(self, seed: int = 67280421310721, kernel: Optional[str] = None):
+        self.kernel = _check_kernel(kernel)
+        self._bg = np.random.MT19937(0)
+        self.manual_seed(seed)
+
+    def manual_seed(self, seed: int) -> "TorchCPUGenerator":
+        """Same as ``torch.Generator.manual_seed``: mt19937 from the low 32 bits; clears the cache."""
+        seed = _check_seed(seed)
+        self._seed = seed
+        self._bg._legacy_seeding(seed & 0xFFFFFFFF)
+        self._next_double_normal = None
+        return self
+
+    def initial_seed(self) -> int:
+        return self._seed
+
+    # -- raw draws -------------------------------------------------------------------------
+    def _random_u32(self, n: int) -> np.ndarray:
+        return self._bg.random_raw(n)  # uint64 holding 32-bit words
+
+    def uniform_float(self, n: int) -> np.ndarray:
+        """``n`` draws of ``uniform_real_distribution<float>(0, 1)``."""
+        raw = self._random_u32(n)
+        return _u32_to_uniform(raw)
+
+    def _uniform_double(self) -> float:
+        hi, lo = (int(v) for v in self._random_u32(2))
+        return (((hi << 32) | lo) & _MASK53) * _TWO_M53
+
+    def _normal_double(self) -> float:
+        if self._next_double_normal is not None:
+            v = self._next_double_normal
+            self._next_double_normal = None
+            return v
+        u1 = self._uniform_double()
+        u2 = self._uniform_double()
+        r = math.sqrt(-2.0 * math.log1p(-u2))
+        theta = 2.0 * math.pi * u1
+        self._next_double_normal = r * math.sin(theta)
+        return r * math.cos(theta)
+
+    # -- public draw -----------------------------------------------------------------------
+    def randn(self, shape) -> np.ndarray:
+        """``torch.randn(shape, dtype=float32, generator=self)``."""
+        shape = _check_shape(shape)
+        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if n >= 16:
+            u = self.uniform_float(n + (16 if n % 16 else 0))
+            return _normal_fill(u, n, self.kernel).reshape(shape)
+        vals = [self._normal_double() for _ in range(n)]  # < 16 elements
+        return np.asarray(vals, dtype=_F64).astype(_F32).reshape(shape)
+
+    # -- state -----------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        """Picklable snapshot (plain dict of numpy array / ints / float)."""
+        st = self._bg.state["state"]
+        return {
+            "seed": self._seed,
+            "kernel": self.kernel,
+            "mt_key": np.array(st["key"], dtype=np.uint32, copy=True),
+            "mt_pos": int(st["pos"]),
+            "next_double_normal": self._next_double_normal,
+        }
+
+    def set_state(self, state: dict) -> "TorchCPUGenerator":
+        key = np.asarray(state["mt_key"], dtype=np.uint32)
+        if key.shape != (624,):
+            raise ValueError(f"state['mt_key']: got shape {key.shape}; accepted: shape (624,)")
+        self._seed = _check_seed(state["seed"], "state['seed']")
+        self.kernel = _check_kernel(state.get("kernel", self.kernel))
+        self._bg.state = {"bit_generator": "MT19937",
+                          "state": {"key": key.copy(), "pos": int(state["mt_pos"])}}
+        v = state.get("next_double_normal")
+        self._next_double_normal = None if v is None else float(v)
+        return self
+
+    @classmethod
+    def from_state(cls, state: dict) -> "TorchCPUGenerator":
+        g = cls(0, kernel=state.get("kernel"))
+        return g.set_state(state)
+
+    def __getstate__(self):
+        return self.get_state()
+
+    def __setstate__(self, state):
+        self._bg = np.random.MT19937(0)
+        self.kernel = _check_kernel(state.get("kernel"))
+        self.set_state(state)
+
+
+def randn_many(seeds, shape, kernel: Optional[str] = None, max_chunk: int = 1 << 18) -> np.ndarray:
+    """``stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])``.
+
+    Same values as one ``TorchCPUGenerator(s).randn(shape)`` per seed, but the Box-Muller math of
+    several seeds runs in one vectorised pass (fewer numpy calls for small shapes).
+    """
+    kernel = _check_kernel(kernel)
+    shape = _check_shape(shape)
+    seeds = [_check_seed(s, "seeds[]") for s in seeds]
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    out = np.empty((len(seeds), n), dtype=_F32)
+    if n < 16:
+        for i, s in enumerate(seeds):
+            out[i] = TorchCPUGenerator(s, kernel=kernel).randn((n,))
+        return out.reshape((len(seeds),) + shape)
+    tail = n % 16 != 0
+    m = n + (16 if tail else 0)
+    nb = n // 16
+    bg = np.random.MT19937(0)
+    per = max(1, max_chunk // m)
+    for c0 in range(0, len(seeds), per):
+        chunk = seeds[c0: c0 + per]
+        raw = np.empty((len(chunk), m), dtype=np.uint64)
+        for i, s in enumerate(chunk):
+            bg._legacy_seeding(s & 0xFFFFFFFF)
+            raw[i] = bg.random_raw(m)
+        u = _u32_to_uniform(raw.reshape(-1)).reshape(len(chunk), m)
+        if tail:
+            blocks = np.concatenate([u[:, : nb * 16], u[:, n:]], axis=1)
+        else:
+            blocks = u
+        blocks = blocks.reshape(-1, 2, 8)
+        u1 = _ONE - blocks[:, 0, :]
+        u2 = np.ascontiguousarray(blocks[:, 1, :])
+        a, b = _BOX_MULLER[kernel](u1, u2)
+        res = np.empty(blocks.shape, dtype=_F32)
+        res[:, 0, :] = a
+        res[:, 1, :] = b
+        res = res.reshape(len(chunk), -1)
+        o = out[c0: c0 + len(chunk)]
+        o[:, : nb * 16] = res[:, : nb * 16]
+        if tail:
+            o[:, n - 16:] = res[:, nb * 16:]
+    return out.reshape((len(seeds),) + shape)
+
+
+def torch_randn(shape, seed: int, kernel: Optional[str] = None) -> np.ndarray:
+    """``torch.randn(shape, generator=torch.Generator().manual_seed(seed))``."""
+    return TorchCPUGenerator(seed, kernel=kernel).randn(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# comfy.sample.prepare_noise
+# ---------------------------------------------------------------------------------------------
+def prepare_noise(samples, seed: int, batch_index=None, kernel: Optional[str] = None) -> np.ndarray:
+    """ComfyUI ``comfy.sample.prepare_noise(latent_image, seed, noise_inds)`` (0.3.64), float32.
+
+    One ``randn`` of the latent's shape from a generator seeded with ``seed``. With
+    ``batch_index``: for i in 0..max(unique indices) draw a ``[1, C, H, W]`` noise in sequence,
+    keep the draws whose i is requested, and give each latent row the draw of its index.
+    """
+    if not isinstance(samples, np.ndarray):
+        raise TypeError(
+            f"samples: got {type(samples).__name__}; accepted: a 4-D float numpy array [B, C, H, W]"
+        )
+    if samples.ndim != 4 or not np.issubdtype(samples.dtype, np.floating):
+        raise ValueError(
+            f"samples: got a {samples.ndim}-D {samples.dtype} array of shape {samples.shape}; "
+            f"accepted: a 4-D float array [B, C, H, W]"
+        )
+    seed = _check_seed(seed)
+    gen = TorchCPUGenerator(seed, kernel=kernel)
+    if batch_index is None:
+        return gen.randn(samples.shape)
+    try:
+        inds = np.asarray(batch_index)
+    except Exception:  # pragma: no cover - defensive
+        inds = None
+    if (inds is None or inds.ndim != 1 or inds.size == 0
+            or not (np.issubdtype(inds.dtype, np.integer)) or (inds < 0).any()):
+        raise ValueError(
+            f"batch_index: got {batch_index!r}; accepted: None or a non-empty list of "
+            f"non-negative ints, one per latent row"
+        )
+    if inds.size != samples.shape[0]:
+        raise ValueError(
+            f"batch_index: got {inds.size} indices for a batch of {samples.shape[0]}; "
+            f"accepted: one index per latent row"
+        )
+    unique, inverse = np.unique(inds, return_inverse=True)
+    wanted = set(int(i) for i in unique)
+    row_shape = (1,) + tuple(samples.shape[1:])
+    kept = []
+    for i in range(int(unique[-1]) + 1):
+        noise = gen.randn(row_shape)
+        if i in wanted:
+            kept.append(noise)
+    return np.concatenate([kept[i] for i in np.asarray(inverse).reshape(-1)], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# noise sources used by the samplers
+# ---------------------------------------------------------------------------------------------
+class NoiseSource:
+    """What samplers draw noise from; mirrors ComfyUI's noise samplers for one node seed.
+
+    * ``default(x)`` -> ComfyUI ``default_noise_sampler(x, seed)``: a fresh CPU generator seeded
+      with ``seed``; every call of the returned sampler returns ``randn(x.shape)`` from it.
+    * ``brownian(x, sigma_min, sigma_max)`` -> ``BrownianTreeNoiseSampler(x, sigma_min,
+      sigma_max, seed, cpu=True)`` (torchsde ``BrownianTree`` port, see ``brownian.py``).
+
+    State is kept in plain attributes (``generator``, ``tree``) so it can be snapshotted.
+    """
+
+    def __init__(self, seed: int, kernel: Optional[str] = None):
+        self.seed = _check_seed(seed)
+        self.kernel = _check_kernel(kernel)
+        self.generator: Optional[TorchCPUGenerator] = None
+        self.tree = None
+        self.tree_sign = 1
+
+    def default(self, x) -> Callable:
+        shape = tuple(np.shape(x))
+        gen = TorchCPUGenerator(self.seed, kernel=self.kernel)
+        self.generator = gen
+
+        def noise_sampler(sigma=None, sigma_next=None):
+            return gen.randn(shape)
+
+        return noise_sampler
+
+    def brownian(self, x, sigma_min, sigma_max) -> Callable:
+        from .brownian import BrownianTree
+
+        t0 = _F32(sigma_min)
+        t1 = _F32(sigma_max)
+        t0, t1, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
+        tree = BrownianTree(float(t0), float(t1), tuple(np.shape(x)), entropy=self.seed,
+                            kernel=self.kernel)
+        self.tree = tree
+        self.tree_sign = sign
+
+        def noise_sampler(sigma, sigma_next):
+            a = _F32(sigma)
+            b = _F32(sigma_next)
+            lo, hi, s = (a, b, 1) if a < b else (b, a, -1)
+            w = tree(float(lo), float(hi))
+            if sign * s < 0:
+                w = -w
+            return w / np.sqrt(np.abs(b - a))
+
+        return noise_sampler

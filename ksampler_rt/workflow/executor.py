@@ -1,0 +1,145 @@
+"""Run a validated workflow: each needed node once, in topological order.
+
+The executor is shared by ``ksampler-rt run``, the Python ``Pipeline`` and the server. It emits
+ComfyUI's execution events through ``on_event(type, data)`` (``executing``, ``progress``,
+``executed``, ``execution_cached``) and can reuse outputs of an unchanged prefix of the graph
+between prompts through an :class:`OutputCache`.
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .graph import Plan, is_link
+from .spec import NodeSpec
+
+
+class Interrupted(Exception):
+    """Raised between sampling steps when the run was interrupted."""
+
+
+EventSink = Callable[[str, dict], None]
+
+
+@dataclass
+class ExecutionContext:
+    """What nodes may use: checkpoints, folders, progress reporting, interruption."""
+
+    load_checkpoint: Callable[[str], Any]
+    output_dir: Path
+    input_dir: Path
+    temp_dir: Path
+    prompt: dict | None = None
+    extra_pnginfo: dict | None = None
+    prompt_id: str | None = None
+    on_event: EventSink | None = None
+    is_interrupted: Callable[[], bool] = lambda: False
+    on_step: Callable[[str, int, int, Any, Any], None] | None = None
+
+    def input_path(self, name: str) -> Path:
+        root = Path(self.input_dir).resolve()
+        path = (root / name).resolve()
+        if root not in path.parents and path != root:
+            raise ValueError(f"image: received {name!r}, which is outside the input folder {root}")
+        if not path.is_file():
+            raise FileNotFoundError(f"image: {name!r} is not in the input folder {root}")
+        return path
+
+    def check_interrupt(self) -> None:
+        if self.is_interrupted():
+            raise Interrupted("interrupted")
+
+    def progress(self, node_id: str, value: int, total: int, x=None, denoised=None) -> None:
+        if self.on_event:
+            self.on_event("progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id})
+        if self.on_step:
+            self.on_step(node_id, value, total, x, denoised)
+
+
+def _signature(prompt: Mapping, node_id: str, memo: dict) -> str:
+    """A key for a node's output: its class, widget values and its inputs' keys, recursively."""
+    if node_id in memo:
+        return memo[node_id]
+    node = prompt[node_id]
+    parts = {}
+    for name, value in sorted((node.get("inputs") or {}).items()):
+        parts[name] = ["link", _signature(prompt, str(value[0]), memo), value[1]] if is_link(value) else value
+    key = json.dumps([node["class_type"], parts], sort_keys=True, default=str)
+    memo[node_id] = key
+    return key
+
+
+class OutputCache:
+    """Node outputs kept between prompts, keyed by the node's full input signature (LRU, bounded)."""
+
+    def __init__(self, max_entries: int = 64):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple] = OrderedDict()
+
+    def get(self, key: str):
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        return None
+
+    def put(self, key: str, value: tuple) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+@dataclass
+class ExecutionResult:
+    outputs: dict[str, Any] = field(default_factory=dict)   # node id -> output tuple
+    ui: dict[str, dict] = field(default_factory=dict)        # output node id -> {"images": [...]}
+    cached: list[str] = field(default_factory=list)
+
+
+# Nodes whose results depend on files or the outside world are never served from the cache.
+_UNCACHEABLE = {"SaveImage", "PreviewImage", "LoadImage"}
+
+
+def execute(plan: Plan, specs: Mapping[str, NodeSpec], ctx: ExecutionContext,
+            cache: OutputCache | None = None) -> ExecutionResult:
+    result = ExecutionResult()
+    memo: dict[str, str] = {}
+    emit = ctx.on_event or (lambda kind, data: None)
+    if cache is not None:
+        for node_id in plan.order:
+            key = _signature(plan.prompt, node_id, memo)
+            class_type = plan.prompt[node_id]["class_type"]
+            if class_type not in _UNCACHEABLE and cache.get(key) is not None:
+                result.cached.append(node_id)
+        emit("execution_cached", {"nodes": list(result.cached), "prompt_id": ctx.prompt_id})
+    for node_id in plan.order:
+        class_type = plan.prompt[node_id]["class_type"]
+        spec = specs[class_type]
+        if node_id in result.cached:
+            result.outputs[node_id] = cache.get(_signature(plan.prompt, node_id, memo))
+            continue
+        ctx.check_interrupt()
+        emit("executing", {"node": node_id, "display_node": node_id, "prompt_id": ctx.prompt_id})
+        kwargs = {}
+        for name, value in plan.inputs[node_id].items():
+            if is_link(value):
+                kwargs[name] = result.outputs[str(value[0])][value[1]]
+            else:
+                kwargs[name] = value
+        out = spec.run(ctx, node_id, **kwargs)
+        if isinstance(out, dict) and "ui" in out:
+            result.ui[node_id] = out["ui"]
+            result.outputs[node_id] = ()
+            emit("executed", {"node": node_id, "display_node": node_id, "output": out["ui"], "prompt_id": ctx.prompt_id})
+        else:
+            result.outputs[node_id] = out
+            if cache is not None and class_type not in _UNCACHEABLE:
+                cache.put(_signature(plan.prompt, node_id, memo), out)
+    emit("executing", {"node": None, "display_node": None, "prompt_id": ctx.prompt_id})
+    return result

@@ -1,0 +1,116 @@
+"""numpy BrownianTree / NoiseSource.brownian vs torchsde 0.2.6 (test-only oracle)."""
+import warnings
+
+import numpy as np
+import pytest
+
+from ksampler_rt.runtime.brownian import BrownianTree
+from ksampler_rt.runtime.noise import NoiseSource
+
+torch = pytest.importorskip("torch")
+torchsde = pytest.importorskip("torchsde")
+
+AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+pytestmark = pytest.mark.skipif(not AVX2, reason="bit-exact oracle needs torch's AVX2 randn kernel")
+
+
+def karras(n, smin=0.0291675, smax=14.614642, rho=7.0):
+    ramp = np.linspace(0, 1, n)
+    mi, ma = smin ** (1 / rho), smax ** (1 / rho)
+    return np.append((ma + ramp * (mi - ma)) ** rho, 0.0).astype(np.float32)
+
+
+class OracleBrownianTreeNoiseSampler:
+    """ComfyUI 0.3.64 BrownianTreeNoiseSampler(x, smin, smax, seed, cpu=True), written from
+    comfy/k_diffusion/sampling.py (BatchedBrownianTree with one int seed)."""
+
+    def __init__(self, x, sigma_min, sigma_max, seed):
+        t0, t1 = torch.as_tensor(sigma_min), torch.as_tensor(sigma_max)
+        t0, t1, self.sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
+        w0 = torch.zeros_like(x)
+        self.tree = torchsde.BrownianTree(t0.cpu(), w0, t1.cpu(), entropy=seed)
+
+    def __call__(self, sigma, sigma_next):
+        t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+        a, b, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
+        w = self.tree(a.cpu().float(), b.cpu().float()) * (self.sign * sign)
+        return w / (t1 - t0).abs().sqrt()
+
+
+def _queries_2m(sig):
+    return [(sig[i], sig[i + 1]) for i in range(len(sig) - 1) if sig[i + 1] > 0]
+
+
+def _queries_sde(sig):
+    """dpmpp_sde (EPS model): (sigma_i, sigma_s_1) then (sigma_i, sigma_{i+1})."""
+    out = []
+    s = torch.from_numpy(sig)
+    for i in range(len(s) - 1):
+        if s[i + 1] == 0:
+            continue
+        lam_s, lam_t = s[i].log().neg(), s[i + 1].log().neg()
+        h = lam_t - lam_s
+        sigma_s_1 = (lam_s + 0.5 * h).neg().exp()
+        out += [(s[i], sigma_s_1), (s[i], s[i + 1])]
+    return out
+
+
+@pytest.mark.parametrize("seed,shape,steps,pattern", [
+    (42, (1, 4, 16, 16), 5, "2m"),
+    (2**64 - 1, (1, 4, 16, 16), 20, "2m"),
+    (0, (2, 4, 8, 8), 50, "2m"),
+    (123456789, (1, 4, 3, 5), 20, "sde"),
+    (7, (1, 4, 64, 64), 8, "sde"),
+])
+def test_noise_sampler_matches_comfy_torchsde(seed, shape, steps, pattern):
+    sig = karras(steps)
+    x = np.zeros(shape, np.float32)
+    pos = sig[sig > 0]
+    smin, smax = torch.from_numpy(pos).min(), torch.from_numpy(sig).max()
+    oracle = OracleBrownianTreeNoiseSampler(torch.zeros(shape), smin, smax, seed)
+    ours = NoiseSource(seed, kernel="avx2").brownian(x, smin.item(), smax.item())
+    qs = _queries_2m(torch.from_numpy(sig)) if pattern == "2m" else _queries_sde(sig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for a, b in qs:
+            ref = oracle(a, b).numpy()
+            got = ours(np.float32(a), np.float32(b))
+            assert got.dtype == np.float32 and got.shape == shape
+            assert np.array_equal(got, ref), (float(a), float(b), np.abs(got - ref).max())
+
+
+def test_tree_increments_and_order_independence():
+    shape = (1, 4, 4, 4)
+    t0, t1 = 0.0291675, 14.614642
+    pts = [14.614642, 9.5, 3.25, 1.0, 0.5, 0.1, 0.0291675]
+    oracle = torchsde.BrownianTree(torch.tensor(t0), torch.zeros(shape), torch.tensor(t1), entropy=99)
+    a = BrownianTree(t0, t1, shape, 99)
+    b = BrownianTree(t0, t1, shape, 99, cache_size=2)
+    qs = [(pts[i + 1], pts[i]) for i in range(len(pts) - 1)] + [(0.1, 9.5), (0.0291675, 14.614642)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = [oracle(lo, hi).numpy() for lo, hi in qs]
+    got_a = [a(lo, hi) for lo, hi in qs]
+    got_b = [b(lo, hi) for lo, hi in reversed(qs)][::-1]
+    for w, ga, gb in zip(want, got_a, got_b):
+        assert np.array_equal(ga, w)
+        assert np.array_equal(gb, w)
+    assert np.array_equal(a(1.0, 1.0), np.zeros(shape, np.float32))
+
+
+def test_tree_statistics():
+    tree = BrownianTree(0.0, 4.0, (200_000,), 3)
+    w = tree(1.0, 3.0)
+    assert abs(w.mean()) < 0.02 and abs(w.var() - 2.0) < 0.03
+
+
+def test_tree_errors():
+    with pytest.raises(ValueError, match="t0/t1: got t0=2.0, t1=1.0"):
+        BrownianTree(2.0, 1.0, (2,), 1)
+    with pytest.raises(ValueError, match=r"entropy: got -3"):
+        BrownianTree(0.0, 1.0, (2,), -3)
+    tree = BrownianTree(0.0, 1.0, (2,), 1)
+    with pytest.raises(ValueError, match="ta/tb: got ta=0.7, tb=0.2"):
+        tree(0.7, 0.2)
+    with pytest.raises(ValueError, match=r"seed: got -1"):
+        NoiseSource(-1)

@@ -1,0 +1,170 @@
+"""torch CPU randn / ComfyUI prepare_noise / default noise sampler vs torch (test-only oracle)."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ksampler_rt.runtime.noise import (NoiseSource, TorchCPUGenerator, default_kernel,
+                                       prepare_noise, randn_many)
+
+torch = pytest.importorskip("torch")
+
+SEEDS = [0, 42, 2**32 + 5, 2**64 - 1]
+SHAPES = [(1, 4, 64, 64), (2, 4, 8, 8), (1, 4, 3, 5), (3, 5), (1, 17), (1, 4, 128, 128)]
+AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def _torch_gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.skipif(not AVX2, reason="torch on this CPU does not use the AVX2 kernel")
+@pytest.mark.parametrize("seed", SEEDS)
+def test_randn_avx2_bit_exact_consecutive(seed):
+    g = TorchCPUGenerator(seed, kernel="avx2")
+    tg = _torch_gen(seed)
+    for shape in SHAPES if seed in (0, 2**64 - 1) else SHAPES[:-1]:
+        for _ in range(2):  # consecutive draws on one generator
+            ours = g.randn(shape)
+            ref = torch.randn(shape, generator=tg).numpy()
+            assert ours.dtype == np.float32 and ours.shape == ref.shape
+            assert np.array_equal(ours, ref), (seed, shape, int((ours != ref).sum()))
+
+
+def test_scalar_path_cache_across_calls():
+    g = TorchCPUGenerator(7, kernel="avx2")
+    tg = _torch_gen(7)
+    for shape in [(3,), (1,), (16,), (5,), (2, 3)]:
+        assert np.array_equal(g.randn(shape), torch.randn(shape, generator=tg).numpy())
+    g.manual_seed(7)
+    tg.manual_seed(7)
+    assert np.array_equal(g.randn((3,)), torch.randn((3,), generator=tg).numpy())
+
+
+def test_randn_many_and_state_roundtrip():
+    seeds = [1, 2**40 + 3, 99]
+    many = randn_many(seeds, (2, 3, 7))
+    for s, m in zip(seeds, many):
+        assert np.array_equal(m, TorchCPUGenerator(s).randn((2, 3, 7)))
+    g = TorchCPUGenerator(5)
+    g.randn((3,))  # leaves a cached double normal
+    st = pickle.loads(pickle.dumps(g.get_state()))
+    a = [g.randn((3,)), g.randn((40,))]
+    h = TorchCPUGenerator.from_state(st)
+    b = [h.randn((3,)), h.randn((40,))]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    h2 = pickle.loads(pickle.dumps(TorchCPUGenerator.from_state(st)))
+    assert np.array_equal(h2.randn((3,)), a[0])
+
+
+def test_default_kernel_env(monkeypatch):
+    monkeypatch.setenv("KSAMPLER_RT_RANDN_KERNEL", "default")
+    assert default_kernel() == "default"
+    monkeypatch.setenv("KSAMPLER_RT_RANDN_KERNEL", "avx2")
+    assert default_kernel() == "avx2"
+    monkeypatch.setenv("KSAMPLER_RT_RANDN_KERNEL", "sse9")
+    with pytest.raises(ValueError, match="KSAMPLER_RT_RANDN_KERNEL"):
+        default_kernel()
+
+
+_SUB = r"""
+import json, sys, torch
+out = {}
+for seed in (0, 42, 2**64 - 1):
+    for shape in ((1, 4, 64, 64), (2, 4, 8, 8), (1, 4, 3, 5)):
+        out[f"{seed}-{shape}"] = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).flatten().tolist()
+print(json.dumps({"cap": torch.backends.cpu.get_cpu_capability(), "out": out}))
+"""
+
+
+def test_randn_default_kernel_vs_torch_subprocess():
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", _SUB], env=env, capture_output=True, text=True,
+                         check=True, timeout=300)
+    data = json.loads(res.stdout)
+    assert data["cap"] == "DEFAULT"
+    total = same = 0
+    for key, vals in data["out"].items():
+        seed, shape = key.split("-", 1)
+        shape = tuple(int(v) for v in shape.strip("()").split(","))
+        ref = np.asarray(vals, dtype=np.float32).reshape(shape)
+        ours = TorchCPUGenerator(int(seed), kernel="default").randn(shape)
+        ulp = np.spacing(np.abs(ref))
+        assert np.all(np.abs(ours - ref) <= 2 * ulp), key
+        total += ref.size
+        same += int((ours == ref).sum())
+    assert same / total > 0.95
+
+
+def _torch_prepare_noise(shape, seed, noise_inds=None):
+    """ComfyUI 0.3.64 comfy.sample.prepare_noise, written from the spec (torch oracle)."""
+    generator = torch.manual_seed(seed)
+    if noise_inds is None:
+        return torch.randn(shape, dtype=torch.float32, generator=generator).numpy()
+    unique_inds, inverse = np.unique(noise_inds, return_inverse=True)
+    noises = []
+    for i in range(unique_inds[-1] + 1):
+        noise = torch.randn([1] + list(shape)[1:], dtype=torch.float32, generator=generator)
+        if i in unique_inds:
+            noises.append(noise)
+    return torch.cat([noises[i] for i in inverse], axis=0).numpy()
+
+
+@pytest.mark.skipif(not AVX2, reason="bit-exact check needs torch's AVX2 kernel")
+@pytest.mark.parametrize("shape,seed,inds", [
+    ((1, 4, 64, 64), 42, None),
+    ((3, 4, 8, 8), 2**64 - 1, None),
+    ((2, 4, 3, 5), 5, None),
+    ((3, 4, 3, 5), 11, [2, 0, 2]),
+    ((2, 4, 8, 8), 0, [3, 1]),
+    ((1, 4, 8, 8), 123, [0]),
+])
+def test_prepare_noise_vs_torch(shape, seed, inds):
+    ours = prepare_noise(np.zeros(shape, np.float32), seed, inds, kernel="avx2")
+    ref = _torch_prepare_noise(shape, seed, inds)
+    assert ours.dtype == np.float32
+    assert np.array_equal(ours, ref)
+
+
+def test_prepare_noise_errors():
+    z = np.zeros((1, 4, 8, 8), np.float32)
+    with pytest.raises(ValueError, match=r"samples: got a 3-D"):
+        prepare_noise(np.zeros((4, 8, 8), np.float32), 1)
+    with pytest.raises(TypeError, match="samples: got list"):
+        prepare_noise([[1.0]], 1)
+    with pytest.raises(ValueError, match=r"seed: got -1; accepted: an int in \[0, 2\*\*64-1\]"):
+        prepare_noise(z, -1)
+    with pytest.raises(ValueError, match="seed: got 18446744073709551616"):
+        prepare_noise(z, 2**64)
+    with pytest.raises(TypeError, match="seed: got 1.5 of type float"):
+        prepare_noise(z, 1.5)
+    with pytest.raises(ValueError, match="batch_index: got 2 indices for a batch of 1"):
+        prepare_noise(z, 1, [0, 1])
+    with pytest.raises(ValueError, match="batch_index: got"):
+        prepare_noise(z, 1, [-1])
+    with pytest.raises(ValueError, match="kernel: got 'sse'"):
+        TorchCPUGenerator(1, kernel="sse")
+
+
+@pytest.mark.skipif(not AVX2, reason="bit-exact check needs torch's AVX2 kernel")
+def test_default_noise_sampler_semantics():
+    x = np.zeros((1, 4, 8, 8), np.float32)
+    src = NoiseSource(77, kernel="avx2")
+    ns = src.default(x)
+    tg = torch.Generator().manual_seed(77)
+    for _ in range(3):
+        assert np.array_equal(ns(1.0, 0.5), torch.randn(x.shape, generator=tg).numpy())
+    # a new default() restarts from the seed: first ancestral noise == initial noise
+    assert np.array_equal(src.default(x)(1.0, 0.5), prepare_noise(x, 77, kernel="avx2"))
+
+
+def test_runtime_modules_do_not_import_torch():
+    code = ("import sys, ksampler_rt.runtime.noise, ksampler_rt.runtime.brownian;"
+            "print(any(m == 'torch' or m.startswith('torch.') or m.startswith('torchsde') "
+            "for m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
