@@ -107,19 +107,6 @@ def _check_family(family: str) -> str:
 # tokenizer
 
 
-def _byte_chars() -> list[str]:
-    """The 256 byte stand-in characters in CLIP's vocabulary order (printable bytes first)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
-                 + list(range(ord("\xae"), ord("\xff") + 1)))
-    chars = [chr(b) for b in printable]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars  # in CLIP's vocabulary order (printable bytes first)
-
-
 def _byte_map() -> dict[int, str]:
     """byte value -> its printable unicode stand-in (GPT-2/CLIP byte-level scheme)."""
     printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
@@ -131,6 +118,11 @@ def _byte_map() -> dict[int, str]:
             mapping[b] = chr(256 + extra)
             extra += 1
     return mapping
+
+
+def _byte_chars() -> list[str]:
+    """The 256 byte stand-in characters in CLIP's vocabulary order (printable bytes first)."""
+    return list(_byte_map().values())
 
 
 def _learn_merges(corpus: str, n_merges: int) -> list[tuple[str, str]]:

@@ -68,7 +68,8 @@ def test_noise_sampler_matches_comfy_torchsde(seed, shape, steps, pattern):
     pos = sig[sig > 0]
     smin, smax = torch.from_numpy(pos).min(), torch.from_numpy(sig).max()
     oracle = OracleBrownianTreeNoiseSampler(torch.zeros(shape), smin, smax, seed)
-    ours = NoiseSource(seed, kernel="avx2").brownian(x, smin.item(), smax.item())
+    src = NoiseSource(seed, kernel="avx2")
+    ours = src.brownian(x, smin.item(), smax.item())
     qs = _queries_2m(torch.from_numpy(sig)) if pattern == "2m" else _queries_sde(sig)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -76,7 +77,13 @@ def test_noise_sampler_matches_comfy_torchsde(seed, shape, steps, pattern):
             ref = oracle(a, b).numpy()
             got = ours(np.float32(a), np.float32(b))
             assert got.dtype == np.float32 and got.shape == shape
-            assert np.array_equal(got, ref), (float(a), float(b), np.abs(got - ref).max())
+            # The Brownian increments themselves are bit-exact ...
+            lo, hi = sorted((a, b))
+            w_ref = oracle.tree(lo, hi).numpy()
+            assert np.array_equal(src.tree(float(lo), float(hi)), w_ref), (float(a), float(b))
+            # ... the final 1/sqrt(|dsigma|) scaling can differ by an ulp: torch's float32 sqrt
+            # on this build (MKL VML) is not correctly rounded (~18 % of inputs), numpy's is.
+            assert np.all(np.abs(got - ref) <= 2 * np.spacing(np.abs(ref))), (float(a), float(b))
 
 
 def test_tree_increments_and_order_independence():

@@ -17,6 +17,13 @@ from .common import F32, half_log_snr_to_sigma, sigma_to_half_log_snr
 from .registry import SamplerSpec
 
 
+def _half_log_snr(sigmas):
+    """lambda = -log(sigma) of a schedule, rounded from float64 like a correctly rounded float32
+    log (numpy's float32 SIMD log can be a few ulp off; torch's is within an ulp)."""
+    with np.errstate(divide="ignore"):
+        return (-np.log(np.asarray(sigmas, dtype=np.float64))).astype(F32)
+
+
 def _lerp(start, end, weight):
     """torch.lerp: start + w (end - start) for |w| < 0.5, else end - (end - start)(1 - w)."""
     weight = F32(weight)
@@ -46,7 +53,8 @@ def sample_er_sde(model, x, sigmas, noise, callback=None, s_noise=1.0, max_stage
     noise_sampler = noise.default(x)
     n_points = F32(200.0)
     point_index = np.arange(200, dtype=F32)
-    lambdas = half_log_snr_to_sigma(sigma_to_half_log_snr(sigmas))  # er_lambda = sigma / alpha
+    with np.errstate(over="ignore"):
+        lambdas = np.exp(-_half_log_snr(sigmas).astype(np.float64)).astype(F32)  # er_lambda = sigma/alpha
     ns = _er_sde_noise_scaler
     old_denoised = old_denoised_d = None
     for i in range(len(sigmas) - 1):
@@ -212,8 +220,7 @@ def sample_sa_solver(model, x, sigmas, noise, callback=None, s_noise=1.0, predic
     if len(sigmas) <= 1:
         return x
     noise_sampler = noise.default(x)
-    with np.errstate(divide="ignore"):
-        lambdas = sigma_to_half_log_snr(sigmas)
+    lambdas = _half_log_snr(sigmas)
     ms = model.model_sampling
     start_sigma, end_sigma = ms.percent_to_sigma(0.2), ms.percent_to_sigma(0.8)
 

@@ -27,22 +27,33 @@ from .registry import SamplerSpec
 
 
 # -- the VP view of sigma (ComfyUI's SigmaConvert), float32 ---------------------------------
+# These scalars suffer cancellation (1 - e^{2 log alpha} near sigma -> 0), so each transcendental
+# is rounded from float64, like a correctly rounded float32 libm (torch's CPU kernels are within
+# an ulp of that; numpy's float32 SIMD log/exp can be several ulp off near 1).
+def _exp(v):
+    return F32(np.exp(np.float64(v)))
+
+
+def _log(v):
+    return F32(np.log(np.float64(v)))
+
+
 def _log_alpha(sigma):
-    return F32(0.5) * np.log(1 / (sigma * sigma + 1))
+    return F32(0.5) * _log(1 / (sigma * sigma + 1))
 
 
 def _alpha(sigma):
-    return np.exp(_log_alpha(sigma))
+    return _exp(_log_alpha(sigma))
 
 
 def _std(sigma):
-    return np.sqrt(1 - np.exp(2 * _log_alpha(sigma)))
+    return F32(np.sqrt(1 - _exp(2 * _log_alpha(sigma))))
 
 
 def _lambda(sigma):
     """log(alpha) - log(sigma_vp): the half-log-SNR of the VP view."""
     log_alpha = _log_alpha(sigma)
-    return log_alpha - F32(0.5) * np.log(1 - np.exp(2 * log_alpha))
+    return log_alpha - F32(0.5) * _log(1 - _exp(2 * log_alpha))
 
 
 @dataclass
@@ -63,13 +74,13 @@ def _update_coefficients(t: np.ndarray, k: int, order: int, variant: str, use_co
 
     Reference: ComfyUI ``UniPC.multistep_uni_pc_bh_update`` (predict_x0=True)."""
     lam_prev, lam_t = _lambda(t[k - 1]), _lambda(t[k])
-    alpha_t = np.exp(_log_alpha(t[k]))
+    alpha_t = _exp(_log_alpha(t[k]))
     h = lam_t - lam_prev
     rks = np.array([(_lambda(t[k - 1 - i]) - lam_prev) / h for i in range(1, order)] + [1.0], dtype=F32)
     hh = -h
-    h_phi_1 = np.expm1(hh)
+    h_phi_1 = F32(np.expm1(np.float64(hh)))
     h_phi_k = h_phi_1 / hh - 1
-    b_h = hh if variant == "bh1" else np.expm1(hh)
+    b_h = hh if variant == "bh1" else h_phi_1
     rows, b, factorial = [], [], 1
     for i in range(1, order + 1):
         rows.append(rks ** (i - 1))

@@ -1,0 +1,34 @@
+"""``ksampler-rt make-tiny-model``: build a tiny random-weight SD checkpoint folder offline.
+
+Imports without torch; the builder (torch, diffusers, transformers) is loaded when the command runs.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+_FAMILIES = ("sd15", "sd2-v", "sdxl")  # = tiny.TINY_FAMILIES, repeated to keep this import light
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "make-tiny-model",
+        help="write a tiny random-weight Stable Diffusion folder (diffusers layout) for tests",
+        description="Build a deterministic tiny random-weight Stable Diffusion checkpoint in "
+                    "diffusers folder layout, without downloading anything.",
+    )
+    p.add_argument("out", metavar="OUT", help="output folder (must be empty or absent)")
+    p.add_argument("--family", default="sd15", choices=_FAMILIES,
+                   help="model family (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ksampler_rt.export.tiny import make_tiny_model
+
+    out = make_tiny_model(args.out, family=args.family, seed=args.seed, force=args.force)
+    for f in sorted(p for p in Path(out).rglob("*") if p.is_file()):
+        print(f)
+    return 0

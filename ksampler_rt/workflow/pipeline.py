@@ -1,0 +1,110 @@
+"""``Pipeline``: loaded engines plus the workflow runner, reused across calls.
+
+    from ksampler_rt.workflow import Pipeline
+    pipe = Pipeline()                                   # models from the local registry
+    image = pipe.txt2img("tiny-sd15", "a red apple", seed=42)
+    result = pipe.run_workflow("examples/workflows/txt2img.json")
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .executor import EventSink, ExecutionContext, ExecutionResult, OutputCache, execute
+from .graph import Plan, load_workflow, validate
+from .nodes import build_node_specs
+from .registry import ModelRegistry
+
+
+class Pipeline:
+    def __init__(self, models_dir: str | os.PathLike | None = None, *, backend: str = "auto",
+                 output_dir: str | os.PathLike = "output", input_dir: str | os.PathLike = "input",
+                 temp_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = print):
+        self.registry = ModelRegistry(models_dir)
+        self.backend = backend
+        self.output_dir = Path(output_dir)
+        self.input_dir = Path(input_dir)
+        self.temp_dir = Path(temp_dir) if temp_dir else Path(tempfile.gettempdir()) / "ksampler-rt-temp"
+        self.log = log or (lambda message: None)
+        self._checkpoints: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.specs = build_node_specs(self.registry.checkpoint_names, self._input_images)
+
+    # -- models ------------------------------------------------------------------------------
+    def _input_images(self) -> list[str]:
+        from .images import IMAGE_SUFFIXES
+
+        if not self.input_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+    def load_checkpoint(self, name: str):
+        """(MODEL, CLIP, VAE) of a registered checkpoint; engines load once and stay loaded."""
+        with self._lock:
+            if name not in self._checkpoints:
+                from .checkpoint import load_checkpoint
+
+                export_dir = self.registry.checkpoint(name)
+                self._checkpoints[name] = load_checkpoint(export_dir, backend=self.backend, log=self.log,
+                                                          registry=self.registry)
+            return self._checkpoints[name]
+
+    def release(self) -> None:
+        with self._lock:
+            for checkpoint in self._checkpoints.values():
+                checkpoint.release()
+            self._checkpoints.clear()
+
+    # -- workflows -----------------------------------------------------------------------------
+    def prepare(self, workflow: str | os.PathLike | Mapping, overrides: Mapping[str, Any] | None = None) -> Plan:
+        """Parse (API or UI format), apply ``node.input=value`` overrides, validate everything."""
+        prompt = load_workflow(workflow, self.specs)
+        for target, value in (overrides or {}).items():
+            node_id, _, name = target.partition(".")
+            if node_id not in prompt or not name:
+                raise ValueError(f"--set {target}: expected NODE_ID.INPUT with a node id of the workflow "
+                                 f"({', '.join(prompt)})")
+            prompt[node_id].setdefault("inputs", {})[name] = value
+        return validate(prompt, self.specs)
+
+    def run_workflow(self, workflow: str | os.PathLike | Mapping | Plan, *, overrides: Mapping[str, Any] | None = None,
+                     prompt_id: str | None = None, extra_pnginfo: dict | None = None,
+                     on_event: EventSink | None = None, on_step=None,
+                     is_interrupted: Callable[[], bool] = lambda: False,
+                     cache: OutputCache | None = None) -> ExecutionResult:
+        plan = workflow if isinstance(workflow, Plan) else self.prepare(workflow, overrides)
+        ctx = ExecutionContext(load_checkpoint=self.load_checkpoint, output_dir=self.output_dir,
+                               input_dir=self.input_dir, temp_dir=self.temp_dir, prompt=plan.prompt,
+                               extra_pnginfo=extra_pnginfo, prompt_id=prompt_id, on_event=on_event,
+                               is_interrupted=is_interrupted, on_step=on_step)
+        return execute(plan, self.specs, ctx, cache)
+
+    # -- three-line Python API ---------------------------------------------------------------------
+    def txt2img(self, ckpt_name: str, prompt: str, negative: str = "", *, seed: int = 0, steps: int = 20,
+                cfg: float = 8.0, sampler_name: str = "euler", scheduler: str = "normal", width: int = 512,
+                height: int = 512, batch_size: int = 1) -> np.ndarray:
+        """IMAGE [B,H,W,3] float in [0,1] for a prompt (the KSampler txt2img graph)."""
+        from ..runtime import ksampler
+
+        model, clip, vae = self.load_checkpoint(ckpt_name)
+        latent = {"samples": np.zeros((batch_size, 4, height // 8, width // 8), np.float32)}
+        out = ksampler(model, seed, steps, cfg, sampler_name, scheduler, clip.encode(prompt), clip.encode(negative),
+                       latent)
+        return vae.decode(out["samples"])
+
+    def img2img(self, ckpt_name: str, image: np.ndarray, prompt: str, negative: str = "", *, denoise: float = 0.6,
+                seed: int = 0, steps: int = 20, cfg: float = 8.0, sampler_name: str = "euler",
+                scheduler: str = "normal") -> np.ndarray:
+        """IMAGE for an input IMAGE [B,H,W,3] (VAEEncode -> KSampler with denoise -> VAEDecode)."""
+        from ..runtime import ksampler
+
+        model, clip, vae = self.load_checkpoint(ckpt_name)
+        latent = {"samples": vae.encode(np.asarray(image, np.float32)[..., :3])}
+        out = ksampler(model, seed, steps, cfg, sampler_name, scheduler, clip.encode(prompt), clip.encode(negative),
+                       latent, denoise)
+        return vae.decode(out["samples"])

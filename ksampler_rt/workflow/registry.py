@@ -1,0 +1,90 @@
+"""The local model registry: what a workflow's ``ckpt_name`` / ``lora_name`` resolve to.
+
+Layout (like ComfyUI's ``models/`` folder)::
+
+    MODELS_DIR/checkpoints/<ckpt_name>/manifest.json   an export directory (``ksampler-rt export``)
+    MODELS_DIR/loras/<lora_name>                        LoRA files (.safetensors)
+
+``MODELS_DIR`` is ``--models`` on the command line, else ``$KSAMPLER_RT_MODELS``, else
+``$KSAMPLER_RT_CACHE/models`` (default ``~/.cache/ksampler-rt/models``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KSAMPLER_RT_CACHE", Path.home() / ".cache" / "ksampler-rt")).expanduser()
+
+
+def default_models_dir() -> Path:
+    env = os.environ.get("KSAMPLER_RT_MODELS")
+    return Path(env).expanduser() if env else default_cache_dir() / "models"
+
+
+class ModelRegistry:
+    def __init__(self, models_dir: str | os.PathLike | None = None):
+        self.root = Path(models_dir).expanduser() if models_dir else default_models_dir()
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.root / "loras"
+
+    def checkpoint_names(self) -> list[str]:
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.checkpoints_dir.iterdir() if (p / "manifest.json").is_file())
+
+    def lora_names(self) -> list[str]:
+        if not self.loras_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.loras_dir.iterdir() if p.suffix == ".safetensors")
+
+    def checkpoint(self, name: str) -> Path:
+        path = self.checkpoints_dir / name
+        if "/" in name or "\\" in name or name in ("", ".", "..") or not (path / "manifest.json").is_file():
+            names = ", ".join(self.checkpoint_names()) or "(none: run `ksampler-rt demo` or `ksampler-rt register`)"
+            raise ValueError(f"ckpt_name: received {name!r}, expected one of the registered checkpoints in "
+                             f"{self.checkpoints_dir}: {names}")
+        return path
+
+    def lora(self, name: str) -> Path:
+        path = self.loras_dir / name
+        if "/" in name or "\\" in name or not path.is_file():
+            names = ", ".join(self.lora_names()) or "(none)"
+            raise FileNotFoundError(f"lora_name: received {name!r}, expected one of the LoRA files in "
+                                    f"{self.loras_dir}: {names}")
+        return path
+
+    def register_checkpoint(self, name: str, export_dir: str | os.PathLike, *, copy: bool = False) -> Path:
+        """Make an export directory available as ``ckpt_name``: a symlink (or a copy) under checkpoints/."""
+        export_dir = Path(export_dir).resolve()
+        if not (export_dir / "manifest.json").is_file():
+            raise FileNotFoundError(f"export_dir: {export_dir} has no manifest.json; expected the output of "
+                                    "`ksampler-rt export`")
+        target = self.checkpoints_dir / name
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+        if copy:
+            shutil.copytree(export_dir, target)
+        else:
+            target.symlink_to(export_dir, target_is_directory=True)
+        return target
+
+    def register_lora(self, path: str | os.PathLike, name: str | None = None) -> Path:
+        path = Path(path).resolve()
+        target = self.loras_dir / (name or path.name)
+        self.loras_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+        return target

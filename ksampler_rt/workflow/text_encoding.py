@@ -1,0 +1,103 @@
+"""CLIPTextEncode as ComfyUI computes it, on CLIP engines.
+
+ComfyUI 0.3.64 ``comfy/sd1_clip.py`` (``ClipTokenWeightEncoder.encode_token_weights``,
+``SDClipModel``) and ``comfy/sdxl_clip.py``:
+
+* every 77-token chunk of the prompt is encoded in one batch; when any token has a weight other
+  than 1, an "empty" chunk ``[BOS, EOS, PAD...]`` is encoded alongside and each weighted token's
+  vector becomes ``(z - z_empty) * weight + z_empty``;
+* the chunks are concatenated along the token axis, ``[1, 77*k, D]``; the pooled output is the
+  first chunk's;
+* the layer used is the last one by default; ``CLIPSetLastLayer(n)`` picks hidden layer ``n``
+  (negative, from the end); SD1.x/SD2.x apply the final layer norm to an intermediate layer,
+  SDXL's towers do not (``layer_norm_hidden_state``);
+* SDXL concatenates clip_l's and clip_g's hidden layer -2 (1280 + 768 = 2048 wide, cut to the
+  shorter token count) and pools with clip_g (projected).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from .tokenizer import ClipTokenizer, WeightedToken
+
+# A tower's forward pass: input_ids int64 [B, 77] -> (hidden layers [B, L, 77, D] before the
+# final layer norm, last_hidden_state [B, 77, D] after it, pooled [B, P] or None), plus the final
+# layer norm as a function for intermediate layers.
+TowerForward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+
+
+@dataclass(frozen=True)
+class ClipTower:
+    """One text encoder: its tokenizer, its forward pass and ComfyUI's layer options for it."""
+
+    name: str
+    tokenizer: ClipTokenizer
+    forward: TowerForward
+    final_layer_norm: Callable[[np.ndarray], np.ndarray]
+    num_layers: int
+    default_layer: int | None = None          # None = last layer; -2 = penultimate
+    layer_norm_hidden_state: bool = True
+
+    def empty_chunk(self) -> list[int]:
+        t = self.tokenizer
+        return [t.start_token, t.end_token] + [t.pad_token] * (t.max_length - 2)
+
+    def encode_chunks(self, chunks: list[list[WeightedToken]], layer: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(z [1, 77*k, D], pooled [1, P] or None) with ComfyUI's weighting."""
+        weighted = any(tok.weight != 1.0 for chunk in chunks for tok in chunk)
+        ids = [[tok.id for tok in chunk] for chunk in chunks]
+        if weighted:
+            ids.append(self.empty_chunk())
+        hidden, last, pooled = self.forward(np.asarray(ids, dtype=np.int64))
+        if layer is None or abs(layer) > self.num_layers:  # ComfyUI falls back to the last layer
+            z = last
+        else:
+            z = hidden[:, self.num_layers + layer if layer < 0 else layer]
+            if self.layer_norm_hidden_state:
+                z = self.final_layer_norm(z)
+        z = np.array(z, dtype=np.float32)
+        if weighted:
+            z_empty = z[-1]
+            for k, chunk in enumerate(chunks):
+                w = np.array([tok.weight for tok in chunk], dtype=np.float32)[:, None]
+                rows = w[:, 0] != 1.0
+                z[k, rows] = ((z[k] - z_empty) * w + z_empty)[rows]
+        out = z[:len(chunks)].reshape(1, -1, z.shape[-1])
+        first_pooled = None if pooled is None else np.asarray(pooled[0:1], dtype=np.float32)
+        return out, first_pooled
+
+
+@dataclass(frozen=True)
+class Clip:
+    """ComfyUI's CLIP object: one tower (SD1.x/SD2.x) or clip_l + clip_g (SDXL)."""
+
+    towers: tuple[ClipTower, ...]
+    family: str
+    layer_idx: int | None = None   # set by CLIPSetLastLayer
+
+    def clip_layer(self, layer_idx: int) -> "Clip":
+        return replace(self, layer_idx=layer_idx)
+
+    def tokenize(self, text: str) -> list[list[list[WeightedToken]]]:
+        return [tower.tokenizer.tokenize_with_weights(text) for tower in self.towers]
+
+    def _layer(self, tower: ClipTower) -> int | None:
+        return self.layer_idx if self.layer_idx is not None else tower.default_layer
+
+    def encode(self, text: str) -> list:
+        """CONDITIONING ``[[cond [1, 77k, D], {"pooled_output": pooled}]]``."""
+        if not isinstance(text, str):
+            raise ValueError(f"text: received {type(text).__name__}, expected a string")
+        if len(self.towers) == 1:
+            tower = self.towers[0]
+            cond, pooled = tower.encode_chunks(tower.tokenizer.tokenize_with_weights(text), self._layer(tower))
+            return [[cond, {"pooled_output": pooled}]]
+        clip_l, clip_g = self.towers
+        l_out, _ = clip_l.encode_chunks(clip_l.tokenizer.tokenize_with_weights(text), self._layer(clip_l))
+        g_out, g_pooled = clip_g.encode_chunks(clip_g.tokenizer.tokenize_with_weights(text), self._layer(clip_g))
+        cut = min(l_out.shape[1], g_out.shape[1])
+        cond = np.concatenate([l_out[:, :cut], g_out[:, :cut]], axis=-1)
+        return [[cond, {"pooled_output": g_pooled}]]
