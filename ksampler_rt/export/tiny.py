@@ -43,6 +43,7 @@ ids. Padding follows ComfyUI: SD1.x and SDXL's clip_l pad with ``<|endoftext|>``
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -163,7 +164,13 @@ def _learn_merges(corpus: str, n_merges: int) -> list[tuple[str, str]]:
 
 def build_tiny_vocab(n_merges: int = N_MERGES) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP-layout vocabulary and merges: byte chars, byte chars + ``</w>``, merges, BOS, EOS."""
-    merges = _learn_merges(_CORPUS, n_merges)
+    vocab, merges = _tiny_vocab(n_merges)
+    return dict(vocab), list(merges)
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_vocab(n_merges: int) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    merges = tuple(_learn_merges(_CORPUS, n_merges))
     tokens = _byte_chars()
     tokens = tokens + [t + "</w>" for t in tokens]
     seen = set(tokens)

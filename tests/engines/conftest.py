@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,10 @@ def _has_trt() -> bool:
 def pytest_collection_modifyitems(config, items):
     gpu = _has_gpu_ort()
     trt = _has_trt()
+    here = Path(__file__).parent
     for item in items:
+        if here not in Path(str(item.path)).parents:
+            continue  # only this directory's tests
         if "gpu" in item.keywords and not gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU and onnxruntime-gpu"))
         if "tensorrt" in item.keywords and not trt:

@@ -7,6 +7,8 @@ are a square / a square root in torch, so they are written that way here.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 F32 = np.float32
@@ -15,6 +17,41 @@ F32 = np.float32
 def f32(value) -> np.float32:
     """A float32 scalar (the 0-d tensor ``sigmas[i]`` of ComfyUI)."""
     return np.float32(value)
+
+
+# -- float32 scalar maths as torch does it on 0-d CPU tensors --------------------------------------------
+# A 0-d float32 tensor's exp / log / expm1 run the scalar libm path (expf, logf, expm1f: correctly
+# rounded in almost every case), not a SIMD kernel. numpy's float32 ufuncs use their own SIMD code that
+# is often 1 ulp off, so sigma arithmetic goes through float64 libm and one rounding to float32.
+
+def exp(v) -> np.float32:
+    """exp of a float32 scalar (``tensor.exp()`` on a 0-d tensor)."""
+    try:
+        return F32(math.exp(v))
+    except OverflowError:
+        return F32(math.inf)
+
+
+def expm1(v) -> np.float32:
+    """expm1 of a float32 scalar."""
+    try:
+        return F32(math.expm1(v))
+    except OverflowError:
+        return F32(math.inf)
+
+
+def log(v) -> np.float32:
+    """log of a float32 scalar; log 0 = -inf and a negative argument gives nan, as in torch."""
+    v = float(v)
+    if v > 0:
+        return F32(math.log(v))
+    return F32(-math.inf) if v == 0 else F32(math.nan)
+
+
+def sqrt(v) -> np.float32:
+    """sqrt of a float32 scalar (correctly rounded either way); a negative argument gives nan."""
+    v = float(v)
+    return F32(math.sqrt(v)) if v >= 0 or v != v else F32(math.nan)
 
 
 def to_d(x: np.ndarray, sigma, denoised: np.ndarray) -> np.ndarray:
@@ -31,22 +68,26 @@ def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
     sigma_from, sigma_to = F32(sigma_from), F32(sigma_to)
     if not eta:
         return sigma_to, F32(0.0)
-    with np.errstate(invalid="ignore"):
-        up = eta * np.sqrt(sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from))
+    up = eta * sqrt(sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from))
     sigma_up = min(sigma_to, F32(up))  # Python min: keeps sigma_to unless up is strictly smaller
-    sigma_down = np.sqrt(sigma_to * sigma_to - sigma_up * sigma_up)
-    return F32(sigma_down), F32(sigma_up)
+    sigma_down = sqrt(sigma_to * sigma_to - sigma_up * sigma_up)
+    return sigma_down, sigma_up
 
 
 def sigma_to_half_log_snr(sigma):
-    """lambda = log(alpha / sigma) = -log(sigma) for the VP/eps family (non-CONST branch); -log 0 = inf."""
+    """lambda = log(alpha / sigma) = -log(sigma) for the VP/eps family (non-CONST branch); -log 0 = inf.
+    A scalar gives a float32 scalar (libm path), an array a float32 array."""
+    if np.ndim(sigma) == 0:
+        return -log(sigma)
     with np.errstate(divide="ignore"):
-        return -np.log(F32(sigma)) if np.ndim(sigma) == 0 else -np.log(np.asarray(sigma, dtype=F32))
+        return -np.log(np.asarray(sigma, dtype=F32))
 
 
 def half_log_snr_to_sigma(half_log_snr):
     """sigma = exp(-lambda), the inverse of :func:`sigma_to_half_log_snr`."""
-    return np.exp(-F32(half_log_snr)) if np.ndim(half_log_snr) == 0 else np.exp(-np.asarray(half_log_snr, dtype=F32))
+    if np.ndim(half_log_snr) == 0:
+        return exp(-F32(half_log_snr))
+    return np.exp(-np.asarray(half_log_snr, dtype=F32))
 
 
 def offset_first_sigma_for_snr(sigmas: np.ndarray) -> np.ndarray:
@@ -56,12 +97,12 @@ def offset_first_sigma_for_snr(sigmas: np.ndarray) -> np.ndarray:
 
 def ei_h_phi_1(h):
     """h * phi_1(h) = expm1(h) (exponential-integrator weight)."""
-    return np.expm1(h)
+    return expm1(h) if np.ndim(h) == 0 else np.expm1(h)
 
 
 def ei_h_phi_2(h):
     """h * phi_2(h) = (expm1(h) - h) / h."""
-    return (np.expm1(h) - h) / h
+    return (ei_h_phi_1(h) - h) / h
 
 
 def lerp(start, end, weight):

@@ -1,0 +1,93 @@
+"""Noise micro-benchmark: ``python -m ksampler_rt.bench.noise``.
+
+Prints prepare_noise vs torch.randn for [1,4,64,64] and [1,4,128,128] (median of repeats, one
+thread) and the Brownian-tree query time vs torchsde for a dpmpp_2m_sde-like query sequence.
+torch/torchsde are optional peers, imported only here.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import numpy as np
+
+from ksampler_rt.runtime.brownian import BrownianTree
+from ksampler_rt.runtime.noise import default_kernel, prepare_noise
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e3)
+
+
+def _karras(n, smin=0.0291675, smax=14.614642, rho=7.0):
+    ramp = np.linspace(0, 1, n)
+    mi, ma = smin ** (1 / rho), smax ** (1 / rho)
+    return ((ma + ramp * (mi - ma)) ** rho).astype(np.float32)
+
+
+def _tree_queries(tree_factory, sig):
+    tree = tree_factory()
+    ts = []
+    for i in range(len(sig) - 1):
+        t = time.perf_counter()
+        tree(float(sig[i + 1]), float(sig[i]))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e3), float(np.sum(ts) * 1e3)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args(argv)
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:
+        torch = None
+        print("torch not installed: skipping the torch.randn peer")
+    print(f"randn kernel: {default_kernel()}")
+    for shape in [(1, 4, 64, 64), (1, 4, 128, 128)]:
+        lat = np.zeros(shape, np.float32)
+        ours = _median_ms(lambda: prepare_noise(lat, 42), args.repeats)
+        line = f"prepare_noise {list(shape)}: numpy {ours:.3f} ms"
+        if torch is not None:
+            ref = _median_ms(lambda: torch.randn(shape, generator=torch.manual_seed(42)),
+                             args.repeats)
+            line += f" | torch.randn {ref:.3f} ms | ratio {ours / ref:.2f}x"
+        print(line)
+
+    sig = _karras(args.steps)
+    shape = (1, 4, 64, 64)
+    t0, t1 = float(sig[-1]), float(sig[0])
+    med, tot = _tree_queries(lambda: BrownianTree(t0, t1, shape, 42), sig)
+    line = (f"BrownianTree {list(shape)}, {args.steps - 1} decreasing queries: numpy median "
+            f"{med:.2f} ms/query (total {tot:.1f} ms)")
+    try:
+        import torchsde
+    except ImportError:
+        torchsde = None
+        print(line)
+        print("torchsde not installed: skipping the torchsde peer")
+    if torchsde is not None and torch is not None:
+        def make():
+            return torchsde.BrownianTree(torch.tensor(t0), torch.zeros(shape), torch.tensor(t1),
+                                         entropy=42)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rmed, rtot = _tree_queries(make, sig)
+        line += f" | torchsde median {rmed:.2f} ms/query (total {rtot:.1f} ms) | ratio {med / rmed:.2f}x"
+        print(line)
+    print(f"(cpu count {os.cpu_count()}; timings are wall-clock medians)")
+
+
+if __name__ == "__main__":
+    main()
