@@ -250,7 +250,8 @@ class EngineCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.engines_dir))
         try:
             t0 = time.perf_counter()
-            extra = build(tmp) or {}
+            extra = build(tmp)
+            extra = extra if isinstance(extra, dict) else {}
             files = {}
             for f in sorted(tmp.iterdir()):
                 if f.is_file() and f.name != SIDECAR:
@@ -293,7 +294,7 @@ class EngineCache:
     # --- cleaning -----------------------------------------------------------------------------------
     def prune(self, *, everything: bool = False, foreign: bool = True, older_than_days: float | None = None,
               weights_hash: str | None = None, env_for: Callable[[str], dict] | None = None,
-              dry_run: bool = False) -> list[tuple[Path, str]]:
+              dry_run: bool = False, checksums: bool = True) -> list[tuple[Path, str]]:
         """Remove leftovers of interrupted builds, unreadable entries, and (by default) entries built for
         another machine/software stack. Returns (path, reason) for each removed directory."""
         removed = []
@@ -309,7 +310,7 @@ class EngineCache:
                     reason = "leftover of an interrupted build"
             else:
                 try:
-                    e = self.read_entry(p).verify(checksums=False)
+                    e = self.read_entry(p).verify(checksums=checksums)
                 except CacheError as exc:
                     reason = f"invalid: {exc}"
                 else:

@@ -48,6 +48,7 @@ def register(subparsers) -> None:
     pr.add_argument("--keep-foreign", action="store_true", help="keep engines built for other GPUs/versions")
     pr.add_argument("--older-than", type=float, metavar="DAYS", help="also remove entries older than DAYS")
     pr.add_argument("--export", metavar="EXPORT_DIR", help="also remove every engine of this export")
+    pr.add_argument("--quick", action="store_true", help="check sizes only, do not hash every file")
     pr.add_argument("--dry-run", action="store_true")
     e.set_defaults(func=_engines)
 
@@ -147,7 +148,8 @@ def _engines(args) -> int:
 
             wh = load_manifest(args.export, read_onnx=False).weights_hash
         removed = cache.prune(everything=args.all, foreign=not args.keep_foreign, older_than_days=args.older_than,
-                              weights_hash=wh, env_for=here, dry_run=args.dry_run)
+                              weights_hash=wh, env_for=here, dry_run=args.dry_run,
+                              checksums=not args.quick)
         verb = "would remove" if args.dry_run else "removed"
         for path, reason in removed:
             print(f"{verb} {path.name}: {reason}")

@@ -17,7 +17,8 @@ Initialisation (documented because the fixtures feed numerical tests):
 * matrices / conv kernels: N(0, 1/fan_in) ("LeCun normal"), so every linear map roughly keeps unit
   variance; biases N(0, 0.02^2); norm layers weight 1, bias 0; embeddings N(0, 1/dim).
 * the UNet's ``conv_out`` gets an extra gain (``_UNET_OUT_GAIN``) so that for a unit-normal latent
-  the UNet output std is O(1) (measured ~0.7-1.5 across families and timesteps), like a trained
+  the UNet output std is ~1 (measured 0.97-1.0 for all three families; the output moves by
+  ~0.1 std between t=1 and t=999 and by ~0.3 std between two random contexts), like a trained
   epsilon / v predictor; the VAE decoder ``conv_out`` gets a gain that keeps decoded pixels mostly
   in [-1, 1].
 
@@ -40,6 +41,15 @@ then ``<|startoftext|>``, ``<|endoftext|>``), so ``"!"`` is id 0 and the special
 ids. Padding follows ComfyUI: SD1.x and SDXL's clip_l pad with ``<|endoftext|>``
 (``pad_with_end=True``); SD2's clip_h and SDXL's clip_g pad with id 0 = ``"!"``
 (``pad_with_end=False``), which is also what the diffusers SD2/SDXL ``tokenizer_2`` configs say.
+With ``N_MERGES`` = 400 the vocabulary has 914 ids: BOS = 912, EOS = 913 (real CLIP: 49406 /
+49407). ComfyUI hard-codes 49406/49407 in ``SDClipModel(special_tokens=...)``; code that must
+also run the tiny fixtures should take the ids from the tokenizer (or ``tiny_fixture.json``).
+
+Text encoders (3 layers, 77 positions, 4 heads): clip_l hidden 32, quick_gelu (SD1.x, SDXL
+``text_encoder``); clip_h hidden 48, gelu (SD2); clip_g hidden 64, gelu, projection 64
+(``CLIPTextModelWithProjection``, SDXL ``text_encoder_2``). UNet: block_out_channels (32, 64),
+1 layer per block, time embedding 128, 32x32 latent sample size. VAE: block_out_channels
+(8, 16, 32, 32), 8 groups, mid-block attention, 256 px sample size.
 """
 from __future__ import annotations
 
@@ -291,12 +301,13 @@ def _unet(family: str):
         return UNet2DConditionModel(
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=2, **common)
+            cross_attention_dim=TINY_DIMS[family]["context_dim"], attention_head_dim=2, **common)
     if family == "sd2-v":
         return UNet2DConditionModel(
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True,
+            cross_attention_dim=TINY_DIMS[family]["context_dim"], attention_head_dim=(2, 4),
+            use_linear_projection=True,
             upcast_attention=True, **common)
     if family == "sdxl":
         dims = TINY_DIMS["sdxl"]
@@ -314,11 +325,11 @@ def _unet(family: str):
 def _vae(family: str):
     from diffusers import AutoencoderKL
 
-    kinds = 4
+    n_levels = 4  # 3 downsamplings: latent = image / 8, as in real SD
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=256,
-        down_block_types=("DownEncoderBlock2D",) * kinds,
-        up_block_types=("UpDecoderBlock2D",) * kinds,
+        down_block_types=("DownEncoderBlock2D",) * n_levels,
+        up_block_types=("UpDecoderBlock2D",) * n_levels,
         block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
         act_fn="silu", scaling_factor=TINY_DIMS[family]["scaling_factor"],
         force_upcast=(family == "sdxl"))
@@ -411,6 +422,16 @@ def _build_into(out: Path, family: str, seed: int) -> None:
                                            encoding="utf-8")
 
 
+def _normalize_modes(root: Path) -> None:
+    """mkdtemp makes 0700 and transformers writes weights 0600; give the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
+
+
 # --------------------------------------------------------------------------------------------
 # public API
 
@@ -434,6 +455,7 @@ def make_tiny_model(out_dir: str | os.PathLike, family: str = "sd15", seed: int 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _build_into(tmp, family, seed)
+        _normalize_modes(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -464,6 +486,7 @@ def ensure_tiny_model(family: str, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         _build_into(tmp, family, int(seed))
+        _normalize_modes(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

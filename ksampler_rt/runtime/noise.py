@@ -362,11 +362,60 @@ class TorchCPUGenerator:
         self.set_state(state)
 
 
-def randn_many(seeds, shape, kernel: Optional[str] = None, max_chunk: int = 1 << 18) -> np.ndarray:
+_POOL = None
+
+
+def _thread_count() -> int:
+    env = os.environ.get("KSAMPLER_RT_NOISE_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"KSAMPLER_RT_NOISE_THREADS: got {env!r}; accepted: a positive int") from None
+    cpus = os.cpu_count() or 1
+    return min(4, cpus) if cpus >= 4 else 1
+
+
+def _pool(workers: int):
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ksrt-randn")
+    return _POOL
+
+
+def _randn_chunk(seeds, n: int, kernel: str, out: np.ndarray) -> None:
+    tail = n % 16 != 0
+    m = n + (16 if tail else 0)
+    nb = n // 16
+    bg = np.random.MT19937(0)
+    raw = np.empty((len(seeds), m), dtype=np.uint64)
+    for i, s in enumerate(seeds):
+        bg._legacy_seeding(s & 0xFFFFFFFF)
+        raw[i] = bg.random_raw(m)
+    u = _u32_to_uniform(raw.reshape(-1)).reshape(len(seeds), m)
+    blocks = np.concatenate([u[:, : nb * 16], u[:, n:]], axis=1) if tail else u
+    blocks = blocks.reshape(-1, 2, 8)
+    u1 = _ONE - blocks[:, 0, :]
+    u2 = np.ascontiguousarray(blocks[:, 1, :])
+    a, b = _BOX_MULLER[kernel](u1, u2)
+    res = np.empty(blocks.shape, dtype=_F32)
+    res[:, 0, :] = a
+    res[:, 1, :] = b
+    res = res.reshape(len(seeds), -1)
+    out[:, : nb * 16] = res[:, : nb * 16]
+    if tail:
+        out[:, n - 16:] = res[:, nb * 16:]
+
+
+def randn_many(seeds, shape, kernel: Optional[str] = None, max_chunk: int = 1 << 16,
+               workers: Optional[int] = None) -> np.ndarray:
     """``stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])``.
 
     Same values as one ``TorchCPUGenerator(s).randn(shape)`` per seed, but the Box-Muller math of
-    several seeds runs in one vectorised pass (fewer numpy calls for small shapes).
+    several seeds runs in vectorised chunks of about ``max_chunk`` elements, spread over
+    ``workers`` threads (numpy releases the GIL in its loops; default
+    ``KSAMPLER_RT_NOISE_THREADS``, else min(4, cpu_count) on >= 4 cores, else 1). Results do not depend on either.
     """
     kernel = _check_kernel(kernel)
     shape = _check_shape(shape)
@@ -377,34 +426,17 @@ def randn_many(seeds, shape, kernel: Optional[str] = None, max_chunk: int = 1 <<
         for i, s in enumerate(seeds):
             out[i] = TorchCPUGenerator(s, kernel=kernel).randn((n,))
         return out.reshape((len(seeds),) + shape)
-    tail = n % 16 != 0
-    m = n + (16 if tail else 0)
-    nb = n // 16
-    bg = np.random.MT19937(0)
-    per = max(1, max_chunk // m)
-    for c0 in range(0, len(seeds), per):
-        chunk = seeds[c0: c0 + per]
-        raw = np.empty((len(chunk), m), dtype=np.uint64)
-        for i, s in enumerate(chunk):
-            bg._legacy_seeding(s & 0xFFFFFFFF)
-            raw[i] = bg.random_raw(m)
-        u = _u32_to_uniform(raw.reshape(-1)).reshape(len(chunk), m)
-        if tail:
-            blocks = np.concatenate([u[:, : nb * 16], u[:, n:]], axis=1)
-        else:
-            blocks = u
-        blocks = blocks.reshape(-1, 2, 8)
-        u1 = _ONE - blocks[:, 0, :]
-        u2 = np.ascontiguousarray(blocks[:, 1, :])
-        a, b = _BOX_MULLER[kernel](u1, u2)
-        res = np.empty(blocks.shape, dtype=_F32)
-        res[:, 0, :] = a
-        res[:, 1, :] = b
-        res = res.reshape(len(chunk), -1)
-        o = out[c0: c0 + len(chunk)]
-        o[:, : nb * 16] = res[:, : nb * 16]
-        if tail:
-            o[:, n - 16:] = res[:, nb * 16:]
+    per = max(1, max_chunk // (n + 16))
+    chunks = [(c0, seeds[c0: c0 + per]) for c0 in range(0, len(seeds), per)]
+    workers = _thread_count() if workers is None else max(1, int(workers))
+    if workers == 1 or len(chunks) == 1:
+        for c0, ch in chunks:
+            _randn_chunk(ch, n, kernel, out[c0: c0 + len(ch)])
+    else:
+        futs = [_pool(workers).submit(_randn_chunk, ch, n, kernel, out[c0: c0 + len(ch)])
+                for c0, ch in chunks]
+        for f in futs:
+            f.result()
     return out.reshape((len(seeds),) + shape)
 
 

@@ -9,14 +9,18 @@ same cases are rebuilt with ``ksampler_rt.runtime`` and the numpy twin of that U
 
 Tolerances
 ----------
-* Sigma lists: ``rtol=1e-6`` (float32 tables, log/exp interpolation and scheduler formulas in
-  float64->float32; everything here matches to ~1 ulp or exactly).
-* Sampler outputs (values ~1..200 after ÷0.18215): the torch run uses SLEEF float32
-  tanh/exp/log/expm1 and torch's reduction order for means; numpy uses libm and pairwise sums.
-  Those ulp-level differences are amplified by cfg 8 and up to ~12 UNet calls, so
-  ``rtol=ATOL=SAMPLE_TOL`` (see below) relative to the scale of the output. The initial noise
-  (torch mt19937 + Box-Muller) and the ancestral / Brownian-tree noise ports are held to the
-  same tolerance: a wrong noise stream gives O(1) errors, far above it.
+* Sigma lists: exact for the table-lookup schedulers (simple, ddim_uniform, beta); ``rtol=1e-6``
+  for the others (float32 tables, log-interpolation, float64->float32 formulas). Measured when the
+  data was made: 333 of 378 lists bit-identical, the rest within 1 ulp.
+* Sampler outputs (values ~1..200 in VAE space, i.e. after ÷0.18215): the torch run uses SLEEF
+  float32 tanh/exp/log/expm1 and torch's reduction order for means, numpy uses its own SIMD
+  transcendental functions and pairwise sums. Those ulp-level differences are amplified by
+  cfg 8 and the steps, so outputs are compared with ``|got - want| <= SAMPLE_TOL * max(1, max|want|)``
+  and ``rtol=SAMPLE_TOL`` elementwise. Measured: median 1.1e-6, worst 1.7e-5 (heun, 2 steps,
+  values up to 128), so SAMPLE_TOL = 5e-5 leaves a ~3x margin for other CPUs' SIMD paths.
+  The initial noise (torch mt19937 + Box-Muller) and the ancestral / Brownian-tree noise ports
+  are held to the same tolerance: a wrong noise stream or a wrong formula gives errors of
+  1e-2..1e+1, far above it.
 
 Case ids are the golden ids (``ks/<sampler>/<variant>``, ``ksa/...``, ``sd2-v/...``,
 ``sdxl/...``), so ``pytest -k euler`` or ``-k sdxl`` selects subsets.
@@ -60,7 +64,8 @@ SCHED = np.load(GOLDEN / "schedulers.npz")
 DATA = np.load(GOLDEN / "samplers.npz")
 
 SIGMA_RTOL = 1e-6
-SAMPLE_TOL = 1e-4  # rtol and atol (scaled by the output's max |value| where that exceeds 1)
+EXACT_SCHEDULERS = {"simple", "ddim_uniform", "beta"}  # pure sigma-table lookups
+SAMPLE_TOL = 5e-5  # rtol, and atol scaled by the output's max |value| where that exceeds 1
 
 COMFY_SAMPLERS = META["samplers"]
 COMFY_SCHEDULERS = META["schedulers"]
@@ -112,7 +117,10 @@ def test_scheduler_sigmas(case):
     got = np.asarray(got)
     assert got.dtype == np.float32
     assert got.shape == want.shape, (got, want)
-    np.testing.assert_allclose(got, want, rtol=SIGMA_RTOL, atol=0, equal_nan=True)
+    if case["scheduler"] in EXACT_SCHEDULERS:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=SIGMA_RTOL, atol=0, equal_nan=True)
 
 
 # ----------------------------------------------------------------------------- samplers

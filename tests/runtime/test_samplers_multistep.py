@@ -11,7 +11,7 @@ import pytest
 
 from ksampler_rt.runtime.model_sampling import ModelSamplingDiscrete
 from ksampler_rt.runtime.samplers import SAMPLERS
-from ksampler_rt.runtime.samplers.multistep import deis_coefficients
+from ksampler_rt.runtime.samplers.multistep import _ipndm_v_coeffs, deis_coefficients
 
 F32 = np.float32
 Q = F32(0.5)
@@ -84,7 +84,8 @@ def test_converges_linear_denoiser(name):
     sig = geometric(24)
     out = _run(name, GaussianModel(c), sig)
     exact = X0 * (sig[-1] / sig[0]) ** F32(1 - c)
-    assert np.abs(out - exact).max() / np.abs(exact).max() < 0.05
+    tol = 0.1 if name.startswith("gradient_estimation") else 0.02  # Euler-like: first order
+    assert np.abs(out - exact).max() / np.abs(exact).max() < tol
 
 
 @pytest.mark.parametrize("name", sorted(DETERMINISTIC))
@@ -103,7 +104,7 @@ def test_ancestral_noise_draws(name):
     sig = np.append(geometric(7), F32(0))
     noise = StubNoise(1)
     a = SAMPLERS[name].fn(GaussianModel(), X0.copy(), sig, noise)
-    assert noise.built == 1 and noise.draws == 8  # every step but the last (sigma_next = 0)
+    assert noise.built == 1 and noise.draws == 7  # every step but the last (sigma_next = 0)
     b = SAMPLERS[name].fn(GaussianModel(), X0.copy(), sig, StubNoise(1))
     c = SAMPLERS[name].fn(GaussianModel(), X0.copy(), sig, StubNoise(2))
     assert np.array_equal(a, b) and not np.allclose(a, c)
@@ -129,12 +130,13 @@ def test_deis_table_integrates_dsigma():
         assert sum(table[i]) == pytest.approx(float(sig[i + 1] - sig[i]), rel=2e-3)
 
 
-def test_ipndm_weights_are_adams_bashforth():
-    """On uniform steps ipndm_v reduces to ipndm."""
+def test_ipndm_v_weights_on_uniform_steps():
+    """On uniform steps the variable-step weights of orders 2 and 3 are the Adams-Bashforth ones of
+    ipndm (order 4 differs: ComfyUI's formula, from diff-sampler, gives 57/24 for the newest)."""
     sig = np.linspace(8, 1, 9).astype(F32)
-    a = _run("ipndm", GaussianModel(), sig)
-    b = _run("ipndm_v", GaussianModel(), sig)
-    np.testing.assert_allclose(a, b, rtol=1e-5)
+    np.testing.assert_allclose(_ipndm_v_coeffs(sig, 1, 2), (3 / 2, -1 / 2), rtol=1e-6)
+    np.testing.assert_allclose(_ipndm_v_coeffs(sig, 2, 3), (23 / 12, -16 / 12, 5 / 12), rtol=1e-6)
+    np.testing.assert_allclose(sum(_ipndm_v_coeffs(sig, 4, 4)), 1.0, rtol=1e-6)
 
 
 def test_cfg_pp_flags():

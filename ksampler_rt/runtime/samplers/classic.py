@@ -15,8 +15,8 @@ import numpy as np
 from scipy import integrate
 
 from .common import (
-    F32, ei_h_phi_1, ei_h_phi_2, f32, get_ancestral_step, half_log_snr_to_sigma, lerp, notify,
-    offset_first_sigma_for_snr, sigma_to_half_log_snr, to_d, torch_linspace,
+    F32, ei_h_phi_1, ei_h_phi_2, exp, expm1, f32, get_ancestral_step, half_log_snr_to_sigma, lerp, log, notify,
+    offset_first_sigma_for_snr, sigma_to_half_log_snr, sqrt, to_d, torch_linspace,
 )
 from .registry import SamplerSpec
 
@@ -61,8 +61,8 @@ def sample_euler_ancestral_cfg_pp(model, x, sigmas, noise, callback=None, eta=1.
         if sigma_next == 0:
             x = denoised
             continue
-        alpha_s = sigma * np.exp(sigma_to_half_log_snr(sigma))
-        alpha_t = sigma_next * np.exp(sigma_to_half_log_snr(sigma_next))
+        alpha_s = sigma * exp(sigma_to_half_log_snr(sigma))
+        alpha_t = sigma_next * exp(sigma_to_half_log_snr(sigma_next))
         d = to_d(x, sigma, alpha_s * uncond_denoised)
         sigma_down, sigma_up = get_ancestral_step(sigma / alpha_s, sigma_next / alpha_t, eta)
         sigma_down = alpha_t * sigma_down
@@ -132,7 +132,7 @@ def sample_heunpp2(model, x, sigmas, noise, callback=None):
 
 def _log_midpoint(sigma_a, sigma_b):
     """exp(lerp(log a, log b, 1/2)): the geometric midpoint DPM-Solver-2 evaluates at."""
-    return np.exp(lerp(np.log(sigma_a), np.log(sigma_b), 0.5))
+    return exp(lerp(log(sigma_a), log(sigma_b), 0.5))
 
 
 def _dpm_2_step(model, x, sigma, sigma_to, d):
@@ -229,31 +229,31 @@ def _eps_cache(model):
 
 def _dpm_solver_1_step(eps, x, t, t_next):
     h = t_next - t
-    return x - half_log_snr_to_sigma(t_next) * np.expm1(h) * eps("eps", x, t)
+    return x - half_log_snr_to_sigma(t_next) * expm1(h) * eps("eps", x, t)
 
 
 def _dpm_solver_2_step(eps, x, t, t_next, r1=1 / 2):
     h = t_next - t
     e = eps("eps", x, t)
     s1 = t + r1 * h
-    u1 = x - half_log_snr_to_sigma(s1) * np.expm1(r1 * h) * e
+    u1 = x - half_log_snr_to_sigma(s1) * expm1(r1 * h) * e
     e_r1 = eps("eps_r1", u1, s1)
     sigma_next = half_log_snr_to_sigma(t_next)
-    return x - sigma_next * np.expm1(h) * e - sigma_next / (2 * r1) * np.expm1(h) * (e_r1 - e)
+    return x - sigma_next * expm1(h) * e - sigma_next / (2 * r1) * expm1(h) * (e_r1 - e)
 
 
 def _dpm_solver_3_step(eps, x, t, t_next, r1=1 / 3, r2=2 / 3):
     h = t_next - t
     e = eps("eps", x, t)
     s1, s2 = t + r1 * h, t + r2 * h
-    u1 = x - half_log_snr_to_sigma(s1) * np.expm1(r1 * h) * e
+    u1 = x - half_log_snr_to_sigma(s1) * expm1(r1 * h) * e
     e_r1 = eps("eps_r1", u1, s1)
     sigma_s2 = half_log_snr_to_sigma(s2)
-    u2 = (x - sigma_s2 * np.expm1(r2 * h) * e
-          - sigma_s2 * (r2 / r1) * (np.expm1(r2 * h) / (r2 * h) - 1) * (e_r1 - e))
+    u2 = (x - sigma_s2 * expm1(r2 * h) * e
+          - sigma_s2 * (r2 / r1) * (expm1(r2 * h) / (r2 * h) - 1) * (e_r1 - e))
     e_r2 = eps("eps_r2", u2, s2)
     sigma_next = half_log_snr_to_sigma(t_next)
-    return x - sigma_next * np.expm1(h) * e - sigma_next / r2 * (np.expm1(h) / h - 1) * (e_r2 - e)
+    return x - sigma_next * expm1(h) * e - sigma_next / r2 * (expm1(h) / h - 1) * (e_r2 - e)
 
 
 _DPM_SOLVER_STEPS = {1: _dpm_solver_1_step, 2: _dpm_solver_2_step, 3: _dpm_solver_3_step}
@@ -327,7 +327,7 @@ def _rms_error(x_low, x_high, x_prev, atol, rtol):
     """||(x_low - x_high) / max(atol, rtol max(|x_low|, |x_prev|))||_2 / sqrt(numel), float32 result."""
     delta = np.maximum(atol, rtol * np.maximum(np.abs(x_low), np.abs(x_prev)))
     scaled = ((x_low - x_high) / delta).astype(np.float64, copy=False)
-    norm = F32(np.sqrt(np.dot(scaled.ravel(), scaled.ravel())))
+    norm = F32(sqrt(np.dot(scaled.ravel(), scaled.ravel())))
     return norm / x_low.size ** 0.5
 
 
@@ -370,9 +370,9 @@ def _ddpm_step(x, sigma, sigma_prev, eps, noise_sampler):
     alpha_cumprod = 1 / (sigma * sigma + 1)
     alpha_cumprod_prev = 1 / (sigma_prev * sigma_prev + 1)
     alpha = alpha_cumprod / alpha_cumprod_prev
-    mu = np.sqrt(1.0 / alpha) * (x - (1 - alpha) * eps / np.sqrt(1 - alpha_cumprod))
+    mu = sqrt(1.0 / alpha) * (x - (1 - alpha) * eps / sqrt(1 - alpha_cumprod))
     if sigma_prev > 0:
-        mu += np.sqrt((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod)) * noise_sampler(sigma, sigma_prev)
+        mu += sqrt((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod)) * noise_sampler(sigma, sigma_prev)
     return mu
 
 
@@ -383,9 +383,9 @@ def sample_ddpm(model, x, sigmas, noise, callback=None):
         sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
         denoised = model(x, sigma)
         notify(callback, i, x, denoised)
-        x = _ddpm_step(x / np.sqrt(1.0 + sigma * sigma), sigma, sigma_next, (x - denoised) / sigma, noise_sampler)
+        x = _ddpm_step(x / sqrt(1.0 + sigma * sigma), sigma, sigma_next, (x - denoised) / sigma, noise_sampler)
         if sigma_next != 0:
-            x = x * np.sqrt(1.0 + sigma_next * sigma_next)
+            x = x * sqrt(1.0 + sigma_next * sigma_next)
     return x
 
 
@@ -425,24 +425,22 @@ def _seeds_2_phi2(model, x, sigmas, noise, callback, eta, s_noise, r=1.0):
         h_eta = h * (eta + 1)
         lambda_s_1 = lerp(lambda_s, lambda_t, r)
         sigma_s_1 = half_log_snr_to_sigma(lambda_s_1)
-        alpha_s_1 = sigma_s_1 * np.exp(lambda_s_1)
-        alpha_t = sigma_next * np.exp(lambda_t)
+        alpha_s_1 = sigma_s_1 * exp(lambda_s_1)
+        alpha_t = sigma_next * exp(lambda_t)
 
-        x_2 = sigma_s_1 / sigma * np.exp(-r * h * eta) * x - alpha_s_1 * ei_h_phi_1(-r * h_eta) * denoised
+        x_2 = sigma_s_1 / sigma * exp(-r * h * eta) * x - alpha_s_1 * ei_h_phi_1(-r * h_eta) * denoised
         if inject_noise:
-            sde_noise = np.sqrt(-np.expm1(-2 * r * h * eta)) * noise_sampler(sigma, sigma_s_1)
+            sde_noise = sqrt(-expm1(-2 * r * h * eta)) * noise_sampler(sigma, sigma_s_1)
             x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
         denoised_2 = model(x_2, sigma_s_1)
 
         b2 = ei_h_phi_2(-h_eta) / r
         b1 = ei_h_phi_1(-h_eta) - b2
-        x = sigma_next / sigma * np.exp(-h * eta) * x - alpha_t * (b1 * denoised + b2 * denoised_2)
+        x = sigma_next / sigma * exp(-h * eta) * x - alpha_t * (b1 * denoised + b2 * denoised_2)
         if inject_noise:
             segment_factor = (r - 1) * h * eta
-            sde_noise = sde_noise * np.exp(segment_factor)
-            with np.errstate(invalid="ignore"):
-                second = np.sqrt(-np.expm1(segment_factor * 2))
-            sde_noise = sde_noise + second * noise_sampler(sigma_s_1, sigma_next)
+            sde_noise = sde_noise * exp(segment_factor)
+            sde_noise = sde_noise + sqrt(-expm1(segment_factor * 2)) * noise_sampler(sigma_s_1, sigma_next)
             x = x + sde_noise * sigma_next * s_noise
     return x
 

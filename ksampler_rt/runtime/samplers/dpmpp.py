@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from .common import (
-    brownian_bounds, f32, get_ancestral_step, half_log_snr_to_sigma, notify, offset_first_sigma_for_snr,
-    sigma_to_half_log_snr, to_d,
+    brownian_bounds, exp, expm1, f32, get_ancestral_step, half_log_snr_to_sigma, notify, offset_first_sigma_for_snr,
+    sigma_to_half_log_snr, sqrt, to_d,
 )
 from .registry import SamplerSpec
 
@@ -22,7 +22,7 @@ sigma_fn = half_log_snr_to_sigma
 def _dpmpp_1(x, t, t_next, denoised):
     """First-order DPM-Solver++ step (= DDIM): x_t = (sigma_t / sigma_s) x - expm1(-h) D."""
     h = t_next - t
-    return (sigma_fn(t_next) / sigma_fn(t)) * x - np.expm1(-h) * denoised
+    return (sigma_fn(t_next) / sigma_fn(t)) * x - expm1(-h) * denoised
 
 
 # -- DPM-Solver++(2S) ancestral -------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, noise, callback=None, eta=1.0, s
             t, t_next = t_fn(sigma), t_fn(sigma_down)
             h = t_next - t
             s = t + 0.5 * h
-            x_2 = (sigma_fn(s) / sigma_fn(t)) * x - np.expm1(-h * 0.5) * denoised
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * x - expm1(-h * 0.5) * denoised
             denoised_2 = model(x_2, sigma_fn(s))
             x = _dpmpp_1(x, t, t_next, denoised_2)
         if sigma_next > 0:
@@ -50,7 +50,10 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, noise, callback=None, eta=1.0, s
 
 
 def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0):
-    """CFG++ DPM-Solver++(2S) ancestral: the state is moved by (D - D_uncond) before each sub-step."""
+    """CFG++ DPM-Solver++(2S) ancestral: x is shifted by (D - D_uncond) before each sub-step.
+
+    As in ComfyUI, the shift of the second sub-step uses the *midpoint* call's unconditional D (its
+    post-CFG hook has overwritten the first one by then) with the first call's guided D."""
     noise_sampler = noise.default(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
@@ -63,10 +66,9 @@ def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, noise, callback=None, eta
             t, t_next = t_fn(sigma), t_fn(sigma_down)
             h = t_next - t
             s = t + 0.5 * h
-            x_guided = x + (denoised - uncond_denoised)
-            x_2 = (sigma_fn(s) / sigma_fn(t)) * x_guided - np.expm1(-h * 0.5) * denoised
-            denoised_2 = model(x_2, sigma_fn(s))
-            x = (sigma_fn(t_next) / sigma_fn(t)) * x_guided - np.expm1(-h) * denoised_2
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * (x + (denoised - uncond_denoised)) - expm1(-h * 0.5) * denoised
+            denoised_2, uncond_denoised_2 = model.with_uncond(x_2, sigma_fn(s))
+            x = (sigma_fn(t_next) / sigma_fn(t)) * (x + (denoised - uncond_denoised_2)) - expm1(-h) * denoised_2
         if sigma_next > 0:
             x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
     return x
@@ -93,14 +95,14 @@ def sample_dpmpp_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.
         h = lambda_t - lambda_s
         lambda_s_1 = lambda_s + r * h
         sigma_s_1 = sigma_fn(lambda_s_1)
-        alpha_s = sigma * np.exp(lambda_s)
-        alpha_s_1 = sigma_s_1 * np.exp(lambda_s_1)
-        alpha_t = sigma_next * np.exp(lambda_t)
+        alpha_s = sigma * exp(lambda_s)
+        alpha_s_1 = sigma_s_1 * exp(lambda_s_1)
+        alpha_t = sigma_next * exp(lambda_t)
 
         # Step 1
         sd, su = get_ancestral_step(sigma_fn(lambda_s), sigma_fn(lambda_s_1), eta)
         h_ = t_fn(sd) - lambda_s
-        x_2 = (alpha_s_1 / alpha_s) * np.exp(-h_) * x - alpha_s_1 * np.expm1(-h_) * denoised
+        x_2 = (alpha_s_1 / alpha_s) * exp(-h_) * x - alpha_s_1 * expm1(-h_) * denoised
         if eta > 0 and s_noise > 0:
             x_2 = x_2 + alpha_s_1 * noise_sampler(sigma, sigma_s_1) * s_noise * su
         denoised_2 = model(x_2, sigma_s_1)
@@ -109,7 +111,7 @@ def sample_dpmpp_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.
         sd, su = get_ancestral_step(sigma_fn(lambda_s), sigma_fn(lambda_t), eta)
         h_ = t_fn(sd) - lambda_s
         denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (alpha_t / alpha_s) * np.exp(-h_) * x - alpha_t * np.expm1(-h_) * denoised_d
+        x = (alpha_t / alpha_s) * exp(-h_) * x - alpha_t * expm1(-h_) * denoised_d
         if eta > 0 and s_noise > 0:
             x = x + alpha_t * noise_sampler(sigma, sigma_next) * s_noise * su
     return x
@@ -145,11 +147,11 @@ def sample_dpmpp_2m_cfg_pp(model, x, sigmas, noise, callback=None):
         t, t_next = t_fn(sigma), t_fn(sigma_next)
         h = t_next - t
         if old_uncond_denoised is None or sigma_next == 0:
-            denoised_mix = -np.exp(-h) * uncond_denoised
+            denoised_mix = -exp(-h) * uncond_denoised
         else:
             r = (t - t_fn(f32(sigmas[i - 1]))) / h
-            denoised_mix = -np.exp(-h) * uncond_denoised - np.expm1(-h) * (1 / (2 * r)) * (denoised - old_uncond_denoised)
-        x = denoised + denoised_mix + np.exp(-h) * x
+            denoised_mix = -exp(-h) * uncond_denoised - expm1(-h) * (1 / (2 * r)) * (denoised - old_uncond_denoised)
+        x = denoised + denoised_mix + exp(-h) * x
         old_uncond_denoised = uncond_denoised
     return x
 
@@ -158,7 +160,7 @@ def sample_dpmpp_2m_cfg_pp(model, x, sigmas, noise, callback=None):
 
 def _sde_noise_term(noise_sampler, sigma, sigma_next, h, eta, s_noise):
     """The SDE's fresh noise for a step: n * sigma_t * sqrt(1 - exp(-2 h eta)) * s_noise."""
-    return noise_sampler(sigma, sigma_next) * sigma_next * np.sqrt(-np.expm1(-2 * h * eta)) * s_noise
+    return noise_sampler(sigma, sigma_next) * sigma_next * sqrt(-expm1(-2 * h * eta)) * s_noise
 
 
 def sample_dpmpp_2m_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0, solver_type="midpoint"):
@@ -180,9 +182,9 @@ def sample_dpmpp_2m_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise
             lambda_s, lambda_t = t_fn(sigma), t_fn(sigma_next)
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
-            alpha_t = sigma_next * np.exp(lambda_t)
-            phi_1 = -np.expm1(-h_eta)
-            x = sigma_next / sigma * np.exp(-h * eta) * x + alpha_t * phi_1 * denoised
+            alpha_t = sigma_next * exp(lambda_t)
+            phi_1 = -expm1(-h_eta)
+            x = sigma_next / sigma * exp(-h * eta) * x + alpha_t * phi_1 * denoised
             if old_denoised is not None:
                 r = h_last / h
                 if solver_type == "heun":
@@ -219,20 +221,20 @@ def sample_dpmpp_3m_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise
             lambda_s, lambda_t = t_fn(sigma), t_fn(sigma_next)
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
-            alpha_t = sigma_next * np.exp(lambda_t)
-            x = sigma_next / sigma * np.exp(-h * eta) * x + alpha_t * -np.expm1(-h_eta) * denoised
+            alpha_t = sigma_next * exp(lambda_t)
+            x = sigma_next / sigma * exp(-h * eta) * x + alpha_t * -expm1(-h_eta) * denoised
             if h_2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
                 d1_1 = (denoised_1 - denoised_2) / r1
                 d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
                 d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_2 = np.expm1(-h_eta) / h_eta + 1
+                phi_2 = expm1(-h_eta) / h_eta + 1
                 phi_3 = phi_2 / h_eta - 0.5
                 x = x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
             elif h_1 is not None:
                 d = (denoised - denoised_1) / (h_1 / h)
-                phi_2 = np.expm1(-h_eta) / h_eta + 1
+                phi_2 = expm1(-h_eta) / h_eta + 1
                 x = x + (alpha_t * phi_2) * d
             if eta > 0 and s_noise > 0:
                 x = x + _sde_noise_term(noise_sampler, sigma, sigma_next, h, eta, s_noise)

@@ -1,0 +1,88 @@
+"""Torch wrappers that give each exported graph ComfyUI-shaped inputs/outputs (float32 I/O)."""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+
+def _aug_embed_from_y(self, emb, encoder_hidden_states, added_cond_kwargs):
+    # ComfyUI's y = cat(pooled, timestep_embedding(time ids)) is exactly diffusers' `add_embeds`
+    # (get_aug_embed "text_time": cat(text_embeds, add_time_proj(time_ids))), so feed it straight
+    # into the add_embedding MLP and skip diffusers' own time-id embedding.
+    return self.add_embedding(added_cond_kwargs["y"].to(emb.dtype))
+
+
+def use_classic_attention(module: nn.Module, upcast: bool) -> None:
+    """Plain matmul-softmax-matmul attention (exports to primitive ONNX ops); optional fp32 scores/softmax."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.set_processor(AttnProcessor())
+            if upcast:
+                m.upcast_attention = True
+                m.upcast_softmax = True
+
+
+class UNetWrapper(nn.Module):
+    """unet(sample, timestep, encoder_hidden_states[, y]) -> out, float32 in and out."""
+
+    def __init__(self, unet, dtype=torch.float32):
+        super().__init__()
+        self.unet = unet
+        self.dtype = dtype
+        self.has_y = unet.config.get("addition_embed_type") == "text_time"
+        if self.has_y:
+            unet.get_aug_embed = types.MethodType(_aug_embed_from_y, unet)
+
+    def forward(self, sample, timestep, encoder_hidden_states, y=None):
+        kw = {"added_cond_kwargs": {"y": y.to(self.dtype)}} if self.has_y else {}
+        out = self.unet(sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype),
+                        return_dict=False, **kw)[0]
+        return out.float()
+
+
+class ClipWrapper(nn.Module):
+    """input_ids [B,77] -> last_hidden_state, penultimate_hidden_state, penultimate_hidden_state_norm[, pooled_output]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.projected = hasattr(model, "text_projection")
+        text = getattr(model, "text_model", model)
+        self.final_layer_norm = text.final_layer_norm
+
+    def forward(self, input_ids):
+        o = self.model(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        penult = o.hidden_states[-2]
+        pooled = o.text_embeds if self.projected else o.pooler_output
+        return (o.last_hidden_state.float(), penult.float(), self.final_layer_norm(penult).float(), pooled.float())
+
+
+class VaeDecoderWrapper(nn.Module):
+    """latent [B,C,h,w] (unscaled, i.e. already divided by latent_scale) -> image [B,3,8h,8w] in [-1,1]."""
+
+    def __init__(self, vae, dtype=torch.float32):
+        super().__init__()
+        self.vae = vae
+        self.dtype = dtype
+
+    def forward(self, latent):
+        return self.vae.decode(latent.to(self.dtype), return_dict=False)[0].float()
+
+
+class VaeEncoderWrapper(nn.Module):
+    """image [B,3,H,W] in [-1,1] -> latent distribution mean [B,C,H/8,W/8] (unscaled)."""
+
+    def __init__(self, vae, dtype=torch.float32):
+        super().__init__()
+        self.vae = vae
+        self.dtype = dtype
+
+    def forward(self, image):
+        h = self.vae.encoder(image.to(self.dtype))
+        if self.vae.quant_conv is not None:
+            h = self.vae.quant_conv(h)
+        mean, _ = torch.chunk(h, 2, dim=1)
+        return mean.float()

@@ -1,0 +1,111 @@
+"""Exact continuation: split sampling that is bit-identical to the unsplit run, for every sampler.
+
+ComfyUI restarts a sampler at every KSamplerAdvanced window: multistep history is lost, the
+ancestral noise stream restarts from the seed, the Brownian tree is rebuilt over the window's
+sigma range, and the latent makes a scale/unscale round trip. ``continuation="exact"`` removes all
+four without touching any sampler:
+
+* every window runs the sampler over the **full** schedule, from the same initial state, with a
+  fresh noise source seeded by the node seed -- exactly what the unsplit run does;
+* the denoiser is wrapped so that each evaluation's result is recorded; a window that ends early
+  stops the sampler when it announces step ``end`` (its callback comes right after that step's
+  first evaluation, which is dropped: it belongs to the next window's model);
+* the next window *replays* the recorded evaluations instead of calling the UNet, so the sampler
+  recomputes the same state -- history, noise-stream position, tree -- bit for bit (host maths
+  only, no UNet call), then continues with its own model and conditioning.
+
+The state travels in the LATENT dict under ``"continuation"``, next to ``samples``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CONTINUATION_MODES = ("comfyui", "exact")
+STATE_KEY = "continuation"
+
+
+class StopAtStep(Exception):
+    """Raised from the callback to end a window at a step boundary."""
+
+    def __init__(self, step: int, x: np.ndarray):
+        super().__init__(step)
+        self.step, self.x = step, x
+
+
+@dataclass
+class ContinuationState:
+    """What a following window needs to continue exactly where this one stopped."""
+
+    fingerprint: dict
+    sigmas: np.ndarray                  # the full schedule the sampler runs over
+    x0: np.ndarray                      # the initial (noise-scaled, internal-space) latent
+    evaluations: list = field(default_factory=list)  # (denoised, uncond) per denoiser call, in order
+    step: int = 0                       # the step the next window starts at
+    x: np.ndarray | None = None         # the internal latent at ``step`` (what ``samples`` scales out)
+
+    def mismatch(self, fingerprint: dict, start_step: int) -> str | None:
+        """Why this state cannot continue a window with these settings (None if it can)."""
+        for key, value in fingerprint.items():
+            if self.fingerprint.get(key) != value:
+                return f"{key} differs (state: {self.fingerprint.get(key)!r}, this window: {value!r})"
+        if start_step != self.step:
+            return f"start_at_step differs (state stopped at step {self.step}, this window starts at {start_step})"
+        return None
+
+
+def fingerprint(model, seed: int, steps: int, sampler_name: str, scheduler: str, latent_shape) -> dict:
+    ms = model.model_sampling
+    return {"sampler_name": sampler_name, "scheduler": scheduler, "steps": int(steps), "seed": int(seed),
+            "prediction": ms.prediction, "zsnr": ms.zsnr, "latent_shape": tuple(int(n) for n in latent_shape)}
+
+
+class RecordingDenoiser:
+    """Wraps a CFG denoiser: replays recorded evaluations first, then evaluates and records."""
+
+    def __init__(self, denoiser, replay: list):
+        self.inner = denoiser
+        self.model_sampling = denoiser.model_sampling
+        self.evaluations = list(replay)
+        self._next = 0
+
+    @property
+    def replaying(self) -> bool:
+        return self._next < len(self.evaluations)
+
+    def with_uncond(self, x: np.ndarray, sigma):
+        if self._next < len(self.evaluations):
+            result = self.evaluations[self._next]
+        else:
+            result = self.inner.with_uncond(x, sigma)
+            self.evaluations.append(result)
+        self._next += 1
+        return result
+
+    def __call__(self, x: np.ndarray, sigma) -> np.ndarray:
+        return self.with_uncond(x, sigma)[0]
+
+
+def check_mode(continuation: str) -> str:
+    if continuation not in CONTINUATION_MODES:
+        raise ValueError(f"continuation: received {continuation!r}, expected one of {CONTINUATION_MODES}")
+    return continuation
+
+
+def usable_state(latent: dict, fp: dict, start_step: int) -> ContinuationState | None:
+    """The latent's continuation state if it fits this window; a warning says why not otherwise."""
+    state = latent.get(STATE_KEY)
+    if state is None:
+        return None
+    if not isinstance(state, ContinuationState):
+        warnings.warn(f"latent_image['{STATE_KEY}']: received {type(state).__name__}, expected a ContinuationState; "
+                      "ignoring it and sampling as ComfyUI does", stacklevel=3)
+        return None
+    why = state.mismatch(fp, start_step)
+    if why:
+        warnings.warn(f"latent_image['{STATE_KEY}'] does not fit this window: {why}; ignoring it and sampling as "
+                      "ComfyUI does", stacklevel=3)
+        return None
+    return state
