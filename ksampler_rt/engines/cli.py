@@ -1,7 +1,6 @@
 """``ksampler-rt build`` and ``ksampler-rt engines list|inspect|prune``."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time

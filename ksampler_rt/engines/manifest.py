@@ -43,8 +43,12 @@ class ExportManifest:
 
     @property
     def latent_scale(self) -> int:
-        """Pixels per latent cell (8 for SD/SDXL). The manifest's ``latent_scale`` is that factor when it
+        """Pixels per latent cell (8 for SD/SDXL): ``latent_downscale`` when the exporter writes it; else
+        ``latent_scale`` when it
         is an integer >= 2; a float below 1 is the VAE scaling factor (0.18215), not a size ratio."""
+        v = self.data.get("latent_downscale")
+        if isinstance(v, int) and v >= 2:
+            return v
         v = self.data.get("latent_scale")
         if isinstance(v, (int, float)) and float(v) >= 2 and float(v).is_integer():
             return int(v)

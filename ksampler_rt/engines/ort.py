@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import Engine, check_io_matches
-from .spec import EngineError, ShapeProfile, TensorSpec
+from .spec import EngineError, TensorSpec
 
 CPU_EP, CUDA_EP, TRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 GPU_SWAP = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu==1.31.1"

@@ -8,12 +8,11 @@ allows (ONNX Runtime without ``--shapes``) have no profile and are validated aga
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-Dim = "int | str | None"
 
 # ONNX TensorProto element types and ORT's type strings -> numpy dtype names.
 _ONNX_ELEM = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",

@@ -23,6 +23,7 @@ class Source:
     latent_scale: float
     tokenizer_dirs: dict      # subfolder name -> path to copy (may be empty)
     weight_files: list
+    vae_override: bool = False
 
 
 def _read_json(path):

@@ -29,12 +29,12 @@ family        context  pooled    ADM ``y`` width     latent
 ============  =======  ========  ==================  =================================
 sd15          32       --        --                  4 ch, image/8, scale 0.18215
 sd2-v         48       --        --                  4 ch, image/8, scale 0.18215
-sdxl          96       64        112 = 64 + 6*8      4 ch, image/8, scale 0.13025
+sdxl          96       64        1600 = 64 + 6*256     4 ch, image/8, scale 0.13025
 ============  =======  ========  ==================  =================================
 
 SDXL: context = concat(clip_l penultimate 32, clip_g penultimate 64); ``y`` = concat(pooled
-clip_g projection 64, 6 size/crop scalars each embedded to ``addition_time_embed_dim`` = 8), the
-tiny analogue of ComfyUI's 2816 = 1280 + 6*256.
+clip_g projection 64, 6 size/crop scalars each embedded to ``addition_time_embed_dim`` = 256 as
+in the real model, so ComfyUI's ``y`` layout (1280 + 6*256 = 2816) applies with a narrower pooled part).
 
 Tokenizer: CLIP's vocabulary layout (256 byte-chars, their ``</w>`` variants, the learned merges,
 then ``<|startoftext|>``, ``<|endoftext|>``), so ``"!"`` is id 0 and the specials are the two last
@@ -66,7 +66,7 @@ from pathlib import Path
 TINY_FAMILIES = ("sd15", "sd2-v", "sdxl")
 
 #: Bumped whenever the recipe changes, so cached fixtures from an older recipe are not reused.
-TINY_RECIPE_VERSION = 1
+TINY_RECIPE_VERSION = 2
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -83,8 +83,8 @@ TINY_DIMS = {
     "sd2-v": {"context_dim": 48, "pooled_dim": None, "adm_in_channels": None,
               "latent_channels": 4, "vae_scale_factor": 8, "scaling_factor": 0.18215,
               "prediction_type": "v_prediction", "unet_sample_size": 32},
-    "sdxl": {"context_dim": 96, "pooled_dim": 64, "adm_in_channels": 112,
-             "addition_time_embed_dim": 8,
+    "sdxl": {"context_dim": 96, "pooled_dim": 64, "adm_in_channels": 1600,
+             "addition_time_embed_dim": 256,
              "latent_channels": 4, "vae_scale_factor": 8, "scaling_factor": 0.13025,
              "prediction_type": "epsilon", "unet_sample_size": 32},
 }

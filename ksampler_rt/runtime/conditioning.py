@@ -67,9 +67,10 @@ def timestep_embedding(timesteps, dim: int = EMBED_DIM, max_period: float = 1000
 
 def _check_pooled(pooled) -> np.ndarray:
     arr = np.asarray(pooled)
-    if arr.ndim != 2 or arr.shape[1] != POOLED_DIM or arr.shape[0] < 1:
-        raise ValueError(f"pooled: received an array of shape {arr.shape}, expected [N, {POOLED_DIM}] with N >= 1 "
-                         "(the CLIP-G pooled output)")
+    # Real SDXL pools to 1280; smaller test models pool narrower, and y simply gets narrower.
+    if arr.ndim != 2 or arr.shape[1] < 1 or arr.shape[0] < 1:
+        raise ValueError(f"pooled: received an array of shape {arr.shape}, expected [N, P] with N >= 1 "
+                         f"(the CLIP-G pooled output, P = {POOLED_DIM} for SDXL)")
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise ValueError(f"pooled: received dtype {arr.dtype}, expected a real floating-point array")
     arr = arr.astype(np.float32)

@@ -1,0 +1,50 @@
+"""``ksampler-rt export``: checkpoint (diffusers folder or single .safetensors) -> ONNX models + manifest.json.
+
+Imports no torch at registration time (the CLI contract); torch/diffusers load when the command runs.
+"""
+from __future__ import annotations
+
+from .families import FAMILY_CHOICES
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a Stable Diffusion checkpoint to ONNX (+ manifest.json)",
+        description="Export a diffusers folder or a single-file .safetensors checkpoint (SD1.x, SD2.x, SDXL "
+                    "base/refiner) to unet.onnx, clip.onnx[, clip2.onnx], vae_decoder.onnx, vae_encoder.onnx and "
+                    "manifest.json. Every model is validated against torch with ONNX Runtime (CPU) at two shapes. "
+                    "The output directory appears only when everything succeeded.")
+    p.add_argument("checkpoint", help="diffusers folder (model_index.json, unet/, ...) or .safetensors file")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty, see --overwrite)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--family", choices=FAMILY_CHOICES, default="auto")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--prediction", choices=("eps", "v"), default=None,
+                   help="prediction type; required for SD2.x single-file checkpoints (not visible in the weights)")
+    p.add_argument("--vae", default=None, help="replacement VAE: diffusers VAE folder or single-file .safetensors "
+                   "(e.g. an fp16-fixed SDXL VAE, which lets --precision fp16 export the SDXL VAE in fp16)")
+    p.add_argument("--config", default=None, help="single-file only: a diffusers-format folder whose configs "
+                   "(and tokenizer folders) describe the checkpoint, instead of the packaged ones")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (atomically)")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="torch.onnx exporter (default torchscript: much faster, keeps parameter names)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max relative error allowed in validation (default 1e-3 fp32, 5e-2 fp16)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+    from .onnx_export import export_model
+    m = export_model(args.checkpoint, args.out, precision=args.precision, family=args.family, opset=args.opset,
+                     prediction=args.prediction, vae=args.vae, config=args.config, overwrite=args.overwrite,
+                     exporter=args.exporter, tolerance=args.tolerance)
+    for name, info in m["models"].items():
+        v = info["validation"]
+        print(f"{name:12s} {info['file']:18s} {info['size_bytes'] / 1e6:9.1f} MB  {info['precision']}  "
+              f"max_abs_err {v['max_abs_err']:.3g}  max_rel_err {v['max_rel_err']:.3g}")
+    print(f"family {m['family']}  prediction {m['prediction']}  -> {os.path.abspath(args.out)}")
+    return 0

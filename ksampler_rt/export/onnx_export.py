@@ -1,0 +1,412 @@
+"""Export a Stable Diffusion model (diffusers folder or single-file checkpoint) to ONNX + manifest.json.
+
+Atomic: everything is written into ``.<out>.tmp-*`` next to ``out`` and renamed into place only after
+every model exported and validated. Any failure (or Ctrl-C) removes the temp dir.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+from .errors import ExportError
+from .families import CONTEXT_OUTPUT, TEXT_ENCODERS, is_sdxl
+from .manifest import FORMAT, FORMAT_VERSION, versions, write_manifest
+
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of initializers above which a model uses ONNX external data
+DEFAULT_OPSET = 17
+CLIP_LENGTH = 77
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    name: str
+    file: str
+    module: object            # torch wrapper exported (fp32 or fp16 inside)
+    reference: object         # torch wrapper compared against (fp32)
+    param_prefix: str         # prefix of wrapper parameter names to strip for initializer_map
+    inputs: list              # [{"name","dtype","shape"}]
+    outputs: list             # [{"name","dtype","shape"}]
+    make_inputs: object       # callable(i) -> dict name -> tensor, i = 0, 1 (two shapes)
+    precision: str
+
+
+def log(msg):
+    print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _keep_named_initializers():
+    """The TorchScript exporter merges initializers with equal *values* (e.g. freshly-initialised norms);
+    that would break the torch-name -> initializer map LoRA merging relies on. Disable it for the export."""
+    import torch
+    orig = getattr(torch._C, "_jit_pass_onnx_deduplicate_initializers", None)
+    if orig is None:
+        yield
+        return
+    torch._C._jit_pass_onnx_deduplicate_initializers = lambda graph, params, training: params
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_deduplicate_initializers = orig
+
+
+def _dims(shape):
+    return {i: d for i, d in enumerate(shape) if isinstance(d, str)}
+
+
+def torch_export(spec: ModelSpec, path: str, opset: int, exporter: str = "torchscript"):
+    import torch
+    example = spec.make_inputs(1)
+    in_names = [i["name"] for i in spec.inputs]
+    out_names = [o["name"] for o in spec.outputs]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            dyn = {}
+            for i in spec.inputs:
+                dyn[i["name"]] = {ax: torch.export.Dim.AUTO for ax in _dims(i["shape"])}
+            torch.onnx.export(spec.module, tuple(example.values()), path, dynamo=True, input_names=in_names,
+                              output_names=out_names, dynamic_shapes=dyn, opset_version=max(opset, 18),
+                              optimize=False, external_data=True)
+        else:
+            dyn = {i["name"]: _dims(i["shape"]) for i in spec.inputs + spec.outputs}
+            with _keep_named_initializers():
+                torch.onnx.export(spec.module, tuple(example.values()), path, dynamo=False, input_names=in_names,
+                                  output_names=out_names, dynamic_axes=dyn, opset_version=opset,
+                                  do_constant_folding=False, export_params=True)
+
+
+def finalize_onnx(scratch_path: str, final_path: str, spec: ModelSpec):
+    """Re-save into the output dir (one external-data file if > 2 GB), name the dims, build initializer_map."""
+    import onnx
+    from onnx import external_data_helper
+
+    model = onnx.load(scratch_path, load_external_data=True)
+    # symbolic names on graph I/O, so consumers (TensorRT profiles) see B/h/w/T
+    for vi, spec_io in zip(list(model.graph.input) + list(model.graph.output), spec.inputs + spec.outputs):
+        for d, s in zip(vi.type.tensor_type.shape.dim, spec_io["shape"]):
+            if isinstance(s, str):
+                d.dim_param = s
+    init_names = {i.name for i in model.graph.initializer}
+    size = sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in model.graph.initializer)
+    init_map, unmapped = {}, []
+    for pname, _ in spec.module.named_parameters():
+        key = pname[len(spec.param_prefix):] if pname.startswith(spec.param_prefix) else pname
+        if pname in init_names:
+            init_map[key] = pname
+        else:
+            unmapped.append(key)
+    external = size > EXTERNAL_DATA_THRESHOLD
+    if external:
+        location = os.path.basename(final_path) + ".data"
+        onnx.save_model(model, final_path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024)
+    else:
+        onnx.save_model(model, final_path)
+    del model
+    return {"external_data": external, "initializer_bytes": size, "init_map": init_map, "unmapped": unmapped}
+
+
+# ----------------------------------------------------------------------------------------------- specs
+
+def _rng(i, salt):
+    import torch
+    return torch.Generator().manual_seed(1234 + 17 * i + salt)
+
+
+def _clip_ids(cfg, batch, gen):
+    import torch
+    vocab = int(cfg.vocab_size)
+    eos = int(cfg.eos_token_id) if cfg.eos_token_id not in (None, 2) and cfg.eos_token_id < vocab else vocab - 1
+    bos = int(cfg.bos_token_id) if cfg.bos_token_id is not None and cfg.bos_token_id < vocab and cfg.bos_token_id != eos else vocab - 2
+    ids = torch.randint(0, min(vocab - 2, eos) or 1, (batch, CLIP_LENGTH), generator=gen, dtype=torch.int64)
+    ids[:, 0] = bos
+    for b in range(batch):
+        n = int(torch.randint(3, CLIP_LENGTH - 1, (1,), generator=gen))
+        ids[b, n] = eos
+        ids[b, n + 1:] = eos  # SD1-style padding with end token
+    return ids
+
+
+def build_specs(src, precision: str, upcast_attention: bool):
+    import torch
+    from .wrappers import ClipWrapper, UNetWrapper, VaeDecoderWrapper, VaeEncoderWrapper, use_classic_attention
+
+    dt = torch.float16 if precision == "fp16" else torch.float32
+    fam = src.family
+    specs = []
+
+    def pair(module, make, dtype):
+        ref = make(module, torch.float32)
+        if dtype == torch.float32:
+            return ref, ref
+        return make(copy.deepcopy(module).to(dtype), dtype), ref
+
+    # --- UNet
+    unet = src.modules["unet"]
+    use_classic_attention(unet, upcast=False)
+    ucfg = unet.config
+    f = 2 ** (len(ucfg.block_out_channels) - 1)
+    ctx_dim = ucfg.cross_attention_dim
+    cin = ucfg.in_channels
+    adm = int(ucfg.projection_class_embeddings_input_dim or 0) if ucfg.get("addition_embed_type") == "text_time" else 0
+    uexp, uref = pair(unet, lambda m, d: UNetWrapper(m, d), dt)
+    if dt == torch.float16:
+        use_classic_attention(uexp.unet, upcast=upcast_attention)
+    ushapes = [(1, 2 * f, 2 * f, 1), (2, 3 * f, 4 * f, 2)]
+
+    def unet_inputs(i):
+        b, h, w, t = ushapes[i]
+        g = _rng(i, 1)
+        d = {"sample": torch.randn(b, cin, h, w, generator=g),
+             "timestep": torch.rand(b, generator=g) * 999.0,
+             "encoder_hidden_states": torch.randn(b, CLIP_LENGTH * t, ctx_dim, generator=g)}
+        if adm:
+            d["y"] = torch.randn(b, adm, generator=g)
+        return d
+    uin = [{"name": "sample", "dtype": "float32", "shape": ["B", cin, "h", "w"]},
+           {"name": "timestep", "dtype": "float32", "shape": ["B"]},
+           {"name": "encoder_hidden_states", "dtype": "float32", "shape": ["B", "T", ctx_dim]}]
+    if adm:
+        uin.append({"name": "y", "dtype": "float32", "shape": ["B", adm]})
+    specs.append(ModelSpec("unet", "unet.onnx", uexp, uref, "unet.", uin,
+                           [{"name": "out", "dtype": "float32", "shape": ["B", ucfg.out_channels, "h", "w"]}],
+                           unet_inputs, precision))
+
+    # --- text encoders
+    for name, sub, _tok in TEXT_ENCODERS[fam]:
+        te = src.modules[sub]
+        cfg = te.config
+        cexp, cref = pair(te, lambda m, d: ClipWrapper(m), dt)
+        proj = hasattr(te, "text_projection")
+        pooled_dim = int(cfg.projection_dim) if proj else int(cfg.hidden_size)
+        hs = int(cfg.hidden_size)
+
+        def clip_inputs(i, cfg=cfg):
+            return {"input_ids": _clip_ids(cfg, i + 1, _rng(i, 2))}
+        outs = [{"name": "last_hidden_state", "dtype": "float32", "shape": ["B", CLIP_LENGTH, hs]},
+                {"name": "penultimate_hidden_state", "dtype": "float32", "shape": ["B", CLIP_LENGTH, hs]},
+                {"name": "penultimate_hidden_state_norm", "dtype": "float32", "shape": ["B", CLIP_LENGTH, hs]},
+                {"name": "pooled_output", "dtype": "float32", "shape": ["B", pooled_dim]}]
+        specs.append(ModelSpec(name, f"{name}.onnx", cexp, cref, "model.",
+                               [{"name": "input_ids", "dtype": "int64", "shape": ["B", CLIP_LENGTH]}],
+                               outs, clip_inputs, precision))
+
+    # --- VAE
+    vae = src.modules["vae"]
+    use_classic_attention(vae, upcast=False)
+    vcfg = vae.config
+    lc = int(vcfg.latent_channels)
+    fv = 2 ** (len(vcfg.block_out_channels) - 1)
+    vae_prec = precision
+    vdt = dt
+    if dt == torch.float16 and is_sdxl(fam) and not src.vae_override:
+        vae_prec, vdt = "fp32", torch.float32
+        log("SDXL VAE kept in fp32 (it overflows in fp16); pass --vae with an fp16-fixed SDXL VAE to get fp16")
+    dexp, dref = pair(vae, lambda m, d: VaeDecoderWrapper(m, d), vdt)
+    eexp, eref = pair(vae, lambda m, d: VaeEncoderWrapper(m, d), vdt)
+    lshapes = [(1, 4, 4), (2, 6, 8)]
+
+    def dec_inputs(i):
+        b, h, w = lshapes[i]
+        return {"latent": torch.randn(b, lc, h, w, generator=_rng(i, 3))}
+
+    def enc_inputs(i):
+        b, h, w = lshapes[i]
+        return {"image": torch.rand(b, 3, h * fv, w * fv, generator=_rng(i, 4)) * 2 - 1}
+    specs.append(ModelSpec("vae_decoder", "vae_decoder.onnx", dexp, dref, "vae.",
+                           [{"name": "latent", "dtype": "float32", "shape": ["B", lc, "h", "w"]}],
+                           [{"name": "image", "dtype": "float32", "shape": ["B", 3, "H", "W"]}], dec_inputs, vae_prec))
+    specs.append(ModelSpec("vae_encoder", "vae_encoder.onnx", eexp, eref, "vae.",
+                           [{"name": "image", "dtype": "float32", "shape": ["B", 3, "H", "W"]}],
+                           [{"name": "latent", "dtype": "float32", "shape": ["B", lc, "h", "w"]}], enc_inputs, vae_prec))
+    return specs, {"adm_channels": adm, "latent_channels": lc, "unet_downscale": f, "vae_downscale": fv}
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+def _tokenizer_info(tdir):
+    info = {"pad_token": None, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+    if not tdir or not os.path.isdir(tdir):
+        return info
+
+    def tok_str(v):
+        return v.get("content") if isinstance(v, dict) else v
+    cfg = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        p = os.path.join(tdir, name)
+        if os.path.isfile(p):
+            with open(p) as fh:
+                cfg.update({k: v for k, v in json.load(fh).items() if v is not None})
+    vocab = {}
+    if os.path.isfile(os.path.join(tdir, "vocab.json")):
+        with open(os.path.join(tdir, "vocab.json")) as fh:
+            vocab = json.load(fh)
+    for key in ("pad", "bos", "eos"):
+        t = tok_str(cfg.get(f"{key}_token"))
+        if key == "pad":
+            info["pad_token"] = t
+        info[f"{key}_token_id"] = vocab.get(t) if t is not None else None
+    return info
+
+
+# ---------------------------------------------------------------------------------------- orchestration
+
+def _check_space(parent: str, need: int):
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise ExportError(f"no space left: export needs about {need / 1e9:.2f} GB in {parent}, "
+                          f"only {free / 1e9:.2f} GB free")
+
+
+def _param_bytes(module, precision):
+    n = sum(p.numel() for p in module.parameters())
+    return n * (2 if precision == "fp16" else 4)
+
+
+def export_model(source: str, out: str, precision: str = "fp32", family: str = "auto", opset: int = DEFAULT_OPSET,
+                 prediction: str | None = None, vae: str | None = None, config: str | None = None,
+                 overwrite: bool = False, exporter: str = "torchscript", tolerance: float | None = None,
+                 upcast_attention: bool | None = None) -> dict:
+    """Export ``source`` into ``out``; returns the manifest."""
+    import torch
+    from .source import load_source, weights_hash
+    from .validate import TOLERANCE, validate
+
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"--precision must be fp32 or fp16, not {precision!r}")
+    if exporter not in ("torchscript", "dynamo"):
+        raise ExportError(f"exporter must be torchscript or dynamo, not {exporter!r}")
+    if not (7 <= int(opset) <= 23):
+        raise ExportError(f"--opset {opset} not supported (use 14..21; default {DEFAULT_OPSET})")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not overwrite:
+        raise ExportError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    t0 = time.time()
+    src = load_source(source, family, prediction, vae, config)
+    src.vae_override = bool(vae)
+    tol = tolerance if tolerance is not None else TOLERANCE[precision]
+    if upcast_attention is None:
+        upcast_attention = src.family in ("sd2", "sd2-v")
+    log(f"{src.kind} {src.path}: family {src.family}, prediction {src.prediction}, precision {precision}")
+
+    need = int(sum(_param_bytes(m, precision) for m in src.modules.values()) * 1.15) + (64 << 20)
+    _check_space(parent, need)
+    torch.manual_seed(0)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    scratch = tempfile.mkdtemp(prefix="ksampler-rt-export-")
+    try:
+        specs, dims = build_specs(src, precision, upcast_attention)
+        models, init_map, timings = {}, {}, {}
+        threads = max(1, min(4, os.cpu_count() or 1))
+        for spec in specs:
+            t = time.time()
+            sdir = os.path.join(scratch, spec.name)
+            os.makedirs(sdir)
+            torch_export(spec, os.path.join(sdir, "model.onnx"), opset, exporter)
+            fin = finalize_onnx(os.path.join(sdir, "model.onnx"), os.path.join(tmp, spec.file), spec)
+            shutil.rmtree(sdir, ignore_errors=True)
+            texp = time.time() - t
+            res = validate(os.path.join(tmp, spec.file), spec.reference,
+                           [spec.make_inputs(0), spec.make_inputs(1)], [o["name"] for o in spec.outputs], threads)
+            log(f"{spec.file}: exported in {texp:.1f}s, validated at 2 shapes: max_abs_err {res['max_abs_err']:.3g}, "
+                f"max_rel_err {res['max_rel_err']:.3g} (tolerance {tol:g})")
+            if not res["max_rel_err"] <= tol:
+                raise ExportError(f"{spec.file} failed validation: max_rel_err {res['max_rel_err']:.3g} > tolerance "
+                                  f"{tol:g} for {precision} (max_abs_err {res['max_abs_err']:.3g}); nothing written")
+            files = [spec.file] + ([spec.file + ".data"] if fin["external_data"] else [])
+            models[spec.name] = {"file": spec.file, "inputs": spec.inputs, "outputs": spec.outputs,
+                                 "external_data": fin["external_data"],
+                                 "external_data_file": spec.file + ".data" if fin["external_data"] else None,
+                                 "precision": spec.precision,
+                                 "size_bytes": sum(os.path.getsize(os.path.join(tmp, x)) for x in files),
+                                 "validation": dict(res, tolerance=tol, reference="torch fp32 (CPU)",
+                                                    runtime="onnxruntime CPUExecutionProvider")}
+            init_map[spec.name] = fin["init_map"]
+            timings[spec.name] = round(time.time() - t, 3)
+        if is_sdxl(src.family) and "fp16" == precision:
+            models["unet"]["notes"] = "fp16 weights; I/O float32"
+        if src.family in ("sd2", "sd2-v") and precision == "fp16" and upcast_attention:
+            models["unet"]["notes"] = "attention scores and softmax computed in fp32 (SD2.x overflows in fp16)"
+
+        text_encoders = []
+        for name, sub, tok in TEXT_ENCODERS[src.family]:
+            cfg = src.modules[sub].config
+            tdir = src.tokenizer_dirs.get(tok)
+            if tdir:
+                shutil.copytree(tdir, os.path.join(tmp, tok))
+            else:
+                log(f"warning: no tokenizer files for {name} (single-file checkpoints carry none; "
+                    f"pass --config DIR with a {tok}/ folder)")
+            text_encoders.append(dict(
+                {"name": name, "file": f"{name}.onnx", "tokenizer": tok if tdir else None,
+                 "hidden_size": int(cfg.hidden_size), "num_layers": int(cfg.num_hidden_layers),
+                 "pooled_dim": models[name]["outputs"][3]["shape"][1],
+                 "pooled_projected": hasattr(src.modules[sub], "text_projection"),
+                 "max_length": CLIP_LENGTH, "context_output": CONTEXT_OUTPUT[src.family][name]},
+                **_tokenizer_info(tdir)))
+
+        adm = dims["adm_channels"]
+        sdxl_adm = None
+        if adm:
+            ucfg = src.modules["unet"].config
+            n_ids = 6 if src.family == "sdxl" else 5
+            embed = int(ucfg.addition_time_embed_dim)
+            sdxl_adm = {"pooled_from": "clip2", "pooled_dim": adm - n_ids * embed, "time_embed_dim": embed,
+                        "time_ids": (["height", "width", "crop_h", "crop_w", "target_height", "target_width"]
+                                     if n_ids == 6 else ["height", "width", "crop_h", "crop_w", "aesthetic_score"]),
+                        "embedding": "comfy timestep_embedding: cat(cos, sin), max_period 10000"}
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "family": src.family, "prediction": src.prediction,
+            "latent_channels": dims["latent_channels"], "latent_scale": src.latent_scale,
+            "latent_downscale": dims["vae_downscale"],
+            "schedule": src.schedule,
+            "text_encoders": text_encoders,
+            "adm_channels": adm, "sdxl_adm": sdxl_adm,
+            "models": models,
+            "precision": precision, "opset": int(opset), "exporter": exporter,
+            "versions": versions(),
+            "weights_hash": weights_hash(src.weight_files),
+            "source": src.path, "source_kind": src.kind,
+            "initializer_map": init_map,
+            "export_seconds": timings,
+        }
+        write_manifest(tmp, manifest)
+        _move_into_place(tmp, out, overwrite)
+        log(f"wrote {out} in {time.time() - t0:.1f}s")
+        return manifest
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ExportError(f"no space left on device while exporting to {out}; nothing written") from None
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: str, out: str, overwrite: bool):
+    if os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
+    if os.path.exists(out):
+        if not overwrite:
+            raise ExportError(f"{out} appeared during the export; not replacing it")
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)

@@ -1,0 +1,94 @@
+"""The prompt queue of the server (lives on the event loop; only the loop touches it).
+
+Ordered like ComfyUI's: by ``number`` (a counter, negated for ``front``, or the client's own
+``number``), ties in arrival order, so plain submissions run FIFO. Bounded: ``put`` raises
+:class:`QueueFull` past ``max_pending`` waiting prompts.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(order=True)
+class QueueItem:
+    number: float
+    seq: int
+    prompt_id: str = field(compare=False)
+    prompt: dict = field(compare=False)
+    extra_data: dict = field(compare=False)
+    outputs: list = field(compare=False)
+    submitted: float = field(compare=False, default_factory=time.perf_counter)
+
+    def as_comfy(self) -> list:
+        """ComfyUI's queue / history item: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
+        number = int(self.number) if float(self.number).is_integer() else self.number
+        return [number, self.prompt_id, self.prompt, self.extra_data, list(self.outputs)]
+
+
+class PromptQueue:
+    def __init__(self, max_pending: int = 100, on_change: Callable[[], None] | None = None):
+        self.max_pending = max_pending
+        self.on_change = on_change or (lambda: None)
+        self._heap: list[QueueItem] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self.running: QueueItem | None = None
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def put(self, item: QueueItem) -> None:
+        if len(self._heap) >= self.max_pending:
+            raise QueueFull(f"the queue holds {len(self._heap)} prompts, the most it takes (--max-queue "
+                            f"{self.max_pending}); retry when it drains")
+        heapq.heappush(self._heap, item)
+        self._wake.set()
+        self.on_change()
+
+    async def get(self) -> QueueItem:
+        while not self._heap:
+            self._wake.clear()
+            await self._wake.wait()
+        item = heapq.heappop(self._heap)
+        self.running = item
+        self.on_change()
+        return item
+
+    def done(self) -> None:
+        self.running = None
+        self.on_change()
+
+    def pending(self) -> list[QueueItem]:
+        return sorted(self._heap)
+
+    def remaining(self) -> int:
+        return len(self._heap) + (self.running is not None)
+
+    def contains(self, prompt_id: str) -> bool:
+        return (self.running is not None and self.running.prompt_id == prompt_id) or any(
+            item.prompt_id == prompt_id for item in self._heap)
+
+    def wipe(self) -> None:
+        self._heap.clear()
+        self.on_change()
+
+    def delete(self, prompt_id: str) -> bool:
+        for i, item in enumerate(self._heap):
+            if item.prompt_id == prompt_id:
+                self._heap.pop(i)
+                heapq.heapify(self._heap)
+                self.on_change()
+                return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self._heap)

@@ -1,0 +1,859 @@
+"""A ComfyUI-compatible HTTP / WebSocket server on aiohttp, executing prompts with ksampler-rt.
+
+Same endpoints, JSON bodies and WebSocket messages as ComfyUI's ``server.py`` (0.3.64) for the
+API a client needs (``/prompt``, ``/history``, ``/view``, ``/queue``, ``/interrupt``,
+``/object_info``, ``/upload/image``, ``/system_stats``, ``/ws``), plus ``/metrics``.
+
+Threading: the event loop owns the queue, the history and the sockets; one worker thread runs
+:meth:`Worker.run` for one prompt at a time, in queue order, and hands its events back to the
+loop with ``call_soon_threadsafe``, so HTTP never waits on inference.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import ipaddress
+import json
+import logging
+import mimetypes
+import os
+import platform
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from .history import History
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .prompt_queue import PromptQueue, QueueFull, QueueItem
+from .worker import LocalWorker, PromptExecutionError, PromptInterrupted, RunResult
+
+log = logging.getLogger("ksampler_rt.serve")
+
+COMFYUI_VERSION = "0.3.64"   # the ComfyUI behaviour this server reproduces
+_FOLDER_TYPES = ("output", "input", "temp")
+_FORCE_DOWNLOAD = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8188
+    models_dir: str | None = None
+    output_dir: str = "output"
+    input_dir: str = "input"
+    temp_dir: str | None = None
+    state_dir: str | None = None          # default: <output_dir>/.ksampler-rt
+    backend: str = "auto"
+    max_queue: int = 100                  # waiting prompts; more answer 429
+    max_history: int = 10000
+    cache_mb: float = 1024.0              # node-output cache bound (arrays), MiB
+    cache_entries: int = 256
+    preview: bool = False
+    preview_size: int = 512
+    max_upload_mb: float = 100.0          # multipart uploads (ComfyUI's --max-upload-size)
+    max_body_mb: float = 16.0             # JSON request bodies
+    ws_backlog: int = 4096                # queued messages per WebSocket client before it is dropped
+    preload: list[str] = field(default_factory=list)
+
+
+def error_body(kind: str, message: str, details: str | None = None, extra: dict | None = None,
+               node_errors: dict | None = None) -> dict:
+    """ComfyUI's error JSON: ``{"error": {type, message, details, extra_info}, "node_errors"}``."""
+    return {"error": {"type": kind, "message": message, "details": details if details is not None else message,
+                      "extra_info": extra or {}}, "node_errors": node_errors or {}}
+
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=partial(json.dumps, default=str))
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class UnsafePath(Exception):
+    """A client-supplied name that would leave its folder (status: 400 or 403)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _clean_subfolder(subfolder: str) -> tuple[str, ...]:
+    if "\x00" in subfolder:
+        raise UnsafePath("subfolder: contains a NUL byte", 400)
+    text = subfolder.replace("\\", "/")
+    if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+        raise UnsafePath(f"subfolder: received {subfolder!r}, expected a relative folder", 403)
+    parts = tuple(p for p in PurePosixPath(text).parts if p not in ("", "."))
+    for part in parts:
+        if part == ".." or part.startswith("."):
+            raise UnsafePath(f"subfolder: received {subfolder!r}, expected a folder inside the served one "
+                             "(no '..' or hidden names)", 403)
+    return parts
+
+
+def _clean_filename(filename: str) -> str:
+    if not filename or "\x00" in filename:
+        raise UnsafePath("filename: received an empty name", 400)
+    if filename[0] in "/\\" or ".." in filename or "/" in filename or "\\" in filename or filename.startswith("."):
+        raise UnsafePath(f"filename: received {filename!r}, expected a plain file name (no '/', '..' or "
+                         "leading '.')", 400)
+    return filename
+
+
+def safe_path(root: Path, subfolder: str, filename: str | None) -> Path:
+    """``root/subfolder/filename`` if it stays inside ``root`` after resolving symlinks."""
+    parts = _clean_subfolder(subfolder or "")
+    name = _clean_filename(filename) if filename is not None else None
+    root_real = root.resolve()
+    candidate = root_real.joinpath(*parts)
+    if name is not None:
+        candidate = candidate / name
+    real = candidate.resolve()
+    if real != root_real and root_real not in real.parents:
+        raise UnsafePath(f"{subfolder}/{filename or ''}: resolves outside the served folder", 403)
+    return candidate
+
+
+@dataclass
+class _Run:
+    item: QueueItem
+    sid: str | None
+    messages: list = field(default_factory=list)
+    last_node: str | None = None
+
+
+class _Client:
+    """One WebSocket connection: its own send queue, so a slow client never stalls the others."""
+
+    def __init__(self, sid: str, ws: web.WebSocketResponse, backlog: int):
+        self.sid = sid
+        self.ws = ws
+        self.feature_flags: dict = {}
+        self.queue: asyncio.Queue = asyncio.Queue(backlog)
+        self.task = asyncio.ensure_future(self._pump())
+
+    def push(self, payload) -> None:
+        try:
+            self.queue.put_nowait(payload)
+        except asyncio.QueueFull:
+            log.warning("websocket client %s is not reading; disconnecting it", self.sid)
+            self.task.cancel()
+            asyncio.ensure_future(self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too slow"))
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                payload = await self.queue.get()
+                if isinstance(payload, (bytes, bytearray)):
+                    await self.ws.send_bytes(bytes(payload))
+                else:
+                    await self.ws.send_str(payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a broken connection ends its pump, nothing else
+            log.debug("websocket %s: send failed (%s)", self.sid, exc)
+
+
+class PromptServer:
+    """The server. ``await start()`` binds and starts the worker loop; ``await stop()`` ends both."""
+
+    def __init__(self, config: ServerConfig | None = None, *, pipeline=None, worker=None):
+        self.config = config or ServerConfig()
+        c = self.config
+        self.output_dir = Path(c.output_dir).resolve()
+        self.input_dir = Path(c.input_dir).resolve()
+        self.temp_dir = Path(c.temp_dir).resolve() if c.temp_dir else self.output_dir.parent / "temp"
+        self.state_dir = Path(c.state_dir).resolve() if c.state_dir else self.output_dir / ".ksampler-rt"
+        for folder in (self.output_dir, self.input_dir, self.temp_dir, self.state_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        if pipeline is None:
+            from ..workflow.pipeline import Pipeline
+
+            pipeline = Pipeline(c.models_dir, backend=c.backend, output_dir=self.output_dir,
+                                input_dir=self.input_dir, temp_dir=self.temp_dir, log=log.info)
+        self.pipeline = pipeline
+        self.worker = worker or LocalWorker(pipeline, cache_bytes=int(c.cache_mb * 1024 * 1024),
+                                            cache_entries=c.cache_entries, preview=c.preview,
+                                            preview_size=c.preview_size)
+        self.metrics = Metrics()
+        self.history = History(self.state_dir, c.max_history)
+        for warning in self.history.load_warnings:
+            log.warning("history: %s", warning)
+        self.queue: PromptQueue | None = None
+        self.number = 0
+        self.clients: dict[str, _Client] = {}
+        self.current: _Run | None = None
+        self._interrupt = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ksampler-rt-worker")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduler: asyncio.Task | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopping = False
+        self.port: int | None = None
+        self.max_body = int(c.max_body_mb * 1024 * 1024)
+        self.app = self._make_app()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        self.queue = PromptQueue(self.config.max_queue, self._queue_changed)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001 -- the bound port when port=0
+        self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        for name in self.config.preload:
+            await self._loop.run_in_executor(self._executor, self.pipeline.load_checkpoint, name)
+        self._scheduler = asyncio.ensure_future(self._schedule())
+        if not _is_loopback(self.config.host):
+            log.warning("listening on %s: the server has no authentication; anyone who can reach this "
+                        "address can run prompts and read outputs", self.config.host)
+        log.info("ksampler-rt serve: http://%s:%s", self.config.host, self.port)
+        return self.port
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        if self.queue is not None:
+            self.queue.wipe()
+        self._interrupt.set()
+        if self._scheduler is not None:
+            if self.current is not None:  # let the running prompt stop between steps and be recorded
+                deadline = time.monotonic() + timeout
+                while self.current is not None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+            self._scheduler.cancel()
+            try:
+                await self._scheduler
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        for client in list(self.clients.values()):
+            client.task.cancel()
+            await client.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        self.clients.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        try:
+            self.worker.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    # -- messages -------------------------------------------------------------------------------------
+    def send(self, event: str, data: Any, sid: str | None = None) -> None:
+        """Like ComfyUI's ``send_sync`` on the loop: to ``sid`` only, or to everyone when None."""
+        payload = bytes(data) if isinstance(data, (bytes, bytearray)) else json.dumps(
+            {"type": event, "data": data}, default=str)
+        if sid is None:
+            targets = list(self.clients.values())
+        else:
+            targets = [self.clients[sid]] if sid in self.clients else []
+        for client in targets:
+            client.push(payload)
+
+    def queue_info(self) -> dict:
+        return {"exec_info": {"queue_remaining": self.queue.remaining() if self.queue else 0}}
+
+    def _queue_changed(self) -> None:
+        self.metrics.queue_pending.set(len(self.queue))
+        self.metrics.queue_running.set(1 if self.queue.running is not None else 0)
+        self.send("status", {"status": self.queue_info()})
+
+    def _add_message(self, run: _Run, event: str, data: dict, broadcast: bool = False) -> None:
+        """ComfyUI's PromptExecutor.add_message: kept in the history status, sent to the client."""
+        data = {**data, "timestamp": int(time.time() * 1000)}
+        run.messages.append((event, data))
+        if run.sid is not None or broadcast:
+            self.send(event, data, run.sid)
+
+    def _on_worker_event(self, run: _Run, kind: str, data: Any) -> None:
+        if kind == "execution_cached":
+            self._add_message(run, kind, data)
+        elif kind == "executing":
+            run.last_node = data.get("node")
+            self.send(kind, data, run.sid)
+        elif kind == "executed":
+            if run.sid is not None:
+                self.send(kind, data, run.sid)
+        elif kind == "preview":
+            self.send(kind, data, run.sid)
+        else:  # progress and anything newer
+            self.send(kind, data, run.sid)
+
+    # -- the worker loop ------------------------------------------------------------------------------
+    async def _schedule(self) -> None:
+        while True:
+            item = await self.queue.get()
+            try:
+                await self._execute(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 -- the loop survives anything one prompt does
+                log.exception("prompt %s: unexpected server error", item.prompt_id)
+            finally:
+                self.current = None
+                self.queue.done()
+
+    async def _execute(self, item: QueueItem) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        self.metrics.stage.labels("queue_wait").observe(started - item.submitted)
+        sid = item.extra_data.get("client_id")
+        run = self.current = _Run(item, sid if isinstance(sid, str) and sid else None)
+        self._interrupt.clear()
+        self._add_message(run, "execution_start", {"prompt_id": item.prompt_id})
+
+        def on_event(kind: str, data: Any) -> None:  # called on the worker thread
+            loop.call_soon_threadsafe(self._on_worker_event, run, kind, data)
+
+        outputs: dict = {}
+        result: RunResult | None = None
+        status = "error"
+        try:
+            result = await loop.run_in_executor(
+                self._executor, self.worker.run, item.prompt_id, item.prompt, item.extra_data, on_event,
+                self._interrupt.is_set)
+            outputs = result.outputs
+            status = "success"
+            self._add_message(run, "execution_success", {"prompt_id": item.prompt_id})
+        except PromptInterrupted as exc:
+            outputs, status = exc.outputs, "interrupted"
+            self._add_message(run, "execution_interrupted", exc.details, broadcast=True)
+        except PromptExecutionError as exc:
+            outputs = exc.outputs
+            self._add_message(run, "execution_error", exc.details)
+        except Exception as exc:  # noqa: BLE001 -- a worker that broke is reported like a node error
+            log.exception("prompt %s: worker failed", item.prompt_id)
+            self._add_message(run, "execution_error", {
+                "prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [],
+                "exception_message": str(exc) or type(exc).__name__, "exception_type": type(exc).__name__,
+                "traceback": [], "current_inputs": {}, "current_outputs": []})
+        executed = time.perf_counter()
+        self.metrics.stage.labels("execute").observe(executed - started)
+        self.metrics.prompts.labels(status).inc()
+        if result is not None:
+            self.metrics.observe_run(result)
+        entry = {
+            "prompt": item.as_comfy(),
+            "outputs": outputs or {},
+            "status": {"status_str": "success" if status == "success" else "error",
+                       "completed": status == "success", "messages": run.messages},
+            "meta": {node: {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node}
+                     for node in (outputs or {})},
+        }
+        try:
+            await loop.run_in_executor(None, self.history.add, item.prompt_id, entry)
+        except Exception:  # noqa: BLE001 -- a full disk must not stop the queue
+            log.exception("prompt %s: could not persist history", item.prompt_id)
+        self.metrics.stage.labels("history").observe(time.perf_counter() - executed)
+        self.metrics.stage.labels("total").observe(time.perf_counter() - item.submitted)
+        self.current = None
+        self.queue.done()
+        if run.sid is not None:
+            self.send("executing", {"node": None, "prompt_id": item.prompt_id}, run.sid)
+
+    # -- HTTP helpers -----------------------------------------------------------------------------------
+    async def _read_json(self, request: web.Request, *, allow_empty: bool = False):
+        """The JSON body, bounded by ``max_body_mb``; a web.Response on failure."""
+        if request.content_length is not None and request.content_length > self.max_body:
+            return _json(error_body("request_too_large", f"the request body has {request.content_length} bytes, "
+                                    f"more than the {self.max_body} this server accepts"), 413)
+        body = bytearray()
+        while True:
+            chunk = await request.content.read(1 << 16)
+            if not chunk:
+                break
+            body += chunk
+            if len(body) > self.max_body:
+                return _json(error_body("request_too_large", f"the request body is larger than the "
+                                        f"{self.max_body} bytes this server accepts"), 413)
+        if not body.strip():
+            if allow_empty:
+                return {}
+            return _json(error_body("invalid_json", "the request body is empty, expected a JSON object"), 400)
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _json(error_body("invalid_json", f"the request body is not valid JSON ({exc})"), 400)
+
+    def _folder(self, kind: str | None) -> Path | None:
+        return {"output": self.output_dir, "input": self.input_dir, "temp": self.temp_dir}.get(kind or "output")
+
+    # -- the application --------------------------------------------------------------------------------
+    def _make_app(self) -> web.Application:
+        @web.middleware
+        async def guard(request: web.Request, handler):
+            # A web page must not drive a loopback server from the user's browser (ComfyUI's rule).
+            origin, host = request.headers.get("Origin"), request.headers.get("Host")
+            if origin and host and origin != "null":
+                host_split = urllib.parse.urlsplit("//" + host.lower())
+                origin_split = urllib.parse.urlsplit(origin.lower())
+                if _is_loopback(host_split.hostname) and (
+                        host_split.hostname != origin_split.hostname
+                        or (host_split.port is not None and origin_split.port is not None
+                            and host_split.port != origin_split.port)):
+                    return web.Response(status=403, text="Origin does not match Host")
+            try:
+                return await handler(request)
+            except web.HTTPException:
+                raise
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                log.exception("%s %s failed", request.method, request.path)
+                return _json(error_body("server_error", f"{type(exc).__name__}: {exc}"), 500)
+
+        app = web.Application(client_max_size=int(self.config.max_upload_mb * 1024 * 1024), middlewares=[guard])
+        r = web.RouteTableDef()
+
+        @r.get("/ws")
+        async def websocket(request: web.Request):
+            ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=1 << 20)
+            await ws.prepare(request)
+            sid = request.query.get("clientId", "") or uuid.uuid4().hex
+            old = self.clients.pop(sid, None)
+            if old is not None:
+                old.task.cancel()
+            client = self.clients[sid] = _Client(sid, ws, self.config.ws_backlog)
+            self.metrics.ws_clients.set(len(self.clients))
+            client.push(json.dumps({"type": "status", "data": {"status": self.queue_info(), "sid": sid}}))
+            if self.current is not None and self.current.sid == sid and self.current.last_node is not None:
+                client.push(json.dumps({"type": "executing", "data": {
+                    "node": self.current.last_node, "display_node": self.current.last_node,
+                    "prompt_id": self.current.item.prompt_id}}))
+            first = True
+            try:
+                async for msg in ws:
+                    if msg.type == WSMsgType.TEXT:
+                        try:
+                            data = json.loads(msg.data)
+                        except json.JSONDecodeError:
+                            continue
+                        if first and isinstance(data, dict) and data.get("type") == "feature_flags":
+                            client.feature_flags = data.get("data") or {}
+                            client.push(json.dumps({"type": "feature_flags", "data": self._features()}))
+                        first = False
+            finally:
+                if self.clients.get(sid) is client:
+                    del self.clients[sid]
+                client.task.cancel()
+                self.metrics.ws_clients.set(len(self.clients))
+            return ws
+
+        @r.post("/prompt")
+        async def post_prompt(request: web.Request):
+            t0 = time.perf_counter()
+            data = await self._read_json(request)
+            if isinstance(data, web.Response):
+                self.metrics.rejected.labels("bad_request").inc()
+                return data
+            if not isinstance(data, dict):
+                self.metrics.rejected.labels("bad_request").inc()
+                return _json(error_body("invalid_prompt", f"the body is a JSON {type(data).__name__}, expected an "
+                                        'object {"prompt": {...}, "client_id": ...}'), 400)
+            if "prompt" not in data:
+                self.metrics.rejected.labels("bad_request").inc()
+                return _json(error_body("no_prompt", "No prompt provided"), 400)
+            if self._stopping:
+                return _json(error_body("server_stopping", "the server is shutting down"), 503)
+            if len(self.queue) >= self.queue.max_pending:
+                self.metrics.rejected.labels("queue_full").inc()
+                return _json(error_body("queue_full", f"the queue is full ({len(self.queue)} prompts waiting, "
+                                        f"--max-queue {self.queue.max_pending}); retry later",
+                                        extra={"max_queue": self.queue.max_pending}), 429)
+            try:
+                if "number" in data:
+                    number = float(data["number"])
+                else:
+                    number = -self.number if data.get("front") else self.number
+                    self.number += 1
+            except (TypeError, ValueError):
+                return _json(error_body("invalid_prompt", f"number: received {data.get('number')!r}, expected a "
+                                        "number"), 400)
+            prompt_id = str(data.get("prompt_id") or uuid.uuid4())
+            if self.queue.contains(prompt_id):
+                return _json(error_body("invalid_prompt", f"prompt_id: {prompt_id!r} is already queued or running"),
+                             400)
+            extra_data = data.get("extra_data") or {}
+            if not isinstance(extra_data, dict):
+                return _json(error_body("invalid_prompt", "extra_data: expected a JSON object"), 400)
+            if "client_id" in data:
+                extra_data["client_id"] = data["client_id"]
+            from ..workflow.graph import WorkflowError
+
+            try:
+                plan = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.prepare, data["prompt"])
+            except WorkflowError as exc:
+                self.metrics.rejected.labels("invalid").inc()
+                return _json(exc.comfy_error(), 400)
+            except Exception as exc:  # noqa: BLE001 -- a malformed prompt is the client's error
+                self.metrics.rejected.labels("invalid").inc()
+                return _json(error_body("invalid_prompt", f"the prompt cannot be read: {type(exc).__name__}: {exc}"),
+                             400)
+            self.metrics.stage.labels("validate").observe(time.perf_counter() - t0)
+            item = QueueItem(number, self.queue.next_seq(), prompt_id, plan.prompt, extra_data, list(plan.outputs))
+            try:
+                self.queue.put(item)
+            except QueueFull as exc:
+                self.metrics.rejected.labels("queue_full").inc()
+                return _json(error_body("queue_full", str(exc), extra={"max_queue": self.queue.max_pending}), 429)
+            number_out = int(number) if float(number).is_integer() else number
+            return _json({"prompt_id": prompt_id, "number": number_out, "node_errors": {}})
+
+        @r.get("/prompt")
+        async def get_prompt(request):
+            return _json(self.queue_info())
+
+        @r.get("/queue")
+        async def get_queue(request):
+            running = [self.queue.running.as_comfy()] if self.queue.running is not None else []
+            return _json({"queue_running": running, "queue_pending": [i.as_comfy() for i in self.queue.pending()]})
+
+        @r.post("/queue")
+        async def post_queue(request):
+            data = await self._read_json(request)
+            if isinstance(data, web.Response):
+                return data
+            if not isinstance(data, dict):
+                return _json(error_body("invalid_request", 'expected {"clear": true} or {"delete": [prompt_id, ...]}'),
+                             400)
+            if data.get("clear"):
+                self.queue.wipe()
+            for prompt_id in data.get("delete") or []:
+                self.queue.delete(str(prompt_id))
+            return web.Response(status=200)
+
+        @r.post("/interrupt")
+        async def post_interrupt(request):
+            data = await self._read_json(request, allow_empty=True)
+            if isinstance(data, web.Response):
+                data = {}
+            prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
+            running = self.queue.running
+            if not prompt_id or (running is not None and running.prompt_id == prompt_id):
+                self._interrupt.set()
+            return web.Response(status=200)
+
+        @r.post("/free")
+        async def post_free(request):
+            data = await self._read_json(request, allow_empty=True)
+            if isinstance(data, web.Response):
+                return data
+            unload, free = bool(data.get("unload_models")), bool(data.get("free_memory"))
+            if unload or free:  # runs on the worker thread, after the prompt in progress
+                asyncio.get_running_loop().run_in_executor(self._executor, self.worker.free, unload, free)
+            return web.Response(status=200)
+
+        @r.get("/history")
+        async def get_history(request):
+            try:
+                max_items = int(request.query["max_items"]) if "max_items" in request.query else None
+                offset = int(request.query.get("offset", -1))
+            except ValueError:
+                return _json(error_body("invalid_request", "max_items / offset: expected integers"), 400)
+            return _json(self.history.get(max_items=max_items, offset=offset))
+
+        @r.get("/history/{prompt_id}")
+        async def get_history_item(request):
+            return _json(self.history.get(prompt_id=request.match_info["prompt_id"]))
+
+        @r.post("/history")
+        async def post_history(request):
+            data = await self._read_json(request)
+            if isinstance(data, web.Response):
+                return data
+            if isinstance(data, dict):
+                if data.get("clear"):
+                    await asyncio.get_running_loop().run_in_executor(None, self.history.clear)
+                for prompt_id in data.get("delete") or []:
+                    await asyncio.get_running_loop().run_in_executor(None, self.history.delete, str(prompt_id))
+            return web.Response(status=200)
+
+        @r.get("/object_info")
+        async def object_info(request):
+            specs = self.pipeline.specs
+            out = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: {name: spec.object_info() for name, spec in specs.items()})
+            return _json(out)
+
+        @r.get("/object_info/{node_class}")
+        async def object_info_node(request):
+            spec = self.pipeline.specs.get(request.match_info["node_class"])
+            if spec is None:
+                return _json({})
+            info = await asyncio.get_running_loop().run_in_executor(None, spec.object_info)
+            return _json({spec.class_type: info})
+
+        @r.get("/view")
+        async def view(request):
+            return await self._view(request)
+
+        @r.post("/upload/image")
+        async def upload_image(request):
+            return await self._upload(request)
+
+        @r.get("/system_stats")
+        async def system_stats(request):
+            return _json(await asyncio.get_running_loop().run_in_executor(None, self._system_stats))
+
+        @r.get("/features")
+        async def features(request):
+            return _json(self._features())
+
+        @r.get("/embeddings")
+        async def embeddings(request):
+            return _json([])
+
+        @r.get("/models")
+        async def models(request):
+            return _json(["checkpoints", "loras"])
+
+        @r.get("/models/{folder}")
+        async def models_in(request):
+            registry = self.pipeline.registry
+            folder = request.match_info["folder"]
+            if folder == "checkpoints":
+                return _json(registry.checkpoint_names())
+            if folder == "loras":
+                return _json(registry.lora_names())
+            return web.Response(status=404)
+
+        @r.get("/metrics")
+        async def metrics(request):
+            return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app.add_routes(r)
+        return app
+
+    def _features(self) -> dict:
+        return {"supports_preview_metadata": False,
+                "max_upload_size": int(self.config.max_upload_mb * 1024 * 1024)}
+
+    # -- /view ----------------------------------------------------------------------------------------------
+    async def _view(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        filename = q.get("filename")
+        if filename is None:
+            return web.Response(status=404)
+        kind = q.get("type", "output")
+        for annotation in _FOLDER_TYPES:  # "name.png [output]" names the folder, as in ComfyUI
+            if filename.endswith(f" [{annotation}]"):
+                filename, kind = filename[: -len(annotation) - 3], annotation
+        root = self._folder(kind)
+        if root is None:
+            return web.Response(status=400, text=f"type: received {kind!r}, expected one of {_FOLDER_TYPES}")
+        try:
+            path = safe_path(root, q.get("subfolder", ""), filename)
+        except UnsafePath as exc:
+            return web.Response(status=exc.status, text=str(exc))
+        if not path.is_file():
+            return web.Response(status=404)
+        disposition = {"Content-Disposition": f'filename="{path.name}"'}
+        if "preview" in q or q.get("channel") in ("rgb", "a"):
+            body, content_type = await asyncio.get_running_loop().run_in_executor(
+                None, _render_view, path, q.get("preview"), q.get("channel", ""))
+            if body is None:
+                return web.Response(status=400, text="the file is not an image")
+            return web.Response(body=body, content_type=content_type, headers=disposition)
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if content_type in _FORCE_DOWNLOAD:
+            content_type = "application/octet-stream"
+        return web.FileResponse(path, headers={**disposition, "Content-Type": content_type})
+
+    # -- /upload/image --------------------------------------------------------------------------------------
+    async def _upload(self, request: web.Request) -> web.Response:
+        try:
+            post = await request.post()
+        except web.HTTPRequestEntityTooLarge:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            return _json(error_body("invalid_request", f"expected a multipart form with an 'image' file ({exc})"),
+                         400)
+        image = post.get("image")
+        if image is None or not hasattr(image, "file"):
+            return _json(error_body("invalid_request", "image: expected a file field named 'image'"), 400)
+        kind = post.get("type") or "input"
+        root = self._folder(kind)
+        if root is None:
+            return _json(error_body("invalid_request", f"type: received {kind!r}, expected one of {_FOLDER_TYPES}"),
+                         400)
+        subfolder = str(post.get("subfolder") or "")
+        overwrite = str(post.get("overwrite") or "").lower() in ("true", "1")
+        try:
+            name = await asyncio.get_running_loop().run_in_executor(
+                None, _store_upload, root, subfolder, image.filename or "", image.file, overwrite)
+        except UnsafePath as exc:
+            return _json(error_body("invalid_filename", str(exc)), exc.status)
+        except ValueError as exc:
+            return _json(error_body("invalid_image", str(exc)), 400)
+        return _json({"name": name, "subfolder": subfolder, "type": kind})
+
+    # -- /system_stats --------------------------------------------------------------------------------------
+    def _system_stats(self) -> dict:
+        from .. import __version__ as version
+
+        ram_total = ram_free = 0
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.strip()}
+            ram_total, ram_free = info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
+        except (OSError, ValueError, IndexError):
+            pass
+        backend = getattr(self.pipeline, "backend", "auto")
+        return {
+            "system": {"os": os.name, "ram_total": ram_total, "ram_free": ram_free,
+                       "comfyui_version": COMFYUI_VERSION, "ksampler_rt_version": version,
+                       "python_version": sys.version, "pytorch_version": None, "embedded_python": False,
+                       "argv": sys.argv},
+            "devices": [{"name": f"ksampler-rt ({backend}) on {platform.machine()}",
+                         "type": "cuda" if backend in ("cuda", "tensorrt", "trt") else "cpu", "index": 0,
+                         "vram_total": 0, "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}],
+        }
+
+
+def _render_view(path: Path, preview: str | None, channel: str):
+    """ComfyUI's /view ``preview=fmt;quality`` and ``channel=rgb|a`` conversions."""
+    from PIL import Image
+
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception:  # noqa: BLE001
+        return None, None
+    buffer = io.BytesIO()
+    if preview is not None:
+        parts = preview.split(";")
+        fmt = parts[0] if parts[0] in ("webp", "jpeg") and "a" not in channel else "webp"
+        quality = int(parts[-1]) if parts[-1].isdigit() else 90
+        if fmt == "jpeg" or channel == "rgb":
+            img = img.convert("RGB")
+        img.save(buffer, format=fmt, quality=quality)
+        return buffer.getvalue(), f"image/{fmt}"
+    if channel == "rgb":
+        img.convert("RGB").save(buffer, format="PNG")
+    else:  # "a": the alpha channel as an RGBA image
+        alpha = img.getchannel("A") if img.mode == "RGBA" else Image.new("L", img.size, 255)
+        out = Image.new("RGBA", img.size)
+        out.putalpha(alpha)
+        out.save(buffer, format="PNG")
+    return buffer.getvalue(), "image/png"
+
+
+def _store_upload(root: Path, subfolder: str, filename: str, stream, overwrite: bool) -> str:
+    """Write an uploaded image inside ``root`` (never outside); the stored file name."""
+    from PIL import Image
+
+    path = safe_path(root, subfolder, filename)
+    data = stream.read()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"image: {filename!r} is not a readable image ({type(exc).__name__})") from None
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.resolve() != root.resolve() and root.resolve() not in folder.resolve().parents:
+        raise UnsafePath(f"subfolder: {subfolder!r} resolves outside the served folder", 403)
+    if not overwrite:
+        stem, suffix = os.path.splitext(filename)
+        i = 1
+        while path.exists() or path.is_symlink():
+            if path.is_file() and path.resolve().is_relative_to(root.resolve()):
+                if hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest():
+                    return path.name  # the same image is already there
+            path = folder / f"{stem} ({i}){suffix}"
+            i += 1
+    tmp = folder / f".upload-{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)  # replaces a symlink itself, never its target
+    return path.name
+
+
+# -- running a server ----------------------------------------------------------------------------------------
+async def serve_forever(server: PromptServer, stop_event: asyncio.Event | None = None) -> None:
+    await server.start()
+    stop_event = stop_event or asyncio.Event()
+    try:
+        await stop_event.wait()
+    finally:
+        await server.stop()
+
+
+class ServerThread:
+    """A server on its own event loop in a background thread (tests, benchmarks, notebooks)::
+
+        with ServerThread(PromptServer(ServerConfig(port=0))) as srv:
+            requests.post(srv.url + "/prompt", json=...)
+    """
+
+    def __init__(self, server: PromptServer, start_timeout: float = 30.0):
+        self.server = server
+        self.start_timeout = start_timeout
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.config.host}:{self.server.port}"
+
+    def start(self) -> "ServerThread":
+        self._thread = threading.Thread(target=self._main, name="ksampler-rt-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(self.start_timeout):
+            raise TimeoutError(f"the server did not start within {self.start_timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        async def main():
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            try:
+                await self._stop.wait()
+            finally:
+                await self.server.stop()
+
+        asyncio.run(main())
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.loop is not None and self._stop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
