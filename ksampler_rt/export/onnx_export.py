@@ -185,6 +185,8 @@ def build_specs(src, precision: str, upcast_attention: bool):
     # --- text encoders
     for name, sub, _tok in TEXT_ENCODERS[fam]:
         te = src.modules[sub]
+        if hasattr(te, "set_attn_implementation"):
+            te.set_attn_implementation("eager")  # sdpa's TorchScript symbolic breaks fp16 graphs
         cfg = te.config
         cexp, cref = pair(te, lambda m, d: ClipWrapper(m), dt)
         proj = hasattr(te, "text_projection")

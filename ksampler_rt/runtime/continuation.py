@@ -27,12 +27,19 @@ CONTINUATION_MODES = ("comfyui", "exact")
 STATE_KEY = "continuation"
 
 
-class StopAtStep(Exception):
-    """Raised from the callback to end a window at a step boundary."""
+# Samplers whose callback steps are not the schedule's steps: dpm_fast spreads exactly ``steps``
+# model evaluations over fewer solver intervals, so a window boundary is an evaluation count
+# (the same count ComfyUI's window would spend).
+EVALUATION_STEP_SAMPLERS = frozenset({"dpm_fast"})
 
-    def __init__(self, step: int, x: np.ndarray):
+
+class StopAtStep(Exception):
+    """Raised to end a window at a step boundary (from the callback, or before an evaluation)."""
+
+    def __init__(self, step: int, x: np.ndarray, *, after_evaluation: bool):
         super().__init__(step)
         self.step, self.x = step, x
+        self.after_evaluation = after_evaluation  # the last recorded evaluation belongs to the next window
 
 
 @dataclass
@@ -65,10 +72,11 @@ def fingerprint(model, seed: int, steps: int, sampler_name: str, scheduler: str,
 class RecordingDenoiser:
     """Wraps a CFG denoiser: replays recorded evaluations first, then evaluates and records."""
 
-    def __init__(self, denoiser, replay: list):
+    def __init__(self, denoiser, replay: list, stop_at_evaluation: int | None = None):
         self.inner = denoiser
         self.model_sampling = denoiser.model_sampling
         self.evaluations = list(replay)
+        self.stop_at_evaluation = stop_at_evaluation
         self._next = 0
 
     @property
@@ -77,12 +85,14 @@ class RecordingDenoiser:
 
     def with_uncond(self, x: np.ndarray, sigma):
         if self._next < len(self.evaluations):
-            result = self.evaluations[self._next]
+            denoised, uncond = self.evaluations[self._next]
+        elif self._next == self.stop_at_evaluation:
+            raise StopAtStep(self._next, x.copy(), after_evaluation=False)
         else:
-            result = self.inner.with_uncond(x, sigma)
-            self.evaluations.append(result)
+            denoised, uncond = self.inner.with_uncond(x, sigma)
+            self.evaluations.append((denoised.copy(), uncond.copy()))
         self._next += 1
-        return result
+        return denoised.copy(), uncond.copy()  # samplers may update them in place; the record must not change
 
     def __call__(self, x: np.ndarray, sigma) -> np.ndarray:
         return self.with_uncond(x, sigma)[0]

@@ -14,11 +14,13 @@ Follows ComfyUI 0.3.64 ``nodes.common_ksampler`` -> ``comfy.sample.sample`` ->
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
 
 from .cfg import CFGDenoiser
+from .continuation import EVALUATION_STEP_SAMPLERS, STATE_KEY, ContinuationState, RecordingDenoiser, StopAtStep, check_mode, fingerprint, usable_state
 from .model import Model
 from .noise import NoiseSource, prepare_noise
 from .samplers import get_sampler
@@ -155,14 +157,89 @@ def ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_name: str,
 
 def ksampler_advanced(model: Model, add_noise, noise_seed: int, steps: int, cfg: float, sampler_name: str,
                       scheduler: str, positive, negative, latent_image: dict, start_at_step: int,
-                      end_at_step: int, return_with_leftover_noise, *,
+                      end_at_step: int, return_with_leftover_noise, *, continuation: str = "comfyui",
                       callback: ProgressCallback | None = None) -> dict:
-    """ComfyUI's ``KSamplerAdvanced`` node (denoise 1.0, a start/end window over the full schedule)."""
+    """ComfyUI's ``KSamplerAdvanced`` node (denoise 1.0, a start/end window over the full schedule).
+
+    ``continuation="exact"`` makes a chain of windows bit-identical to one unsplit run, for every
+    sampler (see :mod:`ksampler_rt.runtime.continuation`); the default keeps ComfyUI's behaviour.
+    """
     start = _int_in("start_at_step", start_at_step, 0, _STEPS_MAX)
     end = _int_in("end_at_step", end_at_step, 0, _STEPS_MAX)
-    return common_ksampler(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                           latent_image, denoise=1.0,
-                           disable_noise=not _flag("add_noise", add_noise),
-                           start_step=start, last_step=end,
-                           force_full_denoise=not _flag("return_with_leftover_noise", return_with_leftover_noise),
-                           callback=callback)
+    noise_on = _flag("add_noise", add_noise)
+    leftover = _flag("return_with_leftover_noise", return_with_leftover_noise)
+    if check_mode(continuation) == "exact":
+        exact = _exact_window(model, noise_on, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                              latent_image, start, end, leftover, callback)
+        if exact is not None:
+            return exact
+    out = common_ksampler(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                          latent_image, denoise=1.0, disable_noise=not noise_on, start_step=start, last_step=end,
+                          force_full_denoise=not leftover, callback=callback)
+    out.pop(STATE_KEY, None)
+    return out
+
+
+def _exact_window(model, noise_on, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                  start, end, leftover, callback):
+    """One window of an exactly continued chain, or None where ComfyUI's semantics apply unchanged
+    (a window that ends the image early, an early return, or no usable state to continue from)."""
+    seed = _int_in("seed", seed, 0, 2 ** 64 - 1)
+    steps = _int_in("steps", steps, 1, _STEPS_MAX)
+    cfg = _check_cfg(cfg)
+    spec = get_sampler(sampler_name)
+    width = _check_conditioning("positive", positive, None)
+    _check_conditioning("negative", negative, width)
+    latent_image = _fit_channels(model, _check_latent(latent))
+    full = calculate_sigmas(model, scheduler, steps, sampler_name, 1.0)
+    n = len(full) - 1
+    stop = end if end < n else None
+    if (stop is not None and not leftover) or start >= (n if stop is None else stop):
+        return None
+    fp = fingerprint(model, seed, steps, sampler_name, scheduler, latent_image.shape)
+    if start > 0:
+        state = usable_state(latent, fp, start)
+        if state is None and STATE_KEY not in latent:
+            warnings.warn(f"continuation='exact': the latent for start_at_step={start} carries no continuation "
+                          "state (the previous window must also use continuation='exact' and return leftover "
+                          "noise); sampling as ComfyUI does", stacklevel=3)
+        if state is not None and noise_on:
+            warnings.warn("continuation='exact': add_noise is enabled, so this window does not continue the "
+                          "previous one; sampling as ComfyUI does", stacklevel=3)
+            state = None
+        if state is None:
+            return None
+        x0, replay = state.x0, state.evaluations
+    else:
+        noise = prepare_noise(latent_image, seed, latent.get("batch_index")) if noise_on else np.zeros_like(latent_image)
+        scaled = model.process_latent_in(latent_image) if latent_image.any() else latent_image
+        ms = model.model_sampling
+        max_denoise = math.isclose(float(ms.sigma_max), float(full[0]), rel_tol=1e-05) or float(full[0]) > float(ms.sigma_max)
+        x0, replay = ms.noise_scaling(full[0], noise, scaled, max_denoise), []
+
+    by_evaluation = sampler_name in EVALUATION_STEP_SAMPLERS
+    denoiser = RecordingDenoiser(
+        CFGDenoiser(model, positive, negative, cfg, latent_image.shape[0], latent_image.shape[2:4],
+                    cfg_pp=spec.cfg_pp, sigmas=full), replay, stop if by_evaluation else None)
+    total = (n if stop is None else stop) - start
+
+    def on_step(i, x_i, denoised):
+        if i == stop and not by_evaluation:
+            raise StopAtStep(i, x_i, after_evaluation=True)
+        if callback is not None and i >= start and not denoiser.replaying:
+            callback(i - start, total, x_i, denoised)
+
+    out = dict(latent)
+    try:
+        samples = spec.fn(denoiser, x0.copy(), full, NoiseSource(seed), callback=on_step)
+    except StopAtStep as stopped:
+        # an evaluation that announced step `stop` belongs to the next window's model: drop it
+        evaluations = denoiser.evaluations[:-1] if stopped.after_evaluation else denoiser.evaluations
+        state = ContinuationState(fp, full, x0, evaluations, stop, stopped.x.copy())
+        out["samples"] = model.process_latent_out(stopped.x.astype(np.float32))
+        out[STATE_KEY] = state
+        return out
+    samples = model.model_sampling.inverse_noise_scaling(full[-1], samples)
+    out["samples"] = model.process_latent_out(samples.astype(np.float32))
+    out.pop(STATE_KEY, None)
+    return out

@@ -64,6 +64,8 @@ class PromptQueue:
         return item
 
     def done(self) -> None:
+        if self.running is None:
+            return
         self.running = None
         self.on_change()
 

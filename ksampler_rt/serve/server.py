@@ -179,18 +179,21 @@ class PromptServer:
     def __init__(self, config: ServerConfig | None = None, *, pipeline=None, worker=None):
         self.config = config or ServerConfig()
         c = self.config
-        self.output_dir = Path(c.output_dir).resolve()
-        self.input_dir = Path(c.input_dir).resolve()
-        self.temp_dir = Path(c.temp_dir).resolve() if c.temp_dir else self.output_dir.parent / "temp"
-        self.state_dir = Path(c.state_dir).resolve() if c.state_dir else self.output_dir / ".ksampler-rt"
-        for folder in (self.output_dir, self.input_dir, self.temp_dir, self.state_dir):
-            folder.mkdir(parents=True, exist_ok=True)
         if pipeline is None:
             from ..workflow.pipeline import Pipeline
 
-            pipeline = Pipeline(c.models_dir, backend=c.backend, output_dir=self.output_dir,
-                                input_dir=self.input_dir, temp_dir=self.temp_dir, log=log.info)
+            output_dir = Path(c.output_dir).resolve()
+            temp_dir = Path(c.temp_dir).resolve() if c.temp_dir else output_dir.parent / "temp"
+            pipeline = Pipeline(c.models_dir, backend=c.backend, output_dir=output_dir,
+                                input_dir=Path(c.input_dir).resolve(), temp_dir=temp_dir, log=log.info)
         self.pipeline = pipeline
+        # /view and /upload serve exactly the folders the nodes read and write.
+        self.output_dir = Path(pipeline.output_dir).resolve()
+        self.input_dir = Path(pipeline.input_dir).resolve()
+        self.temp_dir = Path(pipeline.temp_dir).resolve()
+        self.state_dir = Path(c.state_dir).resolve() if c.state_dir else self.output_dir / ".ksampler-rt"
+        for folder in (self.output_dir, self.input_dir, self.temp_dir, self.state_dir):
+            folder.mkdir(parents=True, exist_ok=True)
         self.worker = worker or LocalWorker(pipeline, cache_bytes=int(c.cache_mb * 1024 * 1024),
                                             cache_entries=c.cache_entries, preview=c.preview,
                                             preview_size=c.preview_size)
@@ -252,7 +255,11 @@ class PromptServer:
         self.clients.clear()
         if self._runner is not None:
             await self._runner.cleanup()
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                None, partial(self._executor.shutdown, wait=True, cancel_futures=True)), timeout)
+        except asyncio.TimeoutError:
+            log.warning("the worker thread did not stop within %s s", timeout)
         try:
             self.worker.close()
         except Exception:  # noqa: BLE001
@@ -271,7 +278,7 @@ class PromptServer:
             client.push(payload)
 
     def queue_info(self) -> dict:
-        return {"exec_info": {"queue_remaining": self.queue.remaining() if self.queue else 0}}
+        return {"exec_info": {"queue_remaining": self.queue.remaining() if self.queue is not None else 0}}
 
     def _queue_changed(self) -> None:
         self.metrics.queue_pending.set(len(self.queue))

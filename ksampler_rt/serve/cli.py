@@ -1,0 +1,86 @@
+"""``ksampler-rt serve``: the ComfyUI-compatible server (see docs/server.md)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="run a ComfyUI-compatible API server (POST /prompt, /ws, /history, /view, ...)",
+        description="A drop-in backend for ComfyUI API clients: same endpoints, JSON and WebSocket "
+                    "messages; engines stay loaded between prompts.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; the server has no authentication)")
+    p.add_argument("--port", type=int, default=8188, help="port (default 8188; 0 picks a free one)")
+    p.add_argument("--models", default=None, metavar="DIR",
+                   help="models folder (checkpoints/<name>/manifest.json); default $KSAMPLER_RT_MODELS or the cache")
+    p.add_argument("--output", default="output", metavar="DIR", help="where SaveImage writes (default ./output)")
+    p.add_argument("--input", default="input", metavar="DIR", help="LoadImage / upload folder (default ./input)")
+    p.add_argument("--temp", default=None, metavar="DIR", help="PreviewImage folder (default: temp beside --output)")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where history is persisted (default <output>/.ksampler-rt)")
+    p.add_argument("--backend", default="auto", help="engine backend: auto, cpu, cuda, tensorrt (default auto)")
+    p.add_argument("--workers", default="local", choices=("local", "ray"),
+                   help="where prompts execute: local (one worker thread in this process)")
+    p.add_argument("--max-queue", type=int, default=100, metavar="N",
+                   help="waiting prompts before POST /prompt answers 429 (default 100)")
+    p.add_argument("--max-history", type=int, default=10000, metavar="N", help="history entries kept (default 10000)")
+    p.add_argument("--cache-mb", type=float, default=1024.0, metavar="MB",
+                   help="memory bound of the node-output cache between prompts (default 1024; 0 disables)")
+    p.add_argument("--preview", action="store_true",
+                   help="send a JPEG latent preview (latent2rgb) over the WebSocket after every sampling step")
+    p.add_argument("--preview-size", type=int, default=512, metavar="PX", help="largest preview side (default 512)")
+    p.add_argument("--max-upload-mb", type=float, default=100.0, metavar="MB",
+                   help="largest upload / request (default 100)")
+    p.add_argument("--max-body-mb", type=float, default=16.0, metavar="MB",
+                   help="largest JSON request body (default 16)")
+    p.add_argument("--preload", action="append", default=[], metavar="CKPT",
+                   help="load this checkpoint's engines at start (repeatable)")
+    p.add_argument("--fake-checkpoint", action="append", default=[], metavar="NAME",
+                   help="serve NAME with a built-in analytic stand-in model (for testing API clients; no engines)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    try:
+        from .server import PromptServer, ServerConfig, serve_forever
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"serve needs the [serve] extra ({exc.name} is missing): "
+                         "pip install 'ksampler-rt[serve]'") from None
+    if args.workers != "local":
+        raise ValueError(f"--workers: received {args.workers!r}; only 'local' is available in this version")
+    for name, value in (("--port", args.port), ("--max-queue", args.max_queue), ("--max-history", args.max_history)):
+        if value < 0 or (name != "--port" and value == 0):
+            raise ValueError(f"{name}: received {value}, expected a positive integer")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(host=args.host, port=args.port, models_dir=args.models, output_dir=args.output,
+                          input_dir=args.input, temp_dir=args.temp, state_dir=args.state_dir, backend=args.backend,
+                          max_queue=args.max_queue, max_history=args.max_history, cache_mb=args.cache_mb,
+                          preview=args.preview, preview_size=args.preview_size, max_upload_mb=args.max_upload_mb,
+                          max_body_mb=args.max_body_mb, preload=list(args.preload))
+    pipeline = None
+    if args.fake_checkpoint:
+        from .testing import fake_pipeline
+
+        pipeline = fake_pipeline(args.fake_checkpoint, models_dir=args.models, backend=args.backend,
+                                 output_dir=config.output_dir, input_dir=config.input_dir, temp_dir=args.temp)
+
+    async def main() -> None:
+        server = PromptServer(config, pipeline=pipeline)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await serve_forever(server, stop)
+
+    asyncio.run(main())
+    return 0
