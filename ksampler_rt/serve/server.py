@@ -638,8 +638,9 @@ class PromptServer:
         async def models_in(request):
             registry = self.pipeline.registry
             folder = request.match_info["folder"]
-            if folder == "checkpoints":
-                return _json(registry.checkpoint_names())
+            if folder == "checkpoints":  # what CheckpointLoaderSimple accepts
+                loader = self.pipeline.specs.get("CheckpointLoaderSimple")
+                return _json(loader.inputs["ckpt_name"].combo_values() if loader else registry.checkpoint_names())
             if folder == "loras":
                 return _json(registry.lora_names())
             return web.Response(status=404)

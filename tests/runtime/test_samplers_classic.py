@@ -176,7 +176,8 @@ def test_torch_linspace_is_bit_exact():
     for _ in range(200):
         a, b = F32(rng.uniform(-3, 1)), F32(rng.uniform(2, 5))
         n = int(rng.integers(2, 40))
-        np.testing.assert_array_equal(torch_linspace(a, b, n), torch.linspace(torch.tensor(a), torch.tensor(b), n).numpy())
+        want = torch.linspace(torch.tensor(a), torch.tensor(b), n).numpy()
+        np.testing.assert_array_equal(torch_linspace(a, b, n), want)
 
 
 def test_lms_coefficients_integrate_the_lagrange_basis():

@@ -1,9 +1,7 @@
 """Sigma schedules vs ComfyUI 0.3.64 (values from /work/shared/reference/comfyui-sampling.md §4-§5)."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +10,6 @@ from ksampler_rt.runtime import schedulers as S
 from ksampler_rt.runtime.model_sampling import ModelSamplingDiscrete
 from ksampler_rt.runtime.samplers.registry import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, SAMPLER_NAMES
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
 class _Model:
@@ -363,32 +360,5 @@ def test_torch_linspace_emulation():
             assert np.array_equal(S._torch_linspace(a, b, n), torch.linspace(a, b, n).numpy()), (a, b, n)
 
 
-# -- golden lists from a real ComfyUI run (written by another helper; optional) --------------------------
-def _golden_cases():
-    path = GOLDEN_DIR / "schedulers.json"
-    if not path.exists():
-        return []
-    data = json.loads(path.read_text())
-    cases = []
-    records = data.get("cases", data) if isinstance(data, dict) else data
-    if isinstance(records, dict):  # {scheduler: {steps: sigmas}}
-        for name, by_steps in records.items():
-            if name in S.SCHEDULER_NAMES and isinstance(by_steps, dict):
-                for steps, sigmas in by_steps.items():
-                    cases.append(dict(scheduler=name, steps=int(steps), sigmas=sigmas))
-    else:
-        cases = [r for r in records if isinstance(r, dict) and "sigmas" in r]
-    return cases
+# Real-ComfyUI sigma lists for every scheduler are compared in test_comfyui_parity.py.
 
-
-def test_golden_comfyui_sigmas():
-    cases = _golden_cases()
-    if not cases:
-        pytest.skip("no tests/runtime/golden/schedulers.json")
-    for case in cases:
-        model = _Model(zsnr=bool(case.get("zsnr", False)))
-        ours = S.calculate_sigmas(model, case["scheduler"], int(case["steps"]), sampler_name=case.get("sampler_name"),
-                                  denoise=case.get("denoise", 1.0))
-        ref = np.asarray(case["sigmas"], dtype=np.float32)
-        assert ours.shape == ref.shape, case
-        np.testing.assert_allclose(ours, ref, rtol=3e-7, atol=0, equal_nan=True, err_msg=str(case)[:200])

@@ -7,8 +7,6 @@ run the ``*_gpu`` variants (Brownian tree on x's device) are the same as the pla
 """
 from __future__ import annotations
 
-import numpy as np
-
 from .common import (
     brownian_bounds, exp, expm1, f32, get_ancestral_step, half_log_snr_to_sigma, notify, offset_first_sigma_for_snr,
     sigma_to_half_log_snr, sqrt, to_d,
@@ -150,7 +148,8 @@ def sample_dpmpp_2m_cfg_pp(model, x, sigmas, noise, callback=None):
             denoised_mix = -exp(-h) * uncond_denoised
         else:
             r = (t - t_fn(f32(sigmas[i - 1]))) / h
-            denoised_mix = -exp(-h) * uncond_denoised - expm1(-h) * (1 / (2 * r)) * (denoised - old_uncond_denoised)
+            denoised_mix = (-exp(-h) * uncond_denoised
+                            - expm1(-h) * (1 / (2 * r)) * (denoised - old_uncond_denoised))
         x = denoised + denoised_mix + exp(-h) * x
         old_uncond_denoised = uncond_denoised
     return x
