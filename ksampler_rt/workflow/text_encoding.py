@@ -23,27 +23,43 @@ import numpy as np
 
 from .tokenizer import ClipTokenizer, WeightedToken
 
-# A tower's forward pass: input_ids int64 [B, 77] -> (hidden layers [B, L, 77, D] before the
-# final layer norm, last_hidden_state [B, 77, D] after it, pooled [B, P] or None), plus the final
-# layer norm as a function for intermediate layers.
-TowerForward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+# A tower's forward pass: input_ids int64 [B, 77] -> the exported outputs by name:
+# last_hidden_state (after the final layer norm), penultimate_hidden_state (raw),
+# penultimate_hidden_state_norm (with the final layer norm), pooled_output.
+TowerForward = Callable[[np.ndarray], dict]
 
 
 @dataclass(frozen=True)
 class ClipTower:
-    """One text encoder: its tokenizer, its forward pass and ComfyUI's layer options for it."""
+    """One text encoder: its tokenizer, its forward pass and ComfyUI's layer options for it.
+
+    Layers are ComfyUI's indices (-1 = last layer of ComfyUI's model). ``layer_offset`` maps them
+    onto the exported model: diffusers' SD2 text encoder drops OpenCLIP-H's last layer, so
+    ComfyUI's layer -2 is that model's last one (offset +1).
+    """
 
     name: str
     tokenizer: ClipTokenizer
     forward: TowerForward
-    final_layer_norm: Callable[[np.ndarray], np.ndarray]
-    num_layers: int
-    default_layer: int | None = None          # None = last layer; -2 = penultimate
+    num_layers: int                            # in ComfyUI's model (for its out-of-range fallback)
+    default_layer: int | None = None           # None = last layer; -2 = penultimate
     layer_norm_hidden_state: bool = True
+    layer_offset: int = 0
 
     def empty_chunk(self) -> list[int]:
         t = self.tokenizer
         return [t.start_token, t.end_token] + [t.pad_token] * (t.max_length - 2)
+
+    def _hidden(self, outputs: dict, layer: int | None) -> np.ndarray:
+        if layer is None or abs(layer) > self.num_layers:  # ComfyUI falls back to the last layer
+            return outputs["last_hidden_state"]
+        index = layer + self.layer_offset
+        if index == -1 and self.layer_norm_hidden_state:
+            return outputs["last_hidden_state"]
+        if index == -2:
+            return outputs["penultimate_hidden_state_norm" if self.layer_norm_hidden_state else "penultimate_hidden_state"]
+        raise ValueError(f"stop_at_clip_layer: received {layer}, expected one of the layers this export provides "
+                         f"for {self.name}: {sorted({-1 - self.layer_offset, -2 - self.layer_offset} - {0})}")
 
     def encode_chunks(self, chunks: list[list[WeightedToken]], layer: int | None) -> tuple[np.ndarray, np.ndarray | None]:
         """(z [1, 77*k, D], pooled [1, P] or None) with ComfyUI's weighting."""
@@ -51,14 +67,9 @@ class ClipTower:
         ids = [[tok.id for tok in chunk] for chunk in chunks]
         if weighted:
             ids.append(self.empty_chunk())
-        hidden, last, pooled = self.forward(np.asarray(ids, dtype=np.int64))
-        if layer is None or abs(layer) > self.num_layers:  # ComfyUI falls back to the last layer
-            z = last
-        else:
-            z = hidden[:, self.num_layers + layer if layer < 0 else layer]
-            if self.layer_norm_hidden_state:
-                z = self.final_layer_norm(z)
-        z = np.array(z, dtype=np.float32)
+        outputs = self.forward(np.asarray(ids, dtype=np.int64))
+        z = np.array(self._hidden(outputs, layer), dtype=np.float32)
+        pooled = outputs.get("pooled_output")
         if weighted:
             z_empty = z[-1]
             for k, chunk in enumerate(chunks):

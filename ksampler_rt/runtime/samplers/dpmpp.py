@@ -203,7 +203,8 @@ def sample_dpmpp_2m_sde_heun(model, x, sigmas, noise, callback=None, eta=1.0, s_
 
 
 def sample_dpmpp_3m_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0):
-    """DPM-Solver++(3M) SDE: third-order multistep from two past D's (second order after one); the last step returns D."""
+    """DPM-Solver++(3M) SDE: third-order multistep from two past D's (second order after one);
+    the last step returns D."""
     if len(sigmas) <= 1:
         return x
     noise_sampler = noise.brownian(x, *brownian_bounds(sigmas))
