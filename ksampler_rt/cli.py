@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "ksampler_rt.export.tiny_cli",
     "ksampler_rt.export.cli",
     "ksampler_rt.engines.cli",
+    "ksampler_rt.workflow.cli",
+    "ksampler_rt.serve.cli",
     "ksampler_rt.demo",
 )
 

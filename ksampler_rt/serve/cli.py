@@ -84,3 +84,15 @@ def run(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ksampler_rt.serve.cli serve ...`` (the same command as ``ksampler-rt serve``)."""
+    parser = argparse.ArgumentParser(prog="ksampler-rt")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -487,15 +487,16 @@ class PromptServer:
                 return _json(error_body("queue_full", f"the queue is full ({len(self.queue)} prompts waiting, "
                                         f"--max-queue {self.queue.max_pending}); retry later",
                                         extra={"max_queue": self.queue.max_pending}), 429)
-            try:
-                if "number" in data:
+            if "number" in data:
+                try:
                     number = float(data["number"])
-                else:
-                    number = -self.number if data.get("front") else self.number
-                    self.number += 1
-            except (TypeError, ValueError):
-                return _json(error_body("invalid_prompt", f"number: received {data.get('number')!r}, expected a "
-                                        "number"), 400)
+                except (TypeError, ValueError):
+                    number = float("nan")
+                if number != number or number in (float("inf"), float("-inf")):
+                    return _json(error_body("invalid_prompt", f"number: received {data.get('number')!r}, expected "
+                                            "a finite number"), 400)
+            else:
+                number = None  # taken after validation, so queue order is the order of the answers
             prompt_id = str(data.get("prompt_id") or uuid.uuid4())
             if self.queue.contains(prompt_id):
                 return _json(error_body("invalid_prompt", f"prompt_id: {prompt_id!r} is already queued or running"),
@@ -517,6 +518,12 @@ class PromptServer:
                 return _json(error_body("invalid_prompt", f"the prompt cannot be read: {type(exc).__name__}: {exc}"),
                              400)
             self.metrics.stage.labels("validate").observe(time.perf_counter() - t0)
+            if self.queue.contains(prompt_id):
+                return _json(error_body("invalid_prompt", f"prompt_id: {prompt_id!r} is already queued or running"),
+                             400)
+            if number is None:
+                number = -self.number if data.get("front") else self.number
+                self.number += 1
             item = QueueItem(number, self.queue.next_seq(), prompt_id, plan.prompt, extra_data, list(plan.outputs))
             try:
                 self.queue.put(item)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..runtime import SAMPLER_NAMES, SCHEDULER_NAMES, ksampler, ksampler_advanced
+from ..runtime.continuation import CONTINUATION_MODES
 from . import images as imageio
 from .latent_ops import CROP_METHODS, UPSCALE_METHODS, common_upscale
 from .spec import SEED_MAX, Input, NodeSpec
@@ -50,10 +51,10 @@ def ksampler_node(ctx, node_id, model, seed, steps, cfg, sampler_name, scheduler
 
 def ksampler_advanced_node(ctx, node_id, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler,
                            positive, negative, latent_image, start_at_step, end_at_step,
-                           return_with_leftover_noise):
+                           return_with_leftover_noise, continuation="comfyui"):
     return (ksampler_advanced(model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive,
                               negative, latent_image, start_at_step, end_at_step, return_with_leftover_noise,
-                              callback=_progress(ctx, node_id)),)
+                              continuation=continuation, callback=_progress(ctx, node_id)),)
 
 
 def latent_upscale(ctx, node_id, samples, upscale_method, width, height, crop):
@@ -158,7 +159,10 @@ def build_node_specs(checkpoint_names, input_images) -> dict[str, NodeSpec]:
                                       **s,
                                       "start_at_step": Input("INT", 0, 0, 10000),
                                       "end_at_step": Input("INT", 10000, 0, 10000),
-                                      "return_with_leftover_noise": Input("COMBO", options=("disable", "enable"))},
+                                      "return_with_leftover_noise": Input("COMBO", options=("disable", "enable")),
+                                      # ksampler-rt's own: "exact" joins windows bit for bit (ComfyUI ignores it)
+                                      "continuation": Input("COMBO", "comfyui", options=CONTINUATION_MODES,
+                                                            optional=True)},
                  ("LATENT",), category="sampling", run=ksampler_advanced_node),
         NodeSpec("VAEDecode", {"samples": Input("LATENT"), "vae": Input("VAE")}, ("IMAGE",),
                  category="latent", run=vae_decode),

@@ -1,0 +1,100 @@
+"""``ksampler-rt run`` and ``ksampler-rt register``."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .graph import WorkflowError
+
+
+def _parse_set(items: list[str]) -> dict:
+    overrides = {}
+    for item in items or []:
+        target, sep, raw = item.partition("=")
+        if not sep or "." not in target:
+            raise ValueError(f"--set: received {item!r}, expected NODE_ID.INPUT=VALUE (e.g. 3.seed=7)")
+        try:
+            overrides[target] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[target] = raw  # a bare string, e.g. 3.sampler_name=dpmpp_2m
+    return overrides
+
+
+class _ProgressBars:
+    """One tqdm bar per sampling node, fed by the executor's per-step callback."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self._tqdm, self._bars = tqdm, {}
+
+    def __call__(self, node_id, value, total, x, denoised):
+        bar = self._bars.get(node_id)
+        if bar is None or bar.total != total:
+            bar = self._bars[node_id] = self._tqdm(total=total, desc=f"node {node_id}", unit="step", leave=True)
+        bar.update(value - bar.n)
+
+    def close(self):
+        for bar in self._bars.values():
+            bar.close()
+
+
+def run(args) -> int:
+    from .pipeline import Pipeline
+
+    pipe = Pipeline(args.models, backend=args.backend, output_dir=args.out, input_dir=args.input)
+    try:
+        plan = pipe.prepare(args.workflow, _parse_set(args.set))
+    except WorkflowError as exc:
+        print(f"ksampler-rt run: {exc}", file=sys.stderr)
+        return 2
+    bars = _ProgressBars()
+    try:
+        result = pipe.run_workflow(plan, on_step=bars, extra_pnginfo=_ui_workflow(args.workflow))
+    finally:
+        bars.close()
+    for node_id, ui in result.ui.items():
+        for image in ui.get("images", []):
+            folder = pipe.output_dir if image["type"] == "output" else pipe.temp_dir
+            print(Path(folder) / image["subfolder"] / image["filename"])
+    return 0
+
+
+def _ui_workflow(path: str) -> dict | None:
+    """The UI-format workflow to embed in PNGs (ComfyUI's extra_pnginfo.workflow), when the file is one."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        return {"workflow": data}
+    if isinstance(data, dict) and isinstance(data.get("extra_data"), dict):
+        return data["extra_data"].get("extra_pnginfo")
+    return None
+
+
+def register_cmd(args) -> int:
+    from .registry import ModelRegistry
+
+    target = ModelRegistry(args.models).register_checkpoint(args.name, args.export_dir, copy=args.copy)
+    print(f"registered {args.name!r} -> {target}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run a ComfyUI workflow (API or UI format) on engines")
+    p.add_argument("workflow", help="workflow JSON (API format, a /prompt body, or the UI format)")
+    p.add_argument("--out", default="output", help="folder for SaveImage (default ./output)")
+    p.add_argument("--input", default="input", help="folder LoadImage reads from (default ./input)")
+    p.add_argument("--models", default=None, help="model registry folder (default $KSAMPLER_RT_MODELS or the cache)")
+    p.add_argument("--backend", default="auto", help="tensorrt, onnxruntime-cuda, onnxruntime-cpu or auto")
+    p.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE", help="override an input, e.g. 3.seed=7")
+    p.set_defaults(func=run)
+
+    r = subparsers.add_parser("register", help="make an export directory usable as a workflow ckpt_name")
+    r.add_argument("name", help="the ckpt_name workflows will use")
+    r.add_argument("export_dir", help="a directory written by `ksampler-rt export`")
+    r.add_argument("--models", default=None, help="model registry folder")
+    r.add_argument("--copy", action="store_true", help="copy instead of symlinking")
+    r.set_defaults(func=register_cmd)
