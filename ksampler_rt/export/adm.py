@@ -16,7 +16,7 @@ def timestep_embedding(values, dim: int = 256, max_period: float = 10000.0) -> n
     """ComfyUI/LDM ``timestep_embedding``: [N] -> [N, dim], cos first then sin, float32."""
     t = np.asarray(values, dtype=np.float32).reshape(-1)
     half = dim // 2
-    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / half).astype(np.float32)
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
     args = t[:, None] * freqs[None]
     emb = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
     if dim % 2:

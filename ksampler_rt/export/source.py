@@ -86,7 +86,10 @@ def detect_diffusers_family(root: str, model_index: dict, family: str, predictio
             f"{model_index.get('_class_name')} (in_channels={unet_cfg.get('in_channels')}, "
             f"addition_embed_type={unet_cfg.get('addition_embed_type')})"))
     else:
-        te_cfg = _read_json(os.path.join(root, "text_encoder", "config.json")) if has_te1 else {}
+        te_path = os.path.join(root, "text_encoder", "config.json")
+        if has_te1 and not os.path.isfile(te_path):
+            raise ExportError(f"{root}: missing component 'text_encoder/' (expected text_encoder/config.json)")
+        te_cfg = _read_json(te_path) if has_te1 else {}
         sd2 = te_cfg.get("hidden_act") == "gelu" or unet_cfg.get("cross_attention_dim") == 1024
         detected = ("sd2-v" if pred == "v" else "sd2") if sd2 else "sd15"
     if family in (None, "auto"):

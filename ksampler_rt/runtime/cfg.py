@@ -43,6 +43,14 @@ class _Entry:
     kind: int                 # COND or UNCOND
     context: np.ndarray       # [B, T, D]
     y: np.ndarray | None      # [B, adm] for SDXL
+    sigma_start: np.float32 | None = None  # active only while sigma <= sigma_start (start_percent)
+    sigma_end: np.float32 | None = None    # ... and sigma >= sigma_end (end_percent)
+
+    def active(self, sigma: np.float32) -> bool:
+        """comfy/samplers.py get_area_and_mult's timestep_start / timestep_end test."""
+        if self.sigma_start is not None and sigma > self.sigma_start:
+            return False
+        return not (self.sigma_end is not None and sigma < self.sigma_end)
 
 
 def _can_concat(a: _Entry, b: _Entry) -> bool:
@@ -75,22 +83,29 @@ class CFGDenoiser:
         self.batch_size = batch_size
         self.uses_uncond = cfg_pp or not math.isclose(self.cfg, 1.0)
         self.sigmas = sigmas  # the schedule, only to name the step in error messages
-        entries = self._entries(positive, COND, latent_hw)
+        self.entries = self._entries(positive, COND, latent_hw)
         if self.uses_uncond:
-            entries += self._entries(negative, UNCOND, latent_hw)
-        self.calls = self._plan(entries)
-        self.counts = {kind: sum(c.kinds.count(kind) for c in self.calls) for kind in (COND, UNCOND)}
+            self.entries += self._entries(negative, UNCOND, latent_hw)
+        self.ranged = any(e.sigma_start is not None or e.sigma_end is not None for e in self.entries)
+        self._plans: dict[tuple[int, ...], tuple[list[_Call], dict[int, int]]] = {}
+        self._everything = self._plan_for(tuple(range(len(self.entries))))
 
     # -- layout, once per sampling run -----------------------------------------------------
     def _entries(self, conditioning: list, kind: int, latent_hw: tuple[int, int]) -> list[_Entry]:
         family = self.inner.family
         out = []
+        ms = self.model_sampling
         for context, options in conditioning:
             context = repeat_to_batch_size(np.asarray(context, dtype=np.float32), self.batch_size)
             y = None
             if family.adm_channels:
                 y = self._adm(options, latent_hw)
-            out.append(_Entry(kind, context, y))
+            # ConditioningSetTimestepRange: percents become sigma bounds (calculate_start_end_timesteps)
+            start = options.get("start_percent")
+            end = options.get("end_percent")
+            out.append(_Entry(kind, context, y,
+                              None if start is None else np.float32(ms.percent_to_sigma(start)),
+                              None if end is None else np.float32(ms.percent_to_sigma(end))))
         return out
 
     def _adm(self, options: dict, latent_hw: tuple[int, int]) -> np.ndarray:
@@ -109,6 +124,14 @@ class CFGDenoiser:
                      target_width=options.get("target_width", width),
                      target_height=options.get("target_height", height))
         return repeat_to_batch_size(y, self.batch_size)
+
+    def _plan_for(self, active: tuple[int, ...]) -> tuple[list[_Call], dict[int, int]]:
+        """The batched calls for a set of active entries (cached: it only changes at range edges)."""
+        if active not in self._plans:
+            calls = self._plan([self.entries[i] for i in active])
+            counts = {kind: sum(c.kinds.count(kind) for c in calls) for kind in (COND, UNCOND)}
+            self._plans[active] = (calls, counts)
+        return self._plans[active]
 
     @staticmethod
     def _plan(entries: list[_Entry]) -> list[_Call]:
@@ -130,7 +153,11 @@ class CFGDenoiser:
     def _predictions(self, x: np.ndarray, sigma) -> dict[int, np.ndarray]:
         sums: dict[int, np.ndarray] = {}
         b = self.batch_size
-        for call in self.calls:
+        calls, counts = self._everything
+        if self.ranged:
+            s = np.float32(sigma)
+            calls, counts = self._plan_for(tuple(i for i, e in enumerate(self.entries) if e.active(s)))
+        for call in calls:
             rows = len(call.kinds)
             x_in = x if rows == 1 else np.concatenate([x] * rows)
             sigmas = np.full(x_in.shape[0], sigma, dtype=np.float32)
@@ -143,8 +170,8 @@ class CFGDenoiser:
                 chunk = out[j * b:(j + 1) * b]
                 sums[kind] = chunk.copy() if kind not in sums else sums[kind] + chunk
         for kind, total in sums.items():
-            if self.counts[kind] > 1:
-                sums[kind] = total / np.float32(self.counts[kind])
+            if counts[kind] > 1:
+                sums[kind] = total / np.float32(counts[kind])
         return sums
 
     def _where(self, sigma) -> str:
@@ -156,10 +183,9 @@ class CFGDenoiser:
     def with_uncond(self, x: np.ndarray, sigma) -> tuple[np.ndarray, np.ndarray]:
         """(CFG result, uncond denoised); uncond is zeros when cfg == 1 skipped it (as ComfyUI)."""
         preds = self._predictions(x, sigma)
-        cond = preds[COND]
-        uncond = preds.get(UNCOND)
-        if uncond is None:
-            uncond = np.zeros_like(cond)
+        # a list with no entry active at this sigma contributes zeros, as in ComfyUI
+        cond = preds[COND] if COND in preds else np.zeros_like(x)
+        uncond = preds[UNCOND] if UNCOND in preds else np.zeros_like(cond)
         return uncond + (cond - uncond) * np.float32(self.cfg), uncond
 
     def __call__(self, x: np.ndarray, sigma) -> np.ndarray:

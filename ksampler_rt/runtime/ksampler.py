@@ -137,14 +137,58 @@ def common_ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_nam
     max_denoise = math.isclose(sigma_max, sigma_0, rel_tol=1e-05) or sigma_0 > sigma_max
     x = ms.noise_scaling(sigmas[0], noise, latent_image, max_denoise)
 
-    denoiser = CFGDenoiser(model, positive, negative, cfg, latent_image.shape[0], latent_image.shape[2:4],
-                           cfg_pp=spec.cfg_pp, sigmas=sigmas)
     total = len(sigmas) - 1
+    offset = start_step or 0  # step i of this sampler run is step offset + i of the KSampler's schedule
+
+    def denoiser_at(step: int) -> CFGDenoiser:
+        return CFGDenoiser(model, _active(positive, offset + step), _active(negative, offset + step), cfg,
+                           latent_image.shape[0], latent_image.shape[2:4], cfg_pp=spec.cfg_pp, sigmas=sigmas)
+
     on_step = None if callback is None else (lambda i, x_i, denoised: callback(i, total, x_i, denoised))
-    samples = spec.fn(denoiser, x, sigmas, NoiseSource(seed), callback=on_step)
+    cuts = _schedule_cuts([*positive, *negative], offset, total)
+    if not cuts:
+        samples = spec.fn(denoiser_at(0), x, sigmas, NoiseSource(seed), callback=on_step)
+    else:
+        samples = _sample_scheduled(spec, sampler_name, denoiser_at, x, sigmas, seed, cuts, on_step)
     samples = ms.inverse_noise_scaling(sigmas[-1], samples)
     out["samples"] = model.process_latent_out(samples.astype(np.float32))
     return out
+
+
+# -- per-step prompt scheduling ------------------------------------------------------------------
+# A conditioning entry may carry {"start_step": a, "end_step": b} (steps of the KSampler's schedule):
+# it is used for steps a <= i < b only. One sampler call then behaves exactly like the chain of
+# KSamplerAdvanced windows it replaces, joined with exact continuation: the sampler is stopped at
+# each step where the active conditioning changes and re-run with the evaluations so far replayed.
+
+def _active(conditioning: list, step: int) -> list:
+    return [entry for entry in conditioning
+            if entry[1].get("start_step", 0) <= step < entry[1].get("end_step", math.inf)]
+
+
+def _schedule_cuts(conditioning: list, offset: int, total: int) -> list[int]:
+    edges = {int(entry[1][key]) - offset for entry in conditioning for key in ("start_step", "end_step")
+             if key in entry[1]}
+    return sorted(e for e in edges if 0 < e < total)
+
+
+def _sample_scheduled(spec, sampler_name, denoiser_at, x, sigmas, seed, cuts, on_step):
+    by_evaluation = sampler_name in EVALUATION_STEP_SAMPLERS
+    replay: list = []
+    for start, stop in zip([0, *cuts], [*cuts, None]):
+        denoiser = RecordingDenoiser(denoiser_at(start), replay, stop if by_evaluation else None)
+
+        def callback(i, x_i, denoised, stop=stop, start=start, denoiser=denoiser):
+            if i == stop and not by_evaluation:
+                raise StopAtStep(i, x_i, after_evaluation=True)
+            if on_step is not None and i >= start and not denoiser.replaying:
+                on_step(i, x_i, denoised)
+
+        try:
+            return spec.fn(denoiser, x.copy(), sigmas, NoiseSource(seed), callback=callback)
+        except StopAtStep as stopped:
+            replay = denoiser.evaluations[:-1] if stopped.after_evaluation else denoiser.evaluations
+    raise AssertionError("unreachable: the last window has no stop")
 
 
 def ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,

@@ -139,6 +139,7 @@ class _Run:
     sid: str | None
     messages: list = field(default_factory=list)
     last_node: str | None = None
+    states: dict = field(default_factory=dict)   # progress_state: node id -> state dict
 
 
 class _Client:
@@ -148,13 +149,17 @@ class _Client:
         self.sid = sid
         self.ws = ws
         self.feature_flags: dict = {}
+        self.dropped = False
         self.queue: asyncio.Queue = asyncio.Queue(backlog)
         self.task = asyncio.ensure_future(self._pump())
 
     def push(self, payload) -> None:
+        if self.dropped:
+            return
         try:
             self.queue.put_nowait(payload)
         except asyncio.QueueFull:
+            self.dropped = True
             log.warning("websocket client %s is not reading; disconnecting it", self.sid)
             self.task.cancel()
             asyncio.ensure_future(self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too slow"))
@@ -251,7 +256,10 @@ class PromptServer:
                 pass
         for client in list(self.clients.values()):
             client.task.cancel()
-            await client.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+            try:
+                await asyncio.wait_for(client.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown"), 2)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+                pass
         self.clients.clear()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -292,11 +300,30 @@ class PromptServer:
         if run.sid is not None or broadcast:
             self.send(event, data, run.sid)
 
+    def _progress_state(self, run: _Run, node: str | None, state: str, value: float | None = None,
+                        maximum: float | None = None) -> None:
+        """ComfyUI's ``progress_state`` message: every started node of the prompt with its state."""
+        if node is None:
+            return
+        entry = run.states.setdefault(node, {"value": 0, "max": 1, "state": "pending", "node_id": node,
+                                             "prompt_id": run.item.prompt_id, "display_node_id": node,
+                                             "parent_node_id": None, "real_node_id": node})
+        entry["state"] = state
+        if maximum is not None:
+            entry["max"] = maximum
+        entry["value"] = entry["max"] if state == "finished" else (value if value is not None else 0)
+        self.send("progress_state", {"prompt_id": run.item.prompt_id, "nodes": run.states}, run.sid)
+
     def _on_worker_event(self, run: _Run, kind: str, data: Any) -> None:
         if kind == "execution_cached":
             self._add_message(run, kind, data)
         elif kind == "executing":
+            self._progress_state(run, run.last_node, "finished")
             run.last_node = data.get("node")
+            self._progress_state(run, run.last_node, "running", 0, 1)
+            self.send(kind, data, run.sid)
+        elif kind == "progress":
+            self._progress_state(run, data.get("node"), "running", data.get("value"), data.get("max"))
             self.send(kind, data, run.sid)
         elif kind == "executed":
             if run.sid is not None:
@@ -341,6 +368,7 @@ class PromptServer:
                 self._interrupt.is_set)
             outputs = result.outputs
             status = "success"
+            self._progress_state(run, run.last_node, "finished")
             self._add_message(run, "execution_success", {"prompt_id": item.prompt_id})
         except PromptInterrupted as exc:
             outputs, status = exc.outputs, "interrupted"
@@ -552,8 +580,8 @@ class PromptServer:
                              400)
             if data.get("clear"):
                 self.queue.wipe()
-            for prompt_id in data.get("delete") or []:
-                self.queue.delete(str(prompt_id))
+            for prompt_id in _id_list(data.get("delete")):
+                self.queue.delete(prompt_id)
             return web.Response(status=200)
 
         @r.post("/interrupt")
@@ -572,6 +600,7 @@ class PromptServer:
             data = await self._read_json(request, allow_empty=True)
             if isinstance(data, web.Response):
                 return data
+            data = data if isinstance(data, dict) else {}
             unload, free = bool(data.get("unload_models")), bool(data.get("free_memory"))
             if unload or free:  # runs on the worker thread, after the prompt in progress
                 asyncio.get_running_loop().run_in_executor(self._executor, self.worker.free, unload, free)
@@ -598,8 +627,8 @@ class PromptServer:
             if isinstance(data, dict):
                 if data.get("clear"):
                     await asyncio.get_running_loop().run_in_executor(None, self.history.clear)
-                for prompt_id in data.get("delete") or []:
-                    await asyncio.get_running_loop().run_in_executor(None, self.history.delete, str(prompt_id))
+                for prompt_id in _id_list(data.get("delete")):
+                    await asyncio.get_running_loop().run_in_executor(None, self.history.delete, prompt_id)
             return web.Response(status=200)
 
         @r.get("/object_info")
@@ -743,6 +772,11 @@ class PromptServer:
                          "type": "cuda" if backend in ("cuda", "tensorrt", "trt") else "cpu", "index": 0,
                          "vram_total": 0, "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}],
         }
+
+
+def _id_list(value) -> list[str]:
+    """The prompt ids of a ``{"delete": [...]}`` body (anything else: none)."""
+    return [str(v) for v in value if isinstance(v, (str, int))] if isinstance(value, list) else []
 
 
 def _render_view(path: Path, preview: str | None, channel: str):

@@ -108,7 +108,7 @@ def test_timestep_embedding_matches_diffusers():
     from diffusers.models.embeddings import get_timestep_embedding
     v = [1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0]
     ref = get_timestep_embedding(torch.tensor(v), 256, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
-    assert np.abs(timestep_embedding(v, 256) - ref).max() < 1e-5
+    assert np.abs(timestep_embedding(v, 256) - ref).max() < 1e-4  # float32 sin/cos of args ~1e3
 
 
 def test_sdxl_y_is_comfy_encode_adm(exported):
@@ -212,15 +212,12 @@ def test_no_space(tmp_path, tiny_sd15_dir, monkeypatch):
 
 def test_enospc_and_interrupt_mid_export(tmp_path, tiny_sd15_dir, monkeypatch):
     import errno
-    calls = {"n": 0}
     real = onnx_export.finalize_onnx
 
-    def fail_second(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*a, **k)
-    monkeypatch.setattr(onnx_export, "finalize_onnx", fail_second)
+    def write_then_fail(scratch, final, spec):
+        real(scratch, final, spec)  # a real file lands in the temp dir, then the disk "fills up"
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(onnx_export, "finalize_onnx", write_then_fail)
     with pytest.raises(ExportError, match="no space left on device"):
         export_model(str(tiny_sd15_dir), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)

@@ -27,7 +27,7 @@ def test_txt2img_events_history_and_png_equal_to_pipeline(servers, tmp_path):
             return answer["prompt_id"], messages, history, image, png
 
     prompt_id, messages, history, image, png = run(main())
-    kinds = [m["type"] for m in messages if isinstance(m, dict) and m["type"] != "status"]
+    kinds = [m["type"] for m in messages if isinstance(m, dict) and m["type"] not in ("status", "progress_state")]
     # ComfyUI's order: start, cached, executing per node (with progress per step), executed, success, null.
     assert kinds[:2] == ["execution_start", "execution_cached"]
     assert kinds[-2:] == ["execution_success", "executing"]
@@ -40,6 +40,12 @@ def test_txt2img_events_history_and_png_equal_to_pipeline(servers, tmp_path):
     assert executed["node"] == "9" and executed["output"] == {"images": [image]}
     assert image == {"filename": "txt2img_00001_.png", "subfolder": "", "type": "output"}
     assert not any(isinstance(m, bytes) for m in messages)  # previews are off by default
+    states = of_type(messages, "progress_state")
+    assert states[-1]["prompt_id"] == prompt_id
+    assert {n: (s["state"], s["value"], s["max"]) for n, s in states[-1]["nodes"].items()} == {
+        "4": ("finished", 1, 1), "6": ("finished", 1, 1), "7": ("finished", 1, 1), "5": ("finished", 1, 1),
+        "3": ("finished", 5, 5), "8": ("finished", 1, 1), "9": ("finished", 1, 1)}
+    assert any(s["nodes"].get("3", {}).get("state") == "running" and s["nodes"]["3"]["value"] == 2 for s in states)
 
     assert history["status"]["status_str"] == "success" and history["status"]["completed"] is True
     assert [m[0] for m in history["status"]["messages"]] == ["execution_start", "execution_cached",
@@ -399,3 +405,34 @@ def test_messages_without_client_id_follow_comfyui_routing(server):
     assert {"executing", "progress"} <= kinds
     assert not kinds & {"execution_start", "execution_cached", "executed"}
     assert history and next(iter(history.values()))["status"]["status_str"] == "success"
+
+
+def test_garbage_requests_never_break_the_server(server):
+    bodies = [b"[]", b"5", b'{"delete": 5}', b'{"delete": [null, {"a": 1}, "x"]}', b"null", b'{"clear": "yes"}',
+              b"\xff\xfe", b"", b'{"prompt": {"1": null}}', b'{"prompt": {"1": {"class_type": 5}}}',
+              b'{"prompt": {"9": {"class_type": "SaveImage", "inputs": {"images": ["404", 0]}}}}',
+              b'{"prompt": {}, "number": "x"}', b'{"prompt": {}, "extra_data": 3}']
+
+    async def main():
+        statuses = {}
+        async with aiohttp.ClientSession() as session:
+            client = await Client(session, server.url).connect()
+            await client.ws.send_str("not json")
+            await client.ws.send_bytes(b"\x00\x01")
+            await client.ws.send_str('{"type": "feature_flags", "data": 5}')
+            for path in ("/prompt", "/queue", "/history", "/interrupt", "/free"):
+                for body in bodies:
+                    async with session.post(server.url + path, data=body) as r:
+                        statuses.setdefault(r.status, []).append((path, body))
+            for path in ("/history?max_items=x", "/history/%2E%2E", "/view?filename=", "/object_info/..",
+                         "/models/../../etc"):
+                async with session.get(server.url + path) as r:
+                    statuses.setdefault(r.status, []).append((path, b""))
+            answer = await client.submit(txt2img(steps=2))
+            done = await client.wait_done(answer["prompt_id"])
+            await client.close()
+            return statuses, done
+
+    statuses, done = run(main())
+    assert set(statuses) <= {200, 400, 404}, {k: v for k, v in statuses.items() if k not in (200, 400, 404)}
+    assert of_type(done, "execution_success")
