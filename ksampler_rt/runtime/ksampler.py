@@ -149,7 +149,7 @@ def common_ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_nam
     if not cuts:
         samples = spec.fn(denoiser_at(0), x, sigmas, NoiseSource(seed), callback=on_step)
     else:
-        samples = _sample_scheduled(spec, sampler_name, denoiser_at, x, sigmas, seed, cuts, on_step)
+        samples, _ = _sample_in_windows(spec, sampler_name, denoiser_at, x, sigmas, seed, on_step, cuts=cuts)
     samples = ms.inverse_noise_scaling(sigmas[-1], samples)
     out["samples"] = model.process_latent_out(samples.astype(np.float32))
     return out
@@ -172,23 +172,34 @@ def _schedule_cuts(conditioning: list, offset: int, total: int) -> list[int]:
     return sorted(e for e in edges if 0 < e < total)
 
 
-def _sample_scheduled(spec, sampler_name, denoiser_at, x, sigmas, seed, cuts, on_step):
-    by_evaluation = sampler_name in EVALUATION_STEP_SAMPLERS
-    replay: list = []
-    for start, stop in zip([0, *cuts], [*cuts, None]):
-        denoiser = RecordingDenoiser(denoiser_at(start), replay, stop if by_evaluation else None)
+def _sample_in_windows(spec, sampler_name, denoiser_at, x, sigmas, seed, on_step, *, cuts=(), stop=None,
+                       replay=(), first_live=0):
+    """Run the sampler over ``sigmas`` as a chain of exactly joined windows.
 
-        def callback(i, x_i, denoised, stop=stop, start=start, denoiser=denoiser):
-            if i == stop and not by_evaluation:
+    The denoiser changes at each step in ``cuts`` (``denoiser_at(step)``); evaluations made before
+    ``first_live`` come from ``replay``. Returns ``(samples, None)`` when the sampler finishes, or
+    ``(None, (x, evaluations))`` when it is stopped at ``stop``.
+    """
+    by_evaluation = sampler_name in EVALUATION_STEP_SAMPLERS
+    ends = [c for c in cuts if first_live < c and (stop is None or c < stop)] + [stop]
+    replay = list(replay)
+    for start, end in zip([first_live, *ends[:-1]], ends):
+        denoiser = RecordingDenoiser(denoiser_at(start), replay, end if by_evaluation else None)
+
+        def callback(i, x_i, denoised, start=start, end=end, denoiser=denoiser):
+            if i == end and not by_evaluation:
                 raise StopAtStep(i, x_i, after_evaluation=True)
             if on_step is not None and i >= start and not denoiser.replaying:
                 on_step(i, x_i, denoised)
 
         try:
-            return spec.fn(denoiser, x.copy(), sigmas, NoiseSource(seed), callback=callback)
+            return spec.fn(denoiser, x.copy(), sigmas, NoiseSource(seed), callback=callback), None
         except StopAtStep as stopped:
+            # an evaluation that announced step `end` belongs to the next window's model: drop it
             replay = denoiser.evaluations[:-1] if stopped.after_evaluation else denoiser.evaluations
-    raise AssertionError("unreachable: the last window has no stop")
+            if end == stop:
+                return None, (stopped.x.copy(), replay)
+    raise AssertionError("unreachable: only the stop ends the last window early")
 
 
 def ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
@@ -261,27 +272,20 @@ def _exact_window(model, noise_on, seed, steps, cfg, sampler_name, scheduler, po
         max_denoise = math.isclose(float(ms.sigma_max), float(full[0]), rel_tol=1e-05) or float(full[0]) > float(ms.sigma_max)
         x0, replay = ms.noise_scaling(full[0], noise, scaled, max_denoise), []
 
-    by_evaluation = sampler_name in EVALUATION_STEP_SAMPLERS
-    denoiser = RecordingDenoiser(
-        CFGDenoiser(model, positive, negative, cfg, latent_image.shape[0], latent_image.shape[2:4],
-                    cfg_pp=spec.cfg_pp, sigmas=full), replay, stop if by_evaluation else None)
+    def denoiser_at(step: int) -> CFGDenoiser:
+        return CFGDenoiser(model, _active(positive, step), _active(negative, step), cfg, latent_image.shape[0],
+                           latent_image.shape[2:4], cfg_pp=spec.cfg_pp, sigmas=full)
+
     total = (n if stop is None else stop) - start
-
-    def on_step(i, x_i, denoised):
-        if i == stop and not by_evaluation:
-            raise StopAtStep(i, x_i, after_evaluation=True)
-        if callback is not None and i >= start and not denoiser.replaying:
-            callback(i - start, total, x_i, denoised)
-
+    on_step = None if callback is None else (lambda i, x_i, denoised: callback(i - start, total, x_i, denoised))
+    samples, stopped = _sample_in_windows(spec, sampler_name, denoiser_at, x0, full, seed, on_step,
+                                          cuts=_schedule_cuts([*positive, *negative], 0, n), stop=stop,
+                                          replay=replay, first_live=start)
     out = dict(latent)
-    try:
-        samples = spec.fn(denoiser, x0.copy(), full, NoiseSource(seed), callback=on_step)
-    except StopAtStep as stopped:
-        # an evaluation that announced step `stop` belongs to the next window's model: drop it
-        evaluations = denoiser.evaluations[:-1] if stopped.after_evaluation else denoiser.evaluations
-        state = ContinuationState(fp, full, x0, evaluations, stop, stopped.x.copy())
-        out["samples"] = model.process_latent_out(stopped.x.astype(np.float32))
-        out[STATE_KEY] = state
+    if stopped is not None:
+        x_stop, evaluations = stopped
+        out["samples"] = model.process_latent_out(x_stop.astype(np.float32))
+        out[STATE_KEY] = ContinuationState(fp, full, x0, evaluations, stop, x_stop)
         return out
     samples = model.model_sampling.inverse_noise_scaling(full[-1], samples)
     out["samples"] = model.process_latent_out(samples.astype(np.float32))
