@@ -48,20 +48,46 @@ def run(coro, timeout: float = 20.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-class Servers:
-    """Starts servers over one set of folders; all are stopped at teardown."""
+def tiny_models_dir(root) -> tuple[str | None, str]:
+    """A models folder with the real tiny checkpoint registered as ``tiny-sd15`` (built, exported and
+    registered by the demo's code; reused from the cache), or (None, why not)."""
+    try:
+        from ksampler_rt.demo import prepare_tiny_checkpoint
 
-    def __init__(self, tmp_path):
+        prepare_tiny_checkpoint(root, log=lambda message: None)
+    except Exception as exc:  # noqa: BLE001 -- no torch / exporter here: the fake model stands in
+        return None, f"{type(exc).__name__}: {exc}"
+    return str(root), ""
+
+
+def make_pipeline(kind: str, models_dir: str | None, delay: float = 0.0, **dirs):
+    """The tiny engines on ONNX Runtime CPU (``kind="tiny"``) or the analytic stand-in (``"fake"``)."""
+    if kind == "tiny":
+        from ksampler_rt.workflow.pipeline import Pipeline
+
+        return Pipeline(models_dir, backend="onnxruntime-cpu", log=None, **dirs)
+    return fake_pipeline((CKPT,), delay=delay, **dirs)
+
+
+class Servers:
+    """Starts servers over one set of folders; all are stopped at teardown. ``model="auto"`` is the
+    real tiny checkpoint when it can be built here, else the fake; tests that need a slow or failing
+    model ask for ``"fake"``."""
+
+    def __init__(self, tmp_path, tiny_models: str | None):
         self.tmp_path = tmp_path
+        self.tiny_models = tiny_models
         self.threads: list[ServerThread] = []
         self.pipeline = None
+        self.kind = None
 
     def dirs(self) -> dict:
         return {"output_dir": str(self.tmp_path / "output"), "input_dir": str(self.tmp_path / "input"),
                 "temp_dir": str(self.tmp_path / "temp")}
 
-    def start(self, delay: float = 0.0, **config) -> ServerThread:
-        self.pipeline = fake_pipeline((CKPT,), delay=delay, **self.dirs())
+    def start(self, model: str = "auto", delay: float = 0.0, **config) -> ServerThread:
+        self.kind = "tiny" if model == "auto" and self.tiny_models else "fake"
+        self.pipeline = make_pipeline(self.kind, self.tiny_models, delay, **self.dirs())
         cfg = ServerConfig(host="127.0.0.1", port=0, **config)
         thread = ServerThread(PromptServer(cfg, pipeline=self.pipeline)).start()
         self.threads.append(thread)

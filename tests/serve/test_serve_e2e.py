@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import aiohttp
-from serve_helpers import CKPT, Client, of_type, run, txt2img
+from serve_helpers import CKPT, Client, make_pipeline, of_type, run, txt2img
 
 from ksampler_rt.serve.preview import decode_preview_frame
-from ksampler_rt.serve.testing import fake_pipeline
 
 
 def test_txt2img_events_history_and_png_equal_to_pipeline(servers, tmp_path):
@@ -55,8 +54,8 @@ def test_txt2img_events_history_and_png_equal_to_pipeline(servers, tmp_path):
     assert extra_data["client_id"] and extra_data["extra_pnginfo"] == extra["extra_pnginfo"]
 
     # The same workflow through Pipeline.run_workflow writes the same PNG, byte for byte.
-    pipe = fake_pipeline((CKPT,), output_dir=tmp_path / "direct", input_dir=tmp_path / "input",
-                         temp_dir=tmp_path / "temp")
+    pipe = make_pipeline(servers.kind, servers.tiny_models, output_dir=tmp_path / "direct",
+                         input_dir=tmp_path / "input", temp_dir=tmp_path / "temp")
     result = pipe.run_workflow(prompt, prompt_id=prompt_id, extra_pnginfo=extra["extra_pnginfo"])
     direct = (tmp_path / "direct" / result.ui["9"]["images"][0]["filename"]).read_bytes()
     assert png == direct
@@ -133,7 +132,7 @@ def test_concurrent_clients_all_complete_in_fifo_order(servers):
 
 
 def test_interrupt_stops_between_steps_and_next_prompt_runs(servers):
-    srv = servers.start(delay=0.02)
+    srv = servers.start(model="fake", delay=0.02)
 
     async def main():
         async with aiohttp.ClientSession() as session:
@@ -171,7 +170,7 @@ def test_interrupt_stops_between_steps_and_next_prompt_runs(servers):
 
 
 def test_queue_full_answers_429_and_queue_edits(servers):
-    srv = servers.start(delay=0.02, max_queue=2)
+    srv = servers.start(model="fake", delay=0.02, max_queue=2)
 
     async def main():
         async with aiohttp.ClientSession() as session:
@@ -273,7 +272,7 @@ def test_invalid_prompts_are_refused_before_queueing_and_worker_survives(servers
 
 
 def test_exception_in_a_prompt_is_execution_error_and_next_runs(servers):
-    srv = servers.start()
+    srv = servers.start(model="fake")
 
     async def main():
         async with aiohttp.ClientSession() as session:
@@ -298,7 +297,7 @@ def test_exception_in_a_prompt_is_execution_error_and_next_runs(servers):
 
 
 def test_restart_keeps_history_with_an_empty_queue(servers):
-    srv = servers.start(delay=0.02)
+    srv = servers.start(model="fake", delay=0.02)
 
     async def first_life():
         async with aiohttp.ClientSession() as session:
@@ -312,7 +311,7 @@ def test_restart_keeps_history_with_an_empty_queue(servers):
 
     done, pending, queued = run(first_life())
     servers.stop_all()  # the running prompt is interrupted, the queued one dropped
-    srv2 = servers.start()
+    srv2 = servers.start(model="fake")
 
     async def second_life():
         async with aiohttp.ClientSession() as session:
