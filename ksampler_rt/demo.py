@@ -32,6 +32,11 @@ def prepare_tiny_checkpoint(models_dir=None, *, family: str = "sd15", log=print)
 
         export_model(str(source), str(export_dir), overwrite=True)
     registry.register_checkpoint(name, export_dir)
+    if family == "sd15":  # the tiny LoRA of the lora-switch workflow (kohya layout, deterministic)
+        from .export.tiny import TINY_LORA_NAME, ensure_tiny_lora
+
+        if not (registry.loras_dir / TINY_LORA_NAME).is_file():
+            registry.register_lora(ensure_tiny_lora(family), TINY_LORA_NAME)
     return export_dir
 
 

@@ -9,8 +9,9 @@ prompt (a fresh seed each time, so sampling always runs), waits for ``executing`
 reads ``/history/{id}`` and downloads the PNG through ``/view``. Latency = POST sent -> last byte of
 the image. Throughput = images / wall time of the level. The server runs in a child process (as
 deployed: its event loop and worker thread do not share a GIL with the clients). The baseline is
-``Pipeline.run_workflow`` on the same workflow in this process, without a server; the overhead
-is the server's p50 latency at concurrency 1 minus the baseline p50.
+``Pipeline.run_workflow`` on the same workflow, run in that child process before the server starts
+(same engines, same process); the overhead is the server's p50 latency at concurrency 1 minus the
+baseline p50. "execute ms" is the worker's own time per prompt inside the server (its /metrics).
 
 The model is the registered tiny checkpoint when it can be loaded (``--model tiny``), else the
 analytic stand-in of ``ksampler_rt.serve.testing`` (``--model fake``; the default ``auto`` picks).
@@ -59,9 +60,12 @@ def _pipeline(model: str, ckpt: str, root: Path, backend: str, models_dir: str |
     dirs = {"output_dir": root / "output", "input_dir": root / "input", "temp_dir": root / "temp"}
     if model in ("auto", "tiny"):
         try:
-            from ..workflow.checkpoint import load_checkpoint  # noqa: F401 -- lands with the real loader
+            from ..demo import TINY_CHECKPOINT, prepare_tiny_checkpoint
             from ..workflow.pipeline import Pipeline
 
+            if models_dir is None and ckpt == TINY_CHECKPOINT:  # built / exported once, then cached
+                models_dir = str(root / "models")
+                prepare_tiny_checkpoint(models_dir, log=lambda message: None)
             pipe = Pipeline(models_dir, backend=backend, log=None, **dirs)
             pipe.load_checkpoint(ckpt)
             return pipe, "tiny"
@@ -73,13 +77,16 @@ def _pipeline(model: str, ckpt: str, root: Path, backend: str, models_dir: str |
     return fake_pipeline((ckpt,), **dirs), "fake"
 
 
-def _serve_child(model: str, ckpt: str, root: str, backend: str, models_dir: str | None, ready, stop) -> None:
-    """The server process: the server on its own, as deployed (clients live in the parent)."""
+def _serve_child(model: str, ckpt: str, root: str, backend: str, models_dir: str | None, ready, stop,
+                 base_args: tuple = ()) -> None:
+    """The server process: the baseline runs first in it (same process, same engines), then the
+    server serves on its own, as deployed (the clients live in the parent)."""
     from ..serve.server import PromptServer, ServerConfig, ServerThread
 
     pipe, kind = _pipeline(model, ckpt, Path(root), backend, models_dir)
+    base = baseline(pipe, ckpt, *base_args) if base_args else []
     thread = ServerThread(PromptServer(ServerConfig(port=0, max_queue=1000), pipeline=pipe)).start()
-    ready.put((thread.url, kind))
+    ready.put((thread.url, kind, base))
     stop.wait(3600)
     thread.stop()
 
@@ -159,6 +166,23 @@ async def run_level(url: str, concurrency: int, requests: int, ckpt: str, steps:
             "p99_ms": 1000 * percentile(latencies, 99), "mean_ms": 1000 * statistics.fmean(latencies)}
 
 
+def _execute_totals(url: str) -> tuple[float, float] | None:
+    """(sum, count) of the server's ``ksampler_rt_stage_seconds{stage="execute"}``, if it has /metrics."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except Exception:  # noqa: BLE001 -- e.g. a real ComfyUI
+        return None
+    values = {}
+    for line in text.splitlines():
+        for key in ("sum", "count"):
+            if line.startswith(f'ksampler_rt_stage_seconds_{key}{{stage="execute"}}'):
+                values[key] = float(line.split()[-1])
+    return (values["sum"], values["count"]) if len(values) == 2 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ksampler_rt.bench.server", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="benchmark a running server (loopback) instead of an in-process one")
@@ -190,27 +214,29 @@ def main(argv: list[str] | None = None) -> int:
         if url is None:
             import multiprocessing as mp
 
-            pipe, kind = _pipeline(args.model, args.ckpt, Path(tmp) / "baseline", args.backend, args.models)
-            results["model"] = kind
-            base = baseline(pipe, args.ckpt, args.steps, args.size, args.baseline_runs)
-            results["baseline"] = {"runs": len(base), "p50_ms": 1000 * percentile(base, 50),
-                                   "p95_ms": 1000 * percentile(base, 95),
-                                   "images_per_s": len(base) / sum(base)}
-            del pipe
             ctx = mp.get_context("spawn")
             ready, stop = ctx.Queue(), ctx.Event()
             server_thread = ctx.Process(target=_serve_child, daemon=True,
-                                        args=(kind, args.ckpt, str(Path(tmp) / "server"), args.backend,
-                                              args.models, ready, stop))
+                                        args=(args.model, args.ckpt, str(Path(tmp) / "server"), args.backend,
+                                              args.models, ready, stop,
+                                              (args.steps, args.size, args.baseline_runs)))
             server_thread.start()
-            url, _ = ready.get(timeout=300)
+            url, kind, base = ready.get(timeout=900)
+            results["model"] = kind
+            results["baseline"] = {"runs": len(base), "p50_ms": 1000 * percentile(base, 50),
+                                   "p95_ms": 1000 * percentile(base, 95),
+                                   "images_per_s": len(base) / sum(base)}
         else:
             results["model"] = f"remote {args.ckpt}"
         try:
             asyncio.run(run_level(url, 1, 2, args.ckpt, args.steps, args.size, args.timeout, 1))  # warm-up
             for i, concurrency in enumerate(args.concurrency):
+                before = _execute_totals(url)
                 level = asyncio.run(run_level(url, concurrency, args.requests, args.ckpt, args.steps, args.size,
                                               args.timeout, 1000 * (i + 1)))
+                after = _execute_totals(url)
+                if before and after and after[1] > before[1]:
+                    level["server_execute_ms"] = 1000 * (after[0] - before[0]) / (after[1] - before[1])
                 results["levels"].append(level)
         finally:
             if server_thread is not None:
@@ -225,10 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         b = results["baseline"]
         print(f"Pipeline.run_workflow (no server): p50 {b['p50_ms']:.1f} ms  p95 {b['p95_ms']:.1f} ms  "
               f"{b['images_per_s']:.2f} images/s")
-    print(f"{'clients':>7} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'images/s':>9}")
+    print(f"{'clients':>7} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'images/s':>9} "
+          f"{'execute ms':>10}")
     for level in results["levels"]:
+        execute = level.get("server_execute_ms")
         print(f"{level['concurrency']:>7} {level['requests']:>8} {level['p50_ms']:>8.1f} {level['p95_ms']:>8.1f} "
-              f"{level['p99_ms']:>8.1f} {level['images_per_s']:>9.2f}")
+              f"{level['p99_ms']:>8.1f} {level['images_per_s']:>9.2f} "
+              f"{'-' if execute is None else format(execute, '.1f'):>10}")
+    print("(execute ms: the worker's mean time per prompt inside the server, from its /metrics)")
     if "baseline" in results and results["levels"] and results["levels"][0]["concurrency"] == 1:
         overhead = results["levels"][0]["p50_ms"] - results["baseline"]["p50_ms"]
         results["overhead_ms_p50"] = overhead

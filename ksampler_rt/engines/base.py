@@ -115,6 +115,14 @@ class Engine:
                 self.load()
             return self._run(feeds, profile_index)
 
+    def with_weights(self, overrides: dict[str, np.ndarray]) -> "Engine":
+        """An engine running this model with some initializers replaced ({ONNX initializer name: array}),
+        without re-exporting or rebuilding anything; ``self`` keeps its own weights. Backends that can do it
+        override this (ONNX Runtime: a second session; TensorRT: a refit view of the same plan)."""
+        if not overrides:
+            return self
+        raise EngineError(f"{self.model}: the {self.backend} backend cannot swap weights")
+
     # --- for backends ---------------------------------------------------------------------------
     def _load(self) -> None:
         raise NotImplementedError

@@ -98,11 +98,12 @@ class EngineSet:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def unet_callable(self) -> Callable[..., np.ndarray]:
+    def unet_callable(self, engine: Engine | None = None) -> Callable[..., np.ndarray]:
         """``unet(x, timestep, context, y=None) -> array`` with x's dtype, mapped to the ONNX inputs
         ``sample``, ``timestep``, ``encoder_hidden_states``, ``y`` and the first output. Casts to the
-        engine's input dtypes and broadcasts a scalar timestep over the batch."""
-        eng = self.unet
+        engine's input dtypes and broadcasts a scalar timestep over the batch. ``engine``: another engine of
+        the same UNet (e.g. ``unet.with_weights(...)`` for a LoRA); default ``self.unet``."""
+        eng = self.unet if engine is None else engine
         specs = {s.name: s for s in eng.inputs}
         for need in ("sample", "timestep", "encoder_hidden_states"):
             if need not in specs:
@@ -144,19 +145,23 @@ class EngineSet:
 def load_engines(export_dir, backend: str = "auto", shapes=None, *, batch=None, tokens=None, dynamic=False,
                  precision: str | None = None, cache: EngineCache | str | None = None,
                  build_missing: bool | None = None, models=None, threads: int | None = None,
-                 cuda_graph: bool = True, device_id: int = 0, verify: bool = True, log=None) -> EngineSet:
+                 cuda_graph: bool = True, device_id: int = 0, verify: bool = True, refit: bool | None = None,
+                 log=None) -> EngineSet:
     """Engines for every model of the export, from the engine cache.
 
     ``shapes`` ('512x512,768x768' or [(w, h)]), ``batch`` ('1-4'), ``tokens``, ``dynamic``: the shape
     profiles, as for ``ksampler-rt build``. For ONNX Runtime they only restrict what the engines accept
     (and pick CUDA-graph buckets); for TensorRT they select the plan. ``build_missing``: build an engine
     that is not cached yet; by default yes for ONNX Runtime (seconds), no for TensorRT (minutes: run
-    ``ksampler-rt build`` once), which raises an error saying why nothing usable is cached.
+    ``ksampler-rt build`` once), which raises an error saying why nothing usable is cached. ``refit``
+    (TensorRT): use the plan built with ``--refit`` (LoRA weights swapped without a rebuild); None = that plan
+    when it is cached, else the plain one.
     """
     backend = pick_backend(backend)
     cache = cache if isinstance(cache, EngineCache) else EngineCache(cache)
     manifest = load_manifest(export_dir)
-    opts = BuildOptions.from_cli(backend, shapes, batch, tokens, dynamic, precision, device_id=device_id)
+    opts = BuildOptions.from_cli(backend, shapes, batch, tokens, dynamic, precision, device_id=device_id,
+                                 refit=bool(refit))
     if build_missing is None:
         build_missing = backend != "tensorrt"
     env = environment(backend, device_id)
@@ -172,7 +177,14 @@ def load_engines(export_dir, backend: str = "auto", shapes=None, *, batch=None, 
             continue
         profiles = model_profiles(entry, req)
         comps = key_components(manifest, entry, opts, resolve_precision(manifest, opts), profiles, env)
-        found = cache.lookup(comps, checksums=verify)
+        found = None
+        if backend == "tensorrt" and refit is None:  # prefer a refittable plan when one is cached
+            from dataclasses import replace
+
+            found = cache.lookup(key_components(manifest, entry, replace(opts, refit=True),
+                                                resolve_precision(manifest, opts), profiles, env), checksums=verify)
+        if found is None:
+            found = cache.lookup(comps, checksums=verify)
         if found is None:
             if not build_missing:
                 raise EngineError(

@@ -92,13 +92,74 @@ def session_specs(session) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return conv(session.get_inputs()), conv(session.get_outputs())
 
 
+def export_onnx_path(export_dir, model: str) -> Path:
+    """The export's own (unoptimized) ONNX file of ``model``: the one whose initializer names are those of
+    ``manifest["initializer_map"]``."""
+    import json
+
+    if not export_dir:
+        raise EngineError(f"{model}: this engine does not know its export directory; weights cannot be swapped")
+    manifest = json.loads((Path(export_dir) / "manifest.json").read_text(encoding="utf-8"))
+    return Path(export_dir) / manifest["models"][model]["file"]
+
+
+def session_source(onnx_path: Path, overrides: dict[str, np.ndarray], so):
+    """What to hand ``InferenceSession`` so that ``overrides`` replace initializers *before* graph optimization.
+
+    ``SessionOptions.add_initializer`` is applied after the optimizer ran (constant folding of a weight's
+    Transpose, conv layout reordering and fusions already consumed the file's values, measured with ONNX
+    Runtime 1.31), so it cannot be used to swap weights of an optimized session. Instead:
+
+    * initializers stored as external data (every export above 2 GB, i.e. real SD checkpoints): the file is
+      opened from disk and ``SessionOptions.add_external_initializers`` supplies the new values in place of
+      the external bytes, which ORT reads while loading the graph, before optimization; nothing is copied;
+    * inline initializers (exports below 2 GB): the ModelProto is loaded once per call, the overridden
+      tensors are replaced and the session is created from the serialized bytes.
+
+    Returns ``(path_or_bytes, keep_alive)``; ``keep_alive`` must live as long as the session.
+    """
+    if not overrides:
+        return str(onnx_path), None
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    by_name = {t.name: t for t in model.graph.initializer}
+    missing = sorted(set(overrides) - set(by_name))
+    if missing:
+        raise EngineError(f"{onnx_path.name} has no initializer(s) {missing[:8]}")
+    external = {n for n in overrides if by_name[n].data_location == onnx.TensorProto.EXTERNAL}
+    inline = set(overrides) - external
+    if external and inline:
+        raise EngineError(f"{onnx_path.name}: cannot override inline initializers {sorted(inline)[:4]} of a model "
+                          f"with external data")
+    if external:
+        ort = _ort()
+        names = sorted(external)
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(overrides[n])) for n in names]
+        so.add_external_initializers(names, values)
+        return str(onnx_path), (values, overrides)
+    for n in inline:
+        t = by_name[n]
+        arr = np.ascontiguousarray(overrides[n], dtype=numpy_helper.to_array(t).dtype)
+        t.CopyFrom(numpy_helper.from_array(arr, n))
+    blob = model.SerializeToString()
+    del model
+    return blob, None
+
+
 class OrtCpuEngine(Engine):
-    """ONNX Runtime on the CPU. ``path`` is the cached optimized model (or a raw ONNX file)."""
+    """ONNX Runtime on the CPU. ``path`` is the cached optimized model (or a raw ONNX file).
+
+    ``overrides`` ({initializer name: array}, e.g. LoRA-merged weights): the session is created from the
+    export's own ONNX file (``onnx_path``) with those initializers replaced and every optimization pass on;
+    see :meth:`with_weights`.
+    """
 
     backend = "onnxruntime-cpu"
 
     def __init__(self, model, inputs, outputs, profiles=None, *, path, threads: int | None = None,
-                 spinning: bool = False, optimized: bool = True, **kw):
+                 spinning: bool = False, optimized: bool = True, overrides: dict | None = None, **kw):
         super().__init__(model, inputs, outputs, profiles, source=str(path), **kw)
         self.path = Path(path)
         self.threads = threads
@@ -106,12 +167,28 @@ class OrtCpuEngine(Engine):
         # An optimized model from the cache already had every pass applied (and holds ORT's CPU layout
         # ops); running them again costs load time for nothing.
         self.level = "disable" if optimized else "all"
+        self.overrides = dict(overrides or {})
         self.session = None
+        self._keep = None
+
+    def with_weights(self, overrides: dict[str, np.ndarray]) -> "OrtCpuEngine":
+        """A new engine running the same export with ``overrides`` ({ONNX initializer name: array}) in place
+        of those weights. This engine (and its cached optimized model) is untouched and stays usable; nothing
+        is written to the engine cache. The new session is created on first use (or ``load()``)."""
+        if not overrides:
+            return self
+        raw = export_onnx_path(self.export_dir, self.model)
+        eng = OrtCpuEngine(self.model, self.inputs, self.outputs, self.profiles, path=raw, threads=self.threads,
+                           spinning=self.spinning, optimized=False, overrides=overrides, request=self.request,
+                           export_dir=self.export_dir)
+        eng.source = f"{raw} (+{len(overrides)} overridden weights)"
+        return eng
 
     def _load(self):
         ort = _ort()
         so = cpu_session_options(self.threads, self.spinning, self.level)
-        self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=[CPU_EP])
+        source, self._keep = session_source(self.path, self.overrides, so)
+        self.session = ort.InferenceSession(source, sess_options=so, providers=[CPU_EP])
         check_providers(self.session, [CPU_EP], self.model)
         ins, outs = session_specs(self.session)
         check_io_matches(self.model, self.inputs, ins, "inputs", str(self.path))
@@ -119,6 +196,7 @@ class OrtCpuEngine(Engine):
 
     def _release(self):
         self.session = None
+        self._keep = None
 
     def _run(self, feeds, profile_index):
         results = self.session.run(self.output_names, feeds)
@@ -146,8 +224,10 @@ class OrtCudaEngine(Engine):
 
     def __init__(self, model, inputs, outputs, profiles=None, *, path, device_id: int = 0,
                  cuda_graph: bool = True, tensorrt_ep: bool = False, trt_cache_dir: str | None = None,
-                 fp16: bool = False, max_buckets: int = 8, **kw):
+                 fp16: bool = False, max_buckets: int = 8, overrides: dict | None = None, **kw):
         super().__init__(model, inputs, outputs, profiles, source=str(path), **kw)
+        self.overrides = dict(overrides or {})
+        self._keep = None
         if tensorrt_ep:
             self.backend = "onnxruntime-trt"
             self._set_validator()
@@ -195,8 +275,9 @@ class OrtCudaEngine(Engine):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        source, self._keep = session_source(self.path, self.overrides, so)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.providers())
+            self.session = ort.InferenceSession(source, sess_options=so, providers=self.providers())
         except Exception as exc:
             hint = (" (CUDA graphs need every node on the GPU; retry with cuda_graph=False)"
                     if self.cuda_graph else "")
@@ -208,6 +289,20 @@ class OrtCudaEngine(Engine):
     def _release(self):
         self._buckets.clear()  # drops the device OrtValues
         self.session = None
+        self._keep = None
+
+    def with_weights(self, overrides: dict[str, np.ndarray]) -> "OrtCudaEngine":
+        """As :meth:`OrtCpuEngine.with_weights`: a second session over the export's ONNX with ``overrides``
+        (the TensorRT EP then builds its own engine for it: use the ``tensorrt`` backend to refit instead)."""
+        if not overrides:
+            return self
+        raw = export_onnx_path(self.export_dir, self.model)
+        eng = OrtCudaEngine(self.model, self.inputs, self.outputs, self.profiles, path=raw,
+                            device_id=self.device_id, cuda_graph=self.cuda_graph, tensorrt_ep=self.tensorrt_ep,
+                            trt_cache_dir=self.trt_cache_dir, fp16=self.fp16, max_buckets=self.max_buckets,
+                            overrides=overrides, request=self.request, export_dir=self.export_dir)
+        eng.source = f"{raw} (+{len(overrides)} overridden weights)"
+        return eng
 
     def _bucket(self, feeds) -> _Bucket:
         ort = _ort()

@@ -10,6 +10,7 @@ tests marked ``tensorrt``.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Sequence
 
@@ -152,6 +153,11 @@ class TensorRTEngine(Engine):
         self.max_buckets = max_buckets
         self._buckets: dict[tuple, _Bucket] = {}
         self.engine = self.runtime = self.stream = self.cuda = None
+        # Which weights the plan holds now: None = the export's own; else the key of a TensorRTWeightView,
+        # whose overridden names are in _weights_names (refit back to base values when another set is needed).
+        self._weights_key = None
+        self._weights_names: frozenset = frozenset()
+        self._base_weights: dict[str, np.ndarray] = {}
 
     # --- lifecycle --------------------------------------------------------------------------------
     def _load(self):
@@ -264,6 +270,11 @@ class TensorRTEngine(Engine):
             self.cuda.dtoh(b.host[s.name], b.dev[s.name], b.nbytes[s.name], self.stream)
 
     def _run(self, feeds, profile_index):
+        if self._weights_key is not None:  # a LoRA view refitted the plan: back to the export's weights
+            self._apply_weights(None, {})
+        return self._run_bucket(feeds, profile_index)
+
+    def _run_bucket(self, feeds, profile_index):
         b = self._bucket(feeds, profile_index)
         if b.scratch_gen != self.scratch.generation:  # another engine grew the shared scratch: rebind
             self._bind_scratch(b.context)
@@ -290,6 +301,47 @@ class TensorRTEngine(Engine):
         return {s.name: pinned_array(b.host[s.name], b.out_shapes[s.name], s.dtype).copy() for s in self.outputs}
 
     # --- refit (LoRA) -----------------------------------------------------------------------------
+    def with_weights(self, overrides: dict[str, np.ndarray]) -> "Engine":
+        """A view of this plan with ``overrides`` ({ONNX initializer name: array}): calling it refits the plan
+        with only the weights that differ from what it holds now (nothing is rebuilt); calling this engine
+        again refits the overridden names back to the export's values. The plan must be built with
+        ``ksampler-rt build --backend tensorrt --refit``."""
+        if not overrides:
+            return self
+        return TensorRTWeightView(self, overrides)
+
+    def _export_weights(self, names) -> dict[str, np.ndarray]:
+        missing = [n for n in names if n not in self._base_weights]
+        if missing:
+            import onnx
+            from onnx import numpy_helper
+
+            from .ort import export_onnx_path
+
+            path = export_onnx_path(self.export_dir, self.model)
+            model = onnx.load(str(path), load_external_data=False)
+            want = set(missing)
+            for t in model.graph.initializer:
+                if t.name in want:
+                    self._base_weights[t.name] = numpy_helper.to_array(t, base_dir=str(path.parent))
+        return {n: self._base_weights[n] for n in names}
+
+    def _apply_weights(self, key, overrides: dict[str, np.ndarray]) -> None:
+        """Refit so that the plan holds the export's weights with ``overrides`` on top (only changed names)."""
+        if key == self._weights_key:
+            return
+        if not getattr(self.engine, "refittable", False):
+            raise EngineError(f"{self.model}: this TensorRT plan was built without refit support, so its weights "
+                              f"cannot be swapped (LoRA); rebuild it once with `ksampler-rt build "
+                              f"{self.export_dir or 'EXPORT_DIR'} --backend tensorrt --refit --force`")
+        restore = sorted(self._weights_names - set(overrides))
+        weights = dict(self._export_weights(restore))
+        weights.update(overrides)
+        self._weights_key = None  # unknown state if the refit fails half-way
+        self.refit(weights)
+        self._weights_key = key
+        self._weights_names = frozenset(overrides)
+
     def refit(self, weights: dict[str, np.ndarray]) -> None:
         """Swap named weights in a plan built with ``refit=True`` (e.g. a LoRA merged on the host)."""
         self.load()
@@ -309,3 +361,37 @@ class TensorRTEngine(Engine):
             if b.exe is not None:
                 self.cuda.destroy_graph(b.graph, b.exe)
                 b.graph = b.exe = None
+
+
+_VIEW_IDS = itertools.count(1)
+
+
+class TensorRTWeightView(Engine):
+    """The plan of a :class:`TensorRTEngine` with some weights overridden (see ``with_weights``).
+
+    Shares the base engine's plan, contexts and buffers: a call takes the base engine's lock, refits the
+    plan to this view's weights if it holds others (only the names that differ), and runs.
+    """
+
+    backend = "tensorrt"
+
+    def __init__(self, base: TensorRTEngine, overrides: dict[str, np.ndarray]):
+        super().__init__(base.model, base.inputs, base.outputs, base.profiles, request=base.request,
+                         export_dir=base.export_dir, source=f"{base.source} (refit view)")
+        self.base = base
+        self.overrides = {n: np.ascontiguousarray(a) for n, a in overrides.items()}
+        self._lock = base._lock
+        self._key = ("view", next(_VIEW_IDS))
+
+    def _load(self):
+        self.base.load()
+        self.inputs, self.outputs = self.base.inputs, self.base.outputs
+        self._set_validator()
+
+    def _release(self):
+        pass  # the base engine owns the plan and the buffers
+
+    def _run(self, feeds, profile_index):
+        self.base.load()
+        self.base._apply_weights(self._key, self.overrides)
+        return self.base._run_bucket(feeds, profile_index)

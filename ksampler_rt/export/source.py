@@ -50,9 +50,9 @@ def schedule_from_config(sched: dict | None) -> dict:
 
 
 def weights_hash(files: list[str]) -> str:
+    """sha256 over the weight files' bytes (ordered by component folder + file name; paths not hashed)."""
     h = hashlib.sha256()
-    for p in sorted(files):
-        h.update(os.path.basename(os.path.dirname(p)).encode() + b"/" + os.path.basename(p).encode() + b"\0")
+    for p in sorted(files, key=lambda p: (os.path.basename(os.path.dirname(p)), os.path.basename(p))):
         with open(p, "rb") as f:
             while True:
                 chunk = f.read(16 << 20)

@@ -498,6 +498,111 @@ def ensure_tiny_model(family: str, seed: int = 0) -> Path:
     return target
 
 
+# --------------------------------------------------------------------------------------------
+# tiny LoRA
+
+TINY_LORA_NAME = "tiny-pixel-lora.safetensors"
+_TE_HIDDEN = {"l": (32, 128), "h": (48, 192), "g": (64, 256)}  # (hidden, intermediate), see _clip_config
+
+
+def _tiny_lora_layers(family: str) -> list[tuple[str, tuple, tuple]]:
+    """[(kohya key stem, down shape, up shape)] of the tiny LoRA: every attention / feed-forward / proj
+    layer and (LoCon) every resnet convolution of the UNet, and every text-encoder attention / MLP layer."""
+    import torch
+
+    rank = 4
+    layers = []
+    with torch.device("meta"):
+        unet = _unet(family)
+    for name, mod in unet.named_modules():
+        if not any(part in name for part in ("attentions.", "resnets.")):
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            layers.append((f"lora_unet_{name.replace('.', '_')}", (rank, mod.in_features), (mod.out_features, rank)))
+        elif isinstance(mod, torch.nn.Conv2d) and not name.endswith("conv_shortcut"):
+            kh, kw = mod.kernel_size
+            layers.append((f"lora_unet_{name.replace('.', '_')}", (rank, mod.in_channels, kh, kw),
+                           (mod.out_channels, rank, 1, 1)))
+    towers = {"sd15": [("lora_te", "l")], "sd2-v": [("lora_te", "h")],
+              "sdxl": [("lora_te1", "l"), ("lora_te2", "g")]}[family]
+    for prefix, which in towers:
+        hidden, inter = _TE_HIDDEN[which]
+        for i in range(3):
+            base = f"{prefix}_text_model_encoder_layers_{i}"
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                layers.append((f"{base}_self_attn_{proj}", (rank, hidden), (hidden, rank)))
+            layers.append((f"{base}_mlp_fc1", (rank, hidden), (inter, rank)))
+            layers.append((f"{base}_mlp_fc2", (rank, inter), (hidden, rank)))
+    return layers
+
+
+def _write_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
+    """safetensors with sorted keys (the ``safetensors`` writer orders metadata at random)."""
+    import struct
+
+    import numpy as np
+
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name], dtype="<f4")
+        data = arr.tobytes()
+        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for b in blobs:
+            f.write(b)
+
+
+def make_tiny_lora(out_file: str | os.PathLike, seed: int = 0, family: str = "sd15") -> Path:
+    """Write a deterministic tiny LoRA for the tiny ``family`` model in the kohya key layout
+    (``lora_unet_*`` / ``lora_te_*`` (SDXL ``lora_te1_*`` / ``lora_te2_*``), ``.lora_down.weight``,
+    ``.lora_up.weight``, ``.alpha``; resnet convolutions as LoCon 3x3 pairs). Rank 4, alpha 2 (scale 0.5);
+    down ~ N(0, 1/fan_in), up ~ N(0, 1/rank), so ``scale * up @ down`` moves each weight by about half its
+    own spread. Same seed -> byte-identical file. Nothing is downloaded."""
+    import numpy as np
+
+    _check_family(family)
+    out = Path(out_file).expanduser().absolute()
+    tensors = {}
+    for stem, down_shape, up_shape in _tiny_lora_layers(family):
+        fan_in = int(np.prod(down_shape[1:]))
+        g = np.random.default_rng(_derived_seed(int(seed), "lora", stem))
+        tensors[f"{stem}.lora_down.weight"] = (g.standard_normal(down_shape) * fan_in ** -0.5).astype(np.float32)
+        tensors[f"{stem}.lora_up.weight"] = (g.standard_normal(up_shape) * up_shape[1] ** -0.5).astype(np.float32)
+        tensors[f"{stem}.alpha"] = np.array(2.0, dtype=np.float32)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "2.0",
+            "ss_base_model_version": {"sd15": "sd_v1", "sd2-v": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family],
+            "ksampler_rt_tiny": json.dumps({"family": family, "seed": int(seed),
+                                            "recipe_version": TINY_RECIPE_VERSION})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        _write_safetensors(tensors, tmp, meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def ensure_tiny_lora(family: str = "sd15", seed: int = 0) -> Path:
+    """The cached tiny LoRA of ``family`` (next to the cached tiny model), built on first use."""
+    target = default_tiny_model_dir(family, seed).parent / f"{family}-seed{int(seed)}-r{TINY_RECIPE_VERSION}-lora" \
+        / TINY_LORA_NAME
+    if not target.is_file():
+        make_tiny_lora(target, seed, family)
+    return target
+
+
 def write_single_file_checkpoint(diffusers_dir, out_file):
     """Not available: diffusers 0.42.1 ships only the original -> diffusers direction
     (``diffusers.loaders.single_file_utils``); the reverse lives in an unpackaged script."""

@@ -26,9 +26,13 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ksampler_rt.export.tiny import make_tiny_model
+    from ksampler_rt.export.tiny import TINY_LORA_NAME, make_tiny_lora, make_tiny_model
 
     out = make_tiny_model(args.out, family=args.family, seed=args.seed, force=args.force)
     for f in sorted(p for p in Path(out).rglob("*") if p.is_file()):
         print(f)
+    # the matching tiny LoRA (kohya layout), next to the model folder
+    lora = make_tiny_lora(Path(out).parent / f"{Path(out).name}-{TINY_LORA_NAME}", seed=args.seed,
+                          family=args.family)
+    print(lora)
     return 0

@@ -41,6 +41,22 @@ __all__ = ["BrownianTree"]
 _F32 = np.float32
 
 
+_SS_INIT_B = 0x8B51F9DD
+_SS_HASH0 = (_SS_INIT_B * 0x58F38DED) & 0xFFFFFFFF
+
+
+def _seed_word0(entropy: int, spawn_key: tuple, pool_size: int) -> int:
+    """``SeedSequence(entropy, spawn_key, pool_size).generate_state(n)[0]``.
+
+    numpy's generate_state is wrapped in ``np.errstate`` and costs ~50 us; word 0 of its output
+    is a three-operation hash of ``pool[0]`` (numpy/random/bit_generator.pyx), done here in
+    Python ints. Checked against numpy in tests/runtime/test_brownian.py.
+    """
+    ss = np.random.SeedSequence(entropy=entropy, spawn_key=spawn_key, pool_size=pool_size)
+    d = ((int(ss.pool[0]) ^ _SS_INIT_B) * _SS_HASH0) & 0xFFFFFFFF
+    return d ^ (d >> 16)
+
+
 class _Node:
     __slots__ = ("start", "end", "parent", "is_left", "midway", "spawn_key", "depth",
                  "w_seed", "left", "right")
@@ -88,8 +104,7 @@ class BrownianTree:
         self.root = _Node(self._round(t0), self._round(t1), None, None)
         self.root.spawn_key = 0
         self.root.depth = 0
-        ss = np.random.SeedSequence(entropy=self.entropy, pool_size=self.pool_size)
-        w_seed = int(ss.generate_state(3)[0])
+        w_seed = _seed_word0(self.entropy, (), self.pool_size)
         self.root_w = randn_many([w_seed], self.shape, self.kernel)[0] * _F32(math.sqrt(t1 - t0))
         self._cache: "OrderedDict[_Node, np.ndarray]" = OrderedDict()
         self._last = self.root
@@ -104,9 +119,7 @@ class BrownianTree:
         if node.parent is not None:
             node.spawn_key = 2 * node.parent.spawn_key + (0 if node.is_left else 1)
             node.depth = node.parent.depth + 1
-        ss = np.random.SeedSequence(entropy=self.entropy, spawn_key=(node.spawn_key, node.depth),
-                                    pool_size=self.pool_size)
-        node.w_seed = int(ss.generate_state(4)[0])
+        node.w_seed = _seed_word0(self.entropy, (node.spawn_key, node.depth), self.pool_size)
         node.left = _Node(node.start, self._round(midway), node, True)
         node.right = _Node(self._round(midway), node.end, node, False)
 
@@ -189,7 +202,8 @@ class BrownianTree:
                     seen.add(p)
                     order.append(p)
         if order:
-            noises = randn_many([p.w_seed for p in order], self.shape, self.kernel)
+            noises = randn_many([p.w_seed for p in order], self.shape, self.kernel,
+                                max_chunk=1 << 17)
             self.n_randn += len(order)
             for p, z in zip(order, noises):
                 w = known.get(p)
@@ -199,9 +213,11 @@ class BrownianTree:
                 l_diff = p.midway - p.start
                 r_diff = p.end - p.midway
                 var = l_diff * r_diff * h_rec
-                w_left = (w * _F32(l_diff)) * _F32(h_rec)
-                w_left += z * _F32(math.sqrt(var))
-                w_right = w - w_left
+                w_left = np.multiply(w, _F32(l_diff))
+                w_left *= _F32(h_rec)
+                z *= _F32(math.sqrt(var))  # z is this call's own row of noise
+                w_left += z
+                w_right = np.subtract(w, w_left)
                 known[p.left] = w_left
                 known[p.right] = w_right
                 self._store(p.left, w_left)

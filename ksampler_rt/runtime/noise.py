@@ -42,6 +42,7 @@ __all__ = [
     "default_kernel",
     "prepare_noise",
     "NoiseSource",
+    "BrownianNoiseSampler",
     "KERNELS",
 ]
 
@@ -510,6 +511,25 @@ def _u32_to_uniform(raw: np.ndarray) -> np.ndarray:
     bits = raw.astype(np.uint32)
     bits &= np.uint32(0xFFFFFF)
     return bits.view(np.int32).astype(_F32) * _TWO_M24
+# np.random.MT19937(...) construction costs ~0.1-0.3 ms (it runs SeedSequence.generate_state(624))
+# while re-seeding with _legacy_seeding is ~1 us, so bit generators are recycled: every use
+# fully re-seeds (or sets the whole state of) the object it takes.
+_BG_FREE: list = []
+_BG_FREE_MAX = 32
+
+
+def _take_bg() -> np.random.MT19937:
+    try:
+        return _BG_FREE.pop()
+    except IndexError:
+        return np.random.MT19937(0)
+
+
+def _give_bg(bg) -> None:
+    if len(_BG_FREE) < _BG_FREE_MAX:
+        _BG_FREE.append(bg)
+
+
 _TWO_M53 = 2.0**-53
 _MASK53 = (1 << 53) - 1
 
@@ -526,8 +546,16 @@ class TorchCPUGenerator:
 
     def __init__(self, seed: int = 67280421310721, kernel: Optional[str] = None):
         self.kernel = _check_kernel(kernel)
-        self._bg = np.random.MT19937(0)
+        self._bg = None
+        seed = _check_seed(seed)
+        self._bg = _take_bg()
         self.manual_seed(seed)
+
+    def __del__(self):
+        bg = getattr(self, "_bg", None)
+        if bg is not None and _give_bg is not None:  # module globals may be gone at shutdown
+            self._bg = None
+            _give_bg(bg)
 
     def manual_seed(self, seed: int) -> "TorchCPUGenerator":
         """Same as ``torch.Generator.manual_seed``: mt19937 from the low 32 bits; clears the cache."""
@@ -609,7 +637,7 @@ class TorchCPUGenerator:
         return self.get_state()
 
     def __setstate__(self, state):
-        self._bg = np.random.MT19937(0)
+        self._bg = _take_bg()
         self.kernel = _check_kernel(state.get("kernel"))
         self.set_state(state)
 
@@ -640,11 +668,14 @@ def _randn_chunk(seeds, n: int, kernel: str, out: np.ndarray) -> None:
     tail = n % 16 != 0
     m = n + (16 if tail else 0)
     nb = n // 16
-    bg = np.random.MT19937(0)
+    bg = _take_bg()
     raw = np.empty((len(seeds), m), dtype=np.uint64)
-    for i, s in enumerate(seeds):
-        bg._legacy_seeding(s & 0xFFFFFFFF)
-        raw[i] = bg.random_raw(m)
+    try:
+        for i, s in enumerate(seeds):
+            bg._legacy_seeding(s & 0xFFFFFFFF)
+            raw[i] = bg.random_raw(m)
+    finally:
+        _give_bg(bg)
     if kernel == "avx2":
         if not tail and out.flags.c_contiguous:
             _fill_blocks_avx2(raw.reshape(-1, 16), out.reshape(-1, 16))
@@ -765,18 +796,51 @@ class NoiseSource:
 
     * ``default(x)`` -> ComfyUI ``default_noise_sampler(x, seed)``: a fresh CPU generator seeded
       with ``seed``; every call of the returned sampler returns ``randn(x.shape)`` from it.
-    * ``brownian(x, sigma_min, sigma_max)`` -> ``BrownianTreeNoiseSampler(x, sigma_min,
-      sigma_max, seed, cpu=True)`` (torchsde ``BrownianTree`` port, see ``brownian.py``).
+    * ``brownian(x, sigma_min, sigma_max, queries=None)`` -> ``BrownianTreeNoiseSampler(x,
+      sigma_min, sigma_max, seed, cpu=True)`` (torchsde ``BrownianTree`` port, see
+      ``brownian.py``).
+
+    Brownian prefetch: the SDE samplers query the tree at ``(sigma_i, sigma_{i+1})`` pairs that
+    are known before sampling starts. Given those pairs (``queries=``, or derived from the sigma
+    list passed as ``NoiseSource(seed, sigmas=...)`` / :meth:`expect`), a background thread
+    computes the increments ahead of the sampler (at most ``lookahead`` unconsumed results), so
+    the tree's cost overlaps a denoiser call that releases the GIL (ONNX Runtime does; numpy's
+    large ops release it too). Values are bit-identical with or without prefetch: every tree
+    value is a deterministic function of its dyadic node, whatever the query order, and a
+    query that was not predicted (e.g. dpmpp_sde's midpoint) is computed synchronously.
+    ``prefetch=False`` or env ``KSAMPLER_RT_BROWNIAN_PREFETCH=0`` turns it off.
 
     State is kept in plain attributes (``generator``, ``tree``) so it can be snapshotted.
     """
 
-    def __init__(self, seed: int, kernel: Optional[str] = None):
+    def __init__(self, seed: int, kernel: Optional[str] = None, *, sigmas=None,
+                 prefetch: Optional[bool] = None, lookahead: int = 2):
         self.seed = _check_seed(seed)
         self.kernel = _check_kernel(kernel)
         self.generator: Optional[TorchCPUGenerator] = None
         self.tree = None
         self.tree_sign = 1
+        self.sigmas = None
+        self.prefetch = prefetch
+        if int(lookahead) < 1:
+            raise ValueError(f"lookahead: got {lookahead!r}; accepted: an int >= 1")
+        self.lookahead = int(lookahead)
+        self.last_brownian = None
+        if sigmas is not None:
+            self.expect(sigmas)
+
+    def expect(self, sigmas) -> "NoiseSource":
+        """Declare the sigma list the sampler will run over (enables Brownian prefetch)."""
+        s = np.asarray(sigmas, dtype=_F32)
+        if s.ndim != 1:
+            raise ValueError(f"sigmas: got shape {s.shape}; accepted: a 1-D list of sigmas")
+        self.sigmas = s
+        return self
+
+    def _prefetch_on(self) -> bool:
+        if self.prefetch is not None:
+            return bool(self.prefetch)
+        return os.environ.get("KSAMPLER_RT_BROWNIAN_PREFETCH", "1").strip() not in ("0", "false", "no", "off")
 
     def default(self, x) -> Callable:
         shape = tuple(np.shape(x))
@@ -788,7 +852,9 @@ class NoiseSource:
 
         return noise_sampler
 
-    def brownian(self, x, sigma_min, sigma_max) -> Callable:
+    def brownian(self, x, sigma_min, sigma_max, queries=None) -> Callable:
+        """ComfyUI ``BrownianTreeNoiseSampler``; ``queries``: expected ``(sigma, sigma_next)``
+        calls in order, to prefetch (default: consecutive pairs of :meth:`expect`'s sigmas)."""
         from .brownian import BrownianTree
 
         t0 = _F32(sigma_min)
@@ -798,14 +864,125 @@ class NoiseSource:
                             kernel=self.kernel)
         self.tree = tree
         self.tree_sign = sign
+        if queries is None and self.sigmas is not None:
+            s = self.sigmas
+            queries = [(s[i], s[i + 1]) for i in range(len(s) - 1) if s[i + 1] > 0 and s[i] != s[i + 1]]
+        if not self._prefetch_on():
+            queries = None
+        sampler = BrownianNoiseSampler(tree, sign, queries, self.lookahead)
+        self.last_brownian = sampler
+        return sampler
 
-        def noise_sampler(sigma, sigma_next):
-            a = _F32(sigma)
-            b = _F32(sigma_next)
-            lo, hi, s = (a, b, 1) if a < b else (b, a, -1)
-            w = tree(float(lo), float(hi))
-            if sign * s < 0:
-                w = -w
-            return w / np.sqrt(np.abs(b - a))
 
-        return noise_sampler
+def _brownian_increment(tree, sign, lock, key):
+    a, b = key
+    lo, hi, s = (a, b, 1) if a < b else (b, a, -1)
+    with lock:
+        w = tree(float(lo), float(hi))
+    if sign * s < 0:
+        w = -w
+    return w / np.sqrt(np.abs(b - a))
+
+
+class _PrefetchState:
+    __slots__ = ("tree", "sign", "lock", "cv", "plan", "pos", "ready", "computing", "consumed",
+                 "lookahead", "closed")
+
+    def __init__(self, tree, sign, plan, lookahead):
+        self.tree = tree
+        self.sign = sign
+        self.lock = threading.Lock()      # serialises tree access (the tree is not thread-safe)
+        self.cv = threading.Condition()   # guards the fields below
+        self.plan = plan
+        self.pos = {}
+        for i, k in enumerate(plan):
+            self.pos.setdefault(k, i)
+        self.ready = {}
+        self.computing = None
+        self.consumed = 0
+        self.lookahead = lookahead
+        self.closed = False
+
+    def close(self):
+        with self.cv:
+            self.closed = True
+            self.ready.clear()
+            self.cv.notify_all()
+
+
+def _prefetch_worker(st: _PrefetchState) -> None:
+    i = 0
+    while True:
+        with st.cv:
+            while not st.closed and i < len(st.plan) and i >= st.consumed + st.lookahead:
+                st.cv.wait()
+            i = max(i, st.consumed)
+            if st.closed or i >= len(st.plan):
+                return
+            key = st.plan[i]
+            if key in st.ready:
+                i += 1
+                continue
+            st.computing = key
+        try:
+            w = _brownian_increment(st.tree, st.sign, st.lock, key)
+        except BaseException:  # the synchronous path will raise it again where it matters
+            w = None
+        with st.cv:
+            st.computing = None
+            if w is not None and not st.closed and st.pos.get(key, -1) >= st.consumed:
+                st.ready[key] = w
+            st.cv.notify_all()
+        i += 1
+
+
+class BrownianNoiseSampler:
+    """``noise_sampler(sigma, sigma_next)`` over a :class:`BrownianTree`, with optional prefetch.
+
+    ``hits`` / ``misses`` count calls served by the prefetch thread vs computed on the spot.
+    ``close()`` stops the thread (it also stops by itself at the end of the plan, and when this
+    object is garbage-collected).
+    """
+
+    def __init__(self, tree, sign, queries=None, lookahead: int = 2):
+        self.tree = tree
+        self.sign = sign
+        self.hits = 0
+        self.misses = 0
+        plan = [(_F32(a), _F32(b)) for a, b in (queries or ())]
+        self._st = _PrefetchState(tree, sign, plan, lookahead)
+        self._thread = None
+        if plan:
+            import weakref
+            self._thread = threading.Thread(target=_prefetch_worker, args=(self._st,),
+                                            name="ksrt-brownian-prefetch", daemon=True)
+            weakref.finalize(self, self._st.close)
+            self._thread.start()
+
+    def __call__(self, sigma, sigma_next):
+        key = (_F32(sigma), _F32(sigma_next))
+        st = self._st
+        w = None
+        if st.plan:
+            with st.cv:
+                idx = st.pos.get(key)
+                if idx is not None:
+                    while st.computing == key:
+                        st.cv.wait()
+                    w = st.ready.pop(key, None)
+                    if idx + 1 > st.consumed:
+                        st.consumed = idx + 1
+                        # drop results the sampler skipped past
+                        for k in [k for k in st.ready if st.pos[k] < st.consumed]:
+                            del st.ready[k]
+                        st.cv.notify_all()
+        if w is not None:
+            self.hits += 1
+            return w
+        self.misses += 1
+        return _brownian_increment(self.tree, self.sign, st.lock, key)
+
+    def close(self) -> None:
+        self._st.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()

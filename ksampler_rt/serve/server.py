@@ -763,13 +763,20 @@ class PromptServer:
         except (OSError, ValueError, IndexError):
             pass
         backend = getattr(self.pipeline, "backend", "auto")
+        if backend == "auto":
+            try:
+                from ..engines.loader import pick_backend
+
+                backend = pick_backend("auto")
+            except Exception:  # noqa: BLE001 -- stats are best effort
+                pass
         return {
             "system": {"os": os.name, "ram_total": ram_total, "ram_free": ram_free,
                        "comfyui_version": COMFYUI_VERSION, "ksampler_rt_version": version,
                        "python_version": sys.version, "pytorch_version": None, "embedded_python": False,
                        "argv": sys.argv},
             "devices": [{"name": f"ksampler-rt ({backend}) on {platform.machine()}",
-                         "type": "cuda" if backend in ("cuda", "tensorrt", "trt") else "cpu", "index": 0,
+                         "type": "cpu" if backend in ("onnxruntime-cpu", "auto") else "cuda", "index": 0,
                          "vram_total": 0, "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}],
         }
 

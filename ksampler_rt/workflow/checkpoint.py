@@ -1,6 +1,7 @@
 """CheckpointLoaderSimple on engines: an export directory -> (MODEL, CLIP, VAE).
 
-MODEL is a :class:`ksampler_rt.runtime.Model` around the UNet engine, CLIP a
+MODEL is a :class:`ksampler_rt.runtime.Model` around the UNet engine (``model.lora`` lets
+``LoraLoader`` derive LoRA models from it, see :mod:`.lora`), CLIP a
 :class:`~ksampler_rt.workflow.text_encoding.Clip` over the text-encoder engines with ComfyUI's
 per-family layer choices, VAE a :class:`Vae` over the decoder / encoder engines.
 """
@@ -13,6 +14,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from ..runtime import Model
+from .lora import EngineForward, attach
 from .text_encoding import Clip, ClipTower
 from .tokenizer import ClipTokenizer
 
@@ -59,6 +61,9 @@ class Checkpoint(NamedTuple):
     manifest: dict
 
     def release(self) -> None:
+        lora = getattr(self.model, "lora", None)
+        if lora is not None:
+            lora.target.context.release()  # the LoRA engines (ONNX Runtime sessions) of this checkpoint
         self.engines.release()
 
 
@@ -72,10 +77,7 @@ def _tower(export_dir: Path, family: str, entry: dict, engine) -> ClipTower:
     tokenizer = ClipTokenizer(export_dir / entry["tokenizer"], max_length=int(entry.get("max_length", 77)),
                               pad_with_end=pad_with_end)
 
-    def forward(input_ids: np.ndarray) -> dict:
-        return engine(input_ids=input_ids)
-
-    return ClipTower(name=name, tokenizer=tokenizer, forward=forward,
+    return ClipTower(name=name, tokenizer=tokenizer, forward=EngineForward(engine),
                      num_layers=int(entry["num_layers"]) + offset, default_layer=default,
                      layer_norm_hidden_state=layer_norm, layer_offset=offset)
 
@@ -96,5 +98,6 @@ def load_checkpoint(export_dir: str | Path, backend: str = "auto", *, log: Calla
     towers = tuple(_tower(export_dir, family, entry, getattr(engines, entry["name"]))
                    for entry in manifest["text_encoders"])
     clip = Clip(towers, family)
+    attach(model, towers, engines, manifest, export_dir, family)  # LoraLoader support
     vae = Vae(engines.vae_decoder, engines.vae_encoder, manifest.get("latent_downscale", 8))
     return Checkpoint(model, clip, vae, engines, manifest)

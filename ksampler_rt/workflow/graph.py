@@ -30,8 +30,12 @@ class WorkflowError(ValueError):
         self.error_type = error_type
 
     def comfy_error(self) -> dict:
-        return {"error": {"type": self.error_type, "message": str(self).splitlines()[0], "details": str(self),
-                          "extra_info": {}}, "node_errors": self.node_errors}
+        # ComfyUI's client-facing messages for its error types (execution.py); ours go in details
+        messages = {"prompt_outputs_failed_validation": "Prompt outputs failed validation",
+                    "prompt_no_outputs": "Prompt has no outputs"}
+        message = messages.get(self.error_type, str(self).splitlines()[0])
+        return {"error": {"type": self.error_type, "message": message, "details": str(self), "extra_info": {}},
+                "node_errors": self.node_errors}
 
 
 def is_link(value) -> bool:

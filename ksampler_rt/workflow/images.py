@@ -49,6 +49,17 @@ def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return images[0][None], masks[0][None]
 
 
+def check_image(path: str | Path) -> None:
+    """Raise ValueError when ``path`` does not decode as an image (LoadImage's file, checked before running)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # Pillow raises several types for unreadable files
+        raise ValueError(f"cannot read {Path(path).name} as an image ({exc}); expected PNG, JPEG, WebP, ...") from None
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """ComfyUI's conversion for saving: clip(255 * x, 0, 255) truncated to uint8."""
     return np.clip(255.0 * image, 0, 255).astype(np.uint8)

@@ -30,6 +30,20 @@ def checkpoint_loader_simple(ctx, node_id, ckpt_name):
     return checkpoint.model, checkpoint.clip, checkpoint.vae
 
 
+def _lora_loader(lora_path):
+    def lora_loader(ctx, node_id, model, clip, lora_name, strength_model, strength_clip):
+        from .lora import load_lora
+
+        if lora_path is not None:
+            path = lora_path(lora_name)
+        else:
+            from .registry import ModelRegistry
+
+            path = ModelRegistry().lora(lora_name)
+        return load_lora(model, clip, path, strength_model, strength_clip)
+    return lora_loader
+
+
 def clip_text_encode(ctx, node_id, text, clip):
     return (clip.encode(text),)
 
@@ -132,12 +146,18 @@ def _sampler_inputs() -> dict:
     }
 
 
-def build_node_specs(checkpoint_names, input_images) -> dict[str, NodeSpec]:
-    """The node table; ``checkpoint_names`` / ``input_images`` list the COMBO values on demand."""
+def build_node_specs(checkpoint_names, input_images, lora_names=None, lora_path=None) -> dict[str, NodeSpec]:
+    """The node table; ``checkpoint_names`` / ``input_images`` / ``lora_names`` list the COMBO values on
+    demand; ``lora_path(name) -> Path`` resolves a ``lora_name`` (default: the default model registry)."""
     s = _sampler_inputs()
     specs = [
         NodeSpec("CheckpointLoaderSimple", {"ckpt_name": Input("COMBO", options=checkpoint_names)},
                  ("MODEL", "CLIP", "VAE"), category="loaders", run=checkpoint_loader_simple),
+        NodeSpec("LoraLoader", {"model": Input("MODEL"), "clip": Input("CLIP"),
+                                "lora_name": Input("COMBO", options=lora_names or (lambda: [])),
+                                "strength_model": Input("FLOAT", 1.0, -100.0, 100.0, 0.01),
+                                "strength_clip": Input("FLOAT", 1.0, -100.0, 100.0, 0.01)},
+                 ("MODEL", "CLIP"), category="loaders", run=_lora_loader(lora_path)),
         NodeSpec("CLIPTextEncode", {"text": Input("STRING", multiline=True), "clip": Input("CLIP")},
                  ("CONDITIONING",), category="conditioning", run=clip_text_encode),
         NodeSpec("CLIPSetLastLayer", {"clip": Input("CLIP"),

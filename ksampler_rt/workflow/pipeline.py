@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import threading
@@ -21,6 +22,27 @@ from .nodes import build_node_specs
 from .registry import ModelRegistry
 
 
+def clip_layer_problem(manifest: Mapping, layer: int) -> str | None:
+    """Why CLIPSetLastLayer(``layer``) cannot be computed on an export (None when every tower can)."""
+    from .checkpoint import _TOWER_OPTIONS
+    from .text_encoding import ClipTower
+
+    options = _TOWER_OPTIONS.get(manifest.get("family"), {})
+    for entry in manifest.get("text_encoders", []):
+        if entry.get("name") not in options:
+            continue
+        _, layer_norm, offset = options[entry["name"]]
+        tower = ClipTower(name=entry["name"], tokenizer=None, forward=None,
+                          num_layers=int(entry.get("num_layers", 0)) + offset,
+                          layer_norm_hidden_state=layer_norm, layer_offset=offset)
+        outputs = dict.fromkeys(("last_hidden_state", "penultimate_hidden_state", "penultimate_hidden_state_norm"))
+        try:
+            tower._hidden(outputs, layer)
+        except ValueError as exc:
+            return str(exc).partition(": ")[2] or str(exc)
+    return None
+
+
 class Pipeline:
     def __init__(self, models_dir: str | os.PathLike | None = None, *, backend: str = "auto",
                  output_dir: str | os.PathLike = "output", input_dir: str | os.PathLike = "input",
@@ -33,7 +55,8 @@ class Pipeline:
         self.log = log or (lambda message: None)
         self._checkpoints: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self.specs = build_node_specs(self.registry.checkpoint_names, self._input_images)
+        self.specs = build_node_specs(self.registry.checkpoint_names, self._input_images,
+                                      self.registry.lora_names, self.registry.lora)
 
     # -- models ------------------------------------------------------------------------------
     def _input_images(self) -> list[str]:
@@ -63,14 +86,64 @@ class Pipeline:
     # -- workflows -----------------------------------------------------------------------------
     def prepare(self, workflow: str | os.PathLike | Mapping, overrides: Mapping[str, Any] | None = None) -> Plan:
         """Parse (API or UI format), apply ``node.input=value`` overrides, validate everything."""
-        prompt = load_workflow(workflow, self.specs)
+        prompt = copy.deepcopy(load_workflow(workflow, self.specs))  # overrides must not touch the caller's dict
         for target, value in (overrides or {}).items():
             node_id, _, name = target.partition(".")
             if node_id not in prompt or not name:
                 raise ValueError(f"--set {target}: expected NODE_ID.INPUT with a node id of the workflow "
                                  f"({', '.join(prompt)})")
             prompt[node_id].setdefault("inputs", {})[name] = value
-        return validate(prompt, self.specs)
+        return validate(prompt, self.specs, self._checker(prompt))
+
+    def _checker(self, prompt: Mapping):
+        """Checks that need files, run at validation so a bad workflow fails before any engine runs:
+        LoadImage's file must decode; CLIPSetLastLayer's layer must be one the checkpoint's export provides."""
+        from .images import check_image
+
+        def check(node_id: str, class_type: str, spec, values: dict) -> list[tuple[str, str]]:
+            if class_type == "LoadImage" and isinstance(values.get("image"), str):
+                try:
+                    check_image(self._input_path(values["image"]))
+                except (ValueError, OSError) as exc:
+                    return [("image", str(exc))]
+            if class_type == "CLIPSetLastLayer" and isinstance(values.get("stop_at_clip_layer"), int):
+                message = self._clip_layer_problem(prompt, values.get("clip"), values["stop_at_clip_layer"])
+                if message:
+                    return [("stop_at_clip_layer", message)]
+            return []
+
+        return check
+
+    def _input_path(self, name: str) -> Path:
+        root = self.input_dir.resolve()
+        path = (root / name).resolve()
+        if root not in path.parents:
+            raise ValueError(f"received {name!r}, which is outside the input folder {root}")
+        if not path.is_file():
+            raise FileNotFoundError(f"{name!r} is not in the input folder {root}")
+        return path
+
+    def _clip_layer_problem(self, prompt: Mapping, link, layer: int) -> str | None:
+        """Why ``layer`` cannot be served by the checkpoint the CLIP comes from (None when it can or is unknown)."""
+        import json
+
+        from .graph import is_link
+
+        seen = set()
+        while is_link(link) and str(link[0]) in prompt and str(link[0]) not in seen:
+            node_id = str(link[0])
+            seen.add(node_id)
+            node = prompt[node_id]
+            inputs = node.get("inputs") or {}
+            if node.get("class_type") == "CheckpointLoaderSimple":
+                try:
+                    export_dir = self.registry.checkpoint(inputs.get("ckpt_name"))
+                    manifest = json.loads((export_dir / "manifest.json").read_text())
+                except (ValueError, OSError, TypeError):
+                    return None  # reported on the loader's own input
+                return clip_layer_problem(manifest, layer)
+            link = inputs.get("clip")
+        return None
 
     def run_workflow(self, workflow: str | os.PathLike | Mapping | Plan, *, overrides: Mapping[str, Any] | None = None,
                      prompt_id: str | None = None, extra_pnginfo: dict | None = None,

@@ -59,7 +59,13 @@ class ClipTower:
         if index == -2:
             return outputs["penultimate_hidden_state_norm" if self.layer_norm_hidden_state else "penultimate_hidden_state"]
         raise ValueError(f"stop_at_clip_layer: received {layer}, expected one of the layers this export provides "
-                         f"for {self.name}: {sorted({-1 - self.layer_offset, -2 - self.layer_offset} - {0})}")
+                         f"for {self.name}: {self.supported_layers()} (or below -{self.num_layers}, which ComfyUI "
+                         "treats as the last layer)")
+
+    def supported_layers(self) -> list[int]:
+        """The CLIPSetLastLayer values the exported outputs can serve (in ComfyUI's numbering)."""
+        served = [-2] + ([-1] if self.layer_norm_hidden_state else [])
+        return sorted(i - self.layer_offset for i in served if i - self.layer_offset < 0)
 
     def encode_chunks(self, chunks: list[list[WeightedToken]], layer: int | None) -> tuple[np.ndarray, np.ndarray | None]:
         """(z [1, 77*k, D], pooled [1, P] or None) with ComfyUI's weighting."""

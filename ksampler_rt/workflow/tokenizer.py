@@ -16,14 +16,50 @@ Weighting and chunking follow ComfyUI 0.3.64 ``comfy/sd1_clip.py`` (``parse_pare
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 _CLIP_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 MAX_WORD_LENGTH = 8  # ComfyUI splits a weighted segment across chunks only from this length on
+
+
+# CJK ideograph blocks that transformers' BasicTokenizer surrounds with spaces (kana and hangul are not)
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _is_cjk(cp: int) -> bool:
+    return any(lo <= cp <= hi for lo, hi in _CJK_RANGES)
+
+
+def basic_clean(text: str) -> str:
+    """The text clean-up ComfyUI's CLIP tokenizer applies before BPE.
+
+    ComfyUI 0.3.64 loads ``transformers.CLIPTokenizer`` (transformers 4.x: the pure-Python one),
+    which without ``ftfy`` installed (ComfyUI does not require it) pre-processes with
+    ``BasicTokenizer(strip_accents=False, do_split_on_punc=False)``: drop NUL, U+FFFD and control /
+    format characters (Unicode category C*, e.g. soft hyphen and zero-width joiner; tab, newline
+    and CR become spaces), map space separators (Zs) to a space, put spaces around CJK ideographs
+    (so each is its own word), NFC-normalise, split on whitespace and lowercase. The ``tokenizers``
+    pipeline alone (CLIPTokenizerFast / transformers 5) does none of the dropping or CJK spacing.
+    """
+    out = []
+    for ch in text:
+        cp = ord(ch)
+        if ch in " \t\n\r" or unicodedata.category(ch) == "Zs":
+            out.append(" ")
+        elif cp == 0 or cp == 0xFFFD or unicodedata.category(ch).startswith("C"):
+            continue
+        elif _is_cjk(cp):
+            out.append(f" {ch} ")
+        else:
+            out.append(ch)
+    text = unicodedata.normalize("NFC", "".join(out))
+    return " ".join(word.lower() for word in text.split())
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
@@ -63,6 +99,9 @@ class ClipTokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ])
         tok.decoder = decoders.ByteLevel()
+        # the special tokens written in a prompt are matched as themselves, as transformers does
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS_TOKEN, EOS_TOKEN)
+                                if t in vocab])
         self._tok = tok
         self.vocab = vocab
         self.max_length = max_length
@@ -74,8 +113,17 @@ class ClipTokenizer:
         self.pad_token = self.end_token if pad_with_end else 0
 
     def encode_words(self, text: str) -> list[int]:
-        """Token ids of ``text`` without BOS/EOS."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text`` without BOS/EOS, as ComfyUI's tokenizer gives them (see :func:`basic_clean`)."""
+        pieces, rest = [], text
+        while True:  # keep special tokens whole, clean the text between them (transformers' added-token split)
+            hits = [(rest.find(t), t) for t in (BOS_TOKEN, EOS_TOKEN) if t in rest]
+            if not hits:
+                pieces.append(basic_clean(rest))
+                break
+            at, special = min(hits)
+            pieces += [basic_clean(rest[:at]), special]
+            rest = rest[at + len(special):]
+        return self._tok.encode(" ".join(p for p in pieces if p), add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)

@@ -121,3 +121,62 @@ def test_tree_errors():
         tree(0.7, 0.2)
     with pytest.raises(ValueError, match=r"seed: got -1"):
         NoiseSource(-1)
+
+
+def test_seed_word0_matches_numpy_seedsequence():
+    from ksampler_rt.runtime.brownian import _seed_word0
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        e = int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2))
+        key = (int(rng.integers(0, 2**40)), int(rng.integers(0, 60)))
+        ss = np.random.SeedSequence(entropy=e, spawn_key=key, pool_size=24)
+        assert _seed_word0(e, key, 24) == int(ss.generate_state(4)[0])
+        ss = np.random.SeedSequence(entropy=e, pool_size=24)
+        assert _seed_word0(e, (), 24) == int(ss.generate_state(3)[0])
+
+
+class _ZeroCostModel:
+    """Denoiser stand-in: a fixed x0 prediction (enough to drive the SDE samplers)."""
+
+    def __init__(self, x):
+        from ksampler_rt.runtime.model_sampling import ModelSamplingDiscrete
+
+        self.model_sampling = ModelSamplingDiscrete()
+        self._d = (x * np.float32(0.5)).astype(np.float32)
+
+    def __call__(self, x, sigma):
+        return self._d
+
+    def with_uncond(self, x, sigma):
+        return self._d, self._d
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde", "dpmpp_2m_sde_heun"])
+def test_brownian_prefetch_bit_identical(name):
+    from ksampler_rt.runtime.samplers import SAMPLERS
+
+    if name not in SAMPLERS:
+        pytest.skip(f"{name} not registered yet")
+    x = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32) * 14
+    sig = np.array([14.6146, 7.1, 3.2, 1.4, 0.6, 0.21, 0.0292, 0.0], np.float32)
+    ref = SAMPLERS[name].fn(_ZeroCostModel(x), x.copy(), sig, NoiseSource(5, prefetch=False))
+    src = NoiseSource(5, sigmas=sig, prefetch=True, lookahead=1)
+    out = SAMPLERS[name].fn(_ZeroCostModel(x), x.copy(), sig, src)
+    assert np.array_equal(out, ref)
+    ns = src.last_brownian
+    assert ns.hits >= 5, (ns.hits, ns.misses)
+    ns.close()
+
+
+def test_brownian_prefetch_unexpected_and_skipped_queries():
+    shape = (1, 2, 4, 4)
+    x = np.zeros(shape, np.float32)
+    sig = np.array([10.0, 5.0, 2.0, 1.0, 0.5, 0.1], np.float32)
+    plain = NoiseSource(3, prefetch=False).brownian(x, 0.1, 10.0)
+    pre = NoiseSource(3, sigmas=sig, prefetch=True).brownian(x, 0.1, 10.0)
+    calls = [(10.0, 5.0), (5.0, 3.3), (2.0, 1.0), (2.0, 1.0), (0.5, 0.1), (5.0, 2.0)]
+    for a, b in calls:  # a mid-point query, a skipped pair, a repeat, a late revisit
+        assert np.array_equal(pre(a, b), plain(a, b))
+    assert pre.hits >= 2
+    pre.close()

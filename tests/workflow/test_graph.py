@@ -8,7 +8,7 @@ from ksampler_rt.workflow.graph import WorkflowError, load_workflow, validate
 from ksampler_rt.workflow.nodes import build_node_specs
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "ksampler_rt" / "workflow" / "examples"
-SPECS = build_node_specs(lambda: ["tiny-sd15"], lambda: ["apple-256.png"])
+SPECS = build_node_specs(lambda: ["tiny-sd15"], lambda: ["apple-256.png"], lambda: ["tiny-pixel-lora.safetensors"])
 
 
 def api(name):
@@ -29,7 +29,7 @@ def test_prompt_body_wrapper_is_accepted():
 
 
 @pytest.mark.parametrize("name", ["txt2img.json", "advanced-split.json", "advanced-add-noise-disabled.json",
-                                  "prompt-switch.json", "img2img.json"])
+                                  "prompt-switch.json", "img2img.json", "lora-switch.json"])
 def test_seed_workflows_validate(name):
     plan = validate(load_workflow(EXAMPLES / name, SPECS), SPECS)
     assert plan.outputs and set(plan.outputs) <= set(plan.order)

@@ -1,0 +1,176 @@
+"""Benchmark models: which diffusers folder and export a ``--model`` name stands for.
+
+* ``tiny`` -- the tiny SD1.5 fixture of ``ksampler_rt.export.tiny`` (``ksampler-rt demo``'s model).
+* ``half-sd15`` -- an SD1.5-*shaped* UNet at half width, random weights, built here offline:
+  SD1.5's UNet config (4 levels, 2 layers per block, cross-attention 768, 8 heads, time embedding
+  4 x 160) with ``block_out_channels`` halved to (160, 320, 640, 640), ~220 M parameters (SD1.5:
+  860 M). To keep the export minutes rather than tens of minutes on a small CPU, the text encoder is
+  a 2-layer CLIP at CLIP-L's width (768, so the UNet's cross-attention is real size) and the VAE is
+  the tiny fixture's (8, 16, 32, 32): the benchmark's subject is the UNet loop; the text encoder
+  and the VAE run once per image on both sides of every comparison.
+* any other value -- a path: an export directory (has ``manifest.json``; optionally a
+  ``source`` entry naming the diffusers folder, needed for the diffusers peer) or a diffusers folder
+  (exported into the cache on first use).
+
+Built folders and exports live under ``$KSAMPLER_RT_CACHE`` (default ``~/.cache/ksampler-rt``):
+``bench/<name>-r<recipe>`` and ``exports/bench-<name>-r<recipe>``. Same recipe -> same weights
+(every tensor is drawn from its own seeded generator, as the tiny fixtures).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+#: Bumped whenever a recipe below changes, so an older cached build is not reused.
+BENCH_RECIPE_VERSION = 1
+
+BUILTIN_MODELS = ("tiny", "half-sd15")
+
+#: Resolution the benchmark uses by default per built-in model (the half-width UNet at 512 px takes
+#: several seconds per step on 2 CPU cores; 256 px keeps a full run within minutes).
+DEFAULT_SIZE = {"tiny": 256, "half-sd15": 256}
+
+HALF_SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(160, 320, 640, 640),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, center_input_sample=False,
+    flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
+)
+
+HALF_SD15_CLIP = dict(hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=2,
+                      num_attention_heads=12, hidden_act="quick_gelu", max_position_embeddings=77,
+                      layer_norm_eps=1e-5, attention_dropout=0.0)
+
+
+@dataclass
+class BenchModel:
+    name: str
+    export_dir: Path
+    source_dir: Path | None   # the diffusers folder (same weights) for the PyTorch peers; None = no peer
+    family: str
+    default_size: int
+    note: str = ""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KSAMPLER_RT_CACHE") or Path.home() / ".cache" / "ksampler-rt").expanduser()
+
+
+def _build_half_sd15(out: Path, seed: int = 0) -> None:
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ..export import tiny
+
+    ids = tiny.tokenizer_ids()
+    tok_dir = out / "tokenizer"
+    tiny.write_clip_tokenizer(tok_dir, pad_with_end=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**HALF_SD15_UNET)
+        tiny._init_weights(unet, seed, "unet", {"conv_out": tiny._UNET_OUT_GAIN})
+        te = CLIPTextModel(CLIPTextConfig(vocab_size=ids["vocab_size"], bos_token_id=ids["bos"],
+                                          eos_token_id=ids["eos"], pad_token_id=ids["eos"], **HALF_SD15_CLIP))
+        tiny._init_weights(te, seed, "text_encoder")
+        vae = tiny._vae("sd15")
+        tiny._init_weights(vae, seed, "vae", {"decoder.conv_out": tiny._VAE_OUT_GAIN})
+    for m in (unet, te, vae):
+        m.eval()
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1, prediction_type="epsilon",
+                                       timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(tok_dir)
+    tiny.write_clip_tokenizer(tok_dir, pad_with_end=True)  # CLIP's own file set, as users' folders have
+    (out / "bench_model.json").write_text(json.dumps(
+        {"name": "half-sd15", "seed": seed, "recipe_version": BENCH_RECIPE_VERSION,
+         "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in HALF_SD15_UNET.items()},
+         "text_encoder": HALF_SD15_CLIP, "vae": "tiny sd15 fixture VAE"}, indent=2, sort_keys=True) + "\n")
+
+
+def ensure_source(name: str, log: Callable[[str], None] = print) -> Path:
+    """The diffusers folder of a built-in model, built on first use (atomically)."""
+    if name == "tiny":
+        from ..export.tiny import ensure_tiny_model
+
+        return ensure_tiny_model("sd15")
+    if name != "half-sd15":
+        raise ValueError(f"unknown built-in model {name!r}: expected one of {', '.join(BUILTIN_MODELS)} or a path")
+    target = cache_root() / "bench" / f"{name}-r{BENCH_RECIPE_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log(f"building the {name} model (random weights) in {target} ...")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _build_half_sd15(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _export_into_cache(source: Path, key: str, log: Callable[[str], None]) -> Path:
+    export_dir = cache_root() / "exports" / key
+    if (export_dir / "manifest.json").is_file():
+        return export_dir
+    from ..export.onnx_export import export_model
+
+    log(f"exporting {source} to {export_dir} (once; minutes for large models on a small CPU) ...")
+    export_model(str(source), str(export_dir), overwrite=True)
+    return export_dir
+
+
+def resolve_model(spec: str, log: Callable[[str], None] = print, *, need_source: bool = True) -> BenchModel:
+    """``--model`` -> (export dir, diffusers folder), building and exporting built-ins on first use."""
+    if spec == "tiny":
+        from ..demo import prepare_tiny_checkpoint
+
+        source = ensure_source("tiny", log)
+        export_dir = prepare_tiny_checkpoint(log=log)
+        return BenchModel("tiny", Path(export_dir), source, "sd15", DEFAULT_SIZE["tiny"],
+                          "tiny SD1.5 fixture: UNet (32, 64), CLIP 32 wide x 3 layers, VAE (8, 16, 32, 32)")
+    if spec == "half-sd15":
+        source = ensure_source(spec, log)
+        export_dir = _export_into_cache(source, f"bench-{spec}-r{BENCH_RECIPE_VERSION}", log)
+        return BenchModel(spec, export_dir, source, "sd15", DEFAULT_SIZE[spec],
+                          "SD1.5-shaped UNet at half width (160, 320, 640, 640), random weights; "
+                          "2-layer CLIP-L-width text encoder; tiny VAE")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--model {spec}: no such file or directory; expected "
+                                f"{' or '.join(BUILTIN_MODELS)}, an export directory or a diffusers folder")
+    if (path / "manifest.json").is_file():
+        manifest = json.loads((path / "manifest.json").read_text())
+        src = manifest.get("source")
+        source = Path(src) if src and (Path(src) / "model_index.json").is_file() else None
+        if source is None and need_source:
+            log(f"note: {path}'s source ({src}) is not a diffusers folder here: no PyTorch peer for it")
+        size = 1024 if "xl" in str(manifest.get("family", "")) else 512
+        return BenchModel(path.name, path, source, manifest.get("family", "?"), size, "export directory")
+    if (path / "model_index.json").is_file():
+        import hashlib
+
+        key = "bench-" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        export_dir = _export_into_cache(path, key, log)
+        manifest = json.loads((export_dir / "manifest.json").read_text())
+        size = 1024 if "xl" in str(manifest.get("family", "")) else 512
+        return BenchModel(path.name, export_dir, path, manifest.get("family", "?"), size, "diffusers folder")
+    raise ValueError(f"--model {spec}: {path} is neither an export directory (manifest.json) nor a diffusers "
+                     "folder (model_index.json)")
