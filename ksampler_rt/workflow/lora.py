@@ -49,6 +49,8 @@ _CONTEXT_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner",
 # text-encoder hidden width (q_proj input) -> family (SD1.x clip_l vs SD2.x clip_h; tiny 32 / 48)
 _TE_FAMILY = {768: "sd15", 1024: "sd2", 32: "sd15", 48: "sd2"}
 
+_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
 # (suffix, role), longest first within each layout
 _ROLES = (
     (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
@@ -313,8 +315,11 @@ class KeyIndex:
         if model != "unet" and model not in self.models:
             return None
         s = s.replace(".processor.", ".")
-        if s.endswith(".to_out"):  # old diffusers attention processors: to_out_lora = to_out.0
+        head, _, last = s.rpartition(".")
+        if model == "unet" and last == "to_out":  # old diffusers attention processors: to_out_lora = to_out.0
             s += ".0"
+        elif model != "unet" and last in _TE_PROJ:  # ... and their text-encoder names: to_q_lora = q_proj
+            s = f"{head}.{_TE_PROJ[last]}"
         if s.startswith("text_model."):
             s = s[len("text_model."):]
         p = self.dotted[model].get(s)

@@ -164,7 +164,7 @@ class Pipeline:
         """IMAGE [B,H,W,3] float in [0,1] for a prompt (the KSampler txt2img graph)."""
         from ..runtime import ksampler
 
-        model, clip, vae = self.load_checkpoint(ckpt_name)
+        model, clip, vae = self.load_checkpoint(ckpt_name)[:3]
         latent = {"samples": np.zeros((batch_size, 4, height // 8, width // 8), np.float32)}
         out = ksampler(model, seed, steps, cfg, sampler_name, scheduler, clip.encode(prompt), clip.encode(negative),
                        latent)
@@ -176,7 +176,7 @@ class Pipeline:
         """IMAGE for an input IMAGE [B,H,W,3] (VAEEncode -> KSampler with denoise -> VAEDecode)."""
         from ..runtime import ksampler
 
-        model, clip, vae = self.load_checkpoint(ckpt_name)
+        model, clip, vae = self.load_checkpoint(ckpt_name)[:3]
         latent = {"samples": vae.encode(np.asarray(image, np.float32)[..., :3])}
         out = ksampler(model, seed, steps, cfg, sampler_name, scheduler, clip.encode(prompt), clip.encode(negative),
                        latent, denoise)

@@ -16,6 +16,7 @@ Weighting and chunking follow ComfyUI 0.3.64 ``comfy/sd1_clip.py`` (``parse_pare
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,10 +134,8 @@ class ClipTokenizer:
         """Chunks of exactly ``max_length`` (id, weight) pairs, as ComfyUI's SDTokenizer."""
         groups = []
         for segment, weight in token_weights(escape_important(text), 1.0):
-            segment = unescape_important(segment)
-            if segment:
-                ids = self.encode_words(segment)
-                groups.append([WeightedToken(i, weight) for i in ids])
+            for words in embedding_split(unescape_important(segment)):
+                groups.append([WeightedToken(i, weight) for i in self.encode_words(words)])
 
         start, end, pad, limit = self.start_token, self.end_token, self.pad_token, self.max_length
         chunk: list[WeightedToken] = [WeightedToken(start, 1.0)]
@@ -161,6 +160,37 @@ class ClipTokenizer:
         chunk.append(WeightedToken(end, 1.0))
         chunk.extend([WeightedToken(pad, 1.0)] * (limit - len(chunk)))
         return chunks
+
+
+EMBEDDING = "embedding:"
+
+
+def embedding_split(segment: str) -> list[str]:
+    """The pieces of a weighted segment ComfyUI tokenises one by one (each is one word group).
+
+    ComfyUI cuts a segment before every ``" embedding:"`` / ``"\\nembedding:"`` and looks the name up
+    in its embeddings folder. ksampler-rt has no textual-inversion embeddings, which is ComfyUI's
+    "embedding ... does not exist, ignoring" case: the ``embedding:name`` word is dropped and the
+    rest of that piece is tokenised (``name,`` keeps the trailing commas, as ComfyUI's retry with
+    the commas stripped does).
+    """
+    parts = re.split(" " + EMBEDDING + "|\n" + EMBEDDING, segment)
+    pieces = [parts[0]] + [EMBEDDING + p for p in parts[1:]]
+    out = []
+    for piece in pieces:
+        if not piece:
+            continue
+        if piece.startswith(EMBEDDING):
+            words = piece[len(EMBEDDING):].strip("\n").split()
+            name, leftover = (words[0] if words else ""), " ".join(words[1:])
+            stripped = name.strip(",")
+            if len(stripped) < len(name):
+                leftover = f"{name[len(stripped):]} {leftover}"
+            if not leftover:
+                continue
+            piece = leftover
+        out.append(piece)
+    return out
 
 
 def parse_parentheses(text: str) -> list[str]:

@@ -195,9 +195,12 @@ def test_cli_errors(tmp_path, tiny_sd15_dir, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_validation_failure_leaves_nothing(tmp_path, tiny_sd15_dir):
-    with pytest.raises(ExportError, match="failed validation"):
-        export_model(str(tiny_sd15_dir), str(tmp_path / "out"), tolerance=0.0)
+def test_validation_failure_leaves_nothing(tmp_path, tiny_sd15_dir, monkeypatch):
+    from ksampler_rt.export import validate as validate_mod
+    monkeypatch.setattr(validate_mod, "validate",
+                        lambda *a, **k: {"max_abs_err": 0.5, "max_rel_err": 0.25, "shapes": []})
+    with pytest.raises(ExportError, match="failed validation: max_rel_err 0.25 > tolerance 0.001"):
+        export_model(str(tiny_sd15_dir), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
 
 

@@ -1,4 +1,5 @@
 """numpy BrownianTree / NoiseSource.brownian vs torchsde 0.2.6 (test-only oracle)."""
+import time
 import warnings
 
 import numpy as np
@@ -139,13 +140,16 @@ def test_seed_word0_matches_numpy_seedsequence():
 class _ZeroCostModel:
     """Denoiser stand-in: a fixed x0 prediction (enough to drive the SDE samplers)."""
 
-    def __init__(self, x):
+    def __init__(self, x, sleep=0.0):
         from ksampler_rt.runtime.model_sampling import ModelSamplingDiscrete
 
         self.model_sampling = ModelSamplingDiscrete()
         self._d = (x * np.float32(0.5)).astype(np.float32)
+        self._sleep = sleep
 
     def __call__(self, x, sigma):
+        if self._sleep:
+            time.sleep(self._sleep)  # like an engine call that releases the GIL
         return self._d
 
     def with_uncond(self, x, sigma):
@@ -162,7 +166,7 @@ def test_brownian_prefetch_bit_identical(name):
     sig = np.array([14.6146, 7.1, 3.2, 1.4, 0.6, 0.21, 0.0292, 0.0], np.float32)
     ref = SAMPLERS[name].fn(_ZeroCostModel(x), x.copy(), sig, NoiseSource(5, prefetch=False))
     src = NoiseSource(5, sigmas=sig, prefetch=True, lookahead=1)
-    out = SAMPLERS[name].fn(_ZeroCostModel(x), x.copy(), sig, src)
+    out = SAMPLERS[name].fn(_ZeroCostModel(x, sleep=0.05), x.copy(), sig, src)
     assert np.array_equal(out, ref)
     ns = src.last_brownian
     assert ns.hits >= 5, (ns.hits, ns.misses)

@@ -1,0 +1,86 @@
+"""``ksampler-rt bench``: the product against diffusers/torch (and its own engine floor) in one run.
+
+Imports neither torch nor the harness at registration time (``ksampler_rt.cli`` contract).
+"""
+from __future__ import annotations
+
+import sys
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _size(value: str) -> tuple[int, int]:
+    try:
+        w, _, h = value.lower().partition("x")
+        return int(w), int(h or w)
+    except ValueError:
+        raise ValueError(f"--size {value!r}: expected WIDTHxHEIGHT, e.g. 256x256") from None
+
+
+def bench(args) -> int:
+    from .harness import BenchConfig, format_report, run, save
+
+    w, h = _size(args.size) if args.size else (None, None)
+    overrides = dict(
+        model=args.model, backends=tuple(_csv(args.backend)) if args.backend else None, width=w, height=h,
+        steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed,
+        batches=tuple(int(b) for b in _csv(args.batches)) if args.batches else None,
+        throughput_steps=args.throughput_steps, repeats=args.repeats, unet_samples=args.unet_samples,
+        stage_repeats=args.stage_repeats,
+        percentiles=tuple(float(p) for p in _csv(args.percentiles)) if args.percentiles else None,
+        threads=args.threads,
+        peers=tuple(p for p in _csv(args.peers) if p != "none") if args.peers is not None else None,
+        sampler_overhead=not args.no_sampler_overhead, out=args.out, chart=not args.no_chart,
+    )
+    if args.quick:
+        cfg = BenchConfig.quick_config(**overrides)
+    else:
+        cfg = BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    result = run(cfg, log=log)
+    print(format_report(result))
+    paths = save(result, cfg.out, chart=cfg.chart)
+    print(f"\nwrote {paths['json']}" + (f" and {paths['chart']}" if paths.get("chart") else ""))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="latency/throughput of every backend vs diffusers/torch on the same weights",
+        description="Measures ksampler-rt per stage (text encoding, UNet per step with percentiles, host overhead "
+                    "per step, VAE, end to end, throughput per batch size, cold start, memory) on every available "
+                    "backend, and in the same run diffusers' pipeline in PyTorch on the same weights; prints a "
+                    "table and writes JSON + a PNG chart under --out.")
+    p.add_argument("--model", default="tiny",
+                   help="tiny (default), half-sd15 (SD1.5-shaped UNet at half width, built and exported once), an "
+                        "export directory or a diffusers folder")
+    p.add_argument("--backend", default=None,
+                   help="comma list of tensorrt, onnxruntime-cuda, onnxruntime-trt, onnxruntime-cpu; default: every "
+                        "available one")
+    p.add_argument("--out", default="bench-results", help="folder for the JSON and the PNG (default ./bench-results)")
+    p.add_argument("--quick", action="store_true",
+                   help="reduced run (128x128, 10 steps, 3 repeats, p50/p95, eager peer only): < 2 min on 2 CPU "
+                        "cores with the tiny model")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels (default: 256x256 for the built-in models, "
+                                                "512 / 1024 for exports)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--sampler", default=None, help="sampler name (default euler; the diffusers peer needs euler)")
+    p.add_argument("--scheduler", default=None, help="scheduler name (default normal)")
+    p.add_argument("--cfg", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batches", default=None, help="batch sizes for throughput (default 1,2,4,8)")
+    p.add_argument("--throughput-steps", type=int, default=None, help="steps per throughput job (default --steps)")
+    p.add_argument("--repeats", type=int, default=None, help="warm end-to-end jobs per system, interleaved")
+    p.add_argument("--unet-samples", type=int, default=None,
+                   help="sampling steps timed for the UNet per-step distribution (p99 needs >= 100)")
+    p.add_argument("--stage-repeats", type=int, default=None, help="repetitions of text encoding / VAE")
+    p.add_argument("--percentiles", default=None, help="default 50,95,99 (50,95 with --quick)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads, also torch.set_num_threads for the peers (default: cores)")
+    p.add_argument("--peers", default=None,
+                   help="comma list of diffusers, diffusers-compile, or none (default both; --quick: diffusers)")
+    p.add_argument("--no-sampler-overhead", action="store_true", help="skip the sampler overhead table")
+    p.add_argument("--no-chart", action="store_true", help="do not write the PNG")
+    p.set_defaults(func=bench)

@@ -1,0 +1,378 @@
+"""Per-step host time of every sampler with a zero-cost denoiser, against ComfyUI's torch samplers.
+
+``python -m ksampler_rt.bench.sampler_overhead [--comfyui PATH] [--samplers a,b] [--quick]
+[--repeats N] [--steps 20] [--sizes 64,128] [--unet-ms MS] [--out FILE.json]``
+
+* Ours: ``ksampler_rt.runtime.samplers.SAMPLERS[name].fn`` driven with a denoiser that returns a
+  precomputed array (it has ``.model_sampling`` and ``.with_uncond``) and a real
+  :class:`~ksampler_rt.runtime.noise.NoiseSource`, over a ``normal``-scheduler schedule of
+  ``--steps`` steps (SD1.x discrete model sampling). Time per step = one whole sampler call
+  (noise-source / Brownian-tree construction included, as in ComfyUI) / steps.
+* Peer: ``comfy/k_diffusion/sampling.py`` loaded from the ComfyUI checkout given by
+  ``--comfyui``, on torch CPU with one thread, with the same zero-cost denoiser and sigmas.
+  Only what sampling.py imports is loaded: ``comfy.model_patcher`` and ``comfy.model_sampling``
+  are replaced by minimal stand-ins (``set_model_options_post_cfg_function``; an ``EPS`` class).
+  ddim runs ComfyUI's ``sample_euler`` (what its KSampler does for ddim); uni_pc / uni_pc_bh2 run
+  ``comfy/extra_samplers/uni_pc.py`` when it imports; dpm_fast / dpm_adaptive get ComfyUI's
+  argument lists. Without ``--comfyui`` only our side runs (the standalone k-diffusion package
+  needs torchvision, which is not installable here); the output says so.
+* Both sides run single-threaded and interleaved (ours, peer, ours, ...) so that machine load
+  hits both alike; figures are medians. The ``prepare_noise`` row compares
+  ``prepare_noise([1,4,128,128])`` with ``torch.randn`` the same way.
+* ``--unet-ms MS`` makes both denoisers sleep MS ms per call (an engine call that releases the
+  GIL) and reports host time = wall time - sleep; this shows the Brownian prefetch overlap.
+
+Targets (issue): our per-step host time at most 1/4 of the peer's for every sampler;
+prepare_noise within 2x of torch.randn.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import types
+import warnings
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import numpy as np  # noqa: E402
+
+from ksampler_rt.runtime.model_sampling import ModelSamplingDiscrete  # noqa: E402
+from ksampler_rt.runtime.noise import NoiseSource, default_kernel, prepare_noise  # noqa: E402
+from ksampler_rt.runtime.samplers import SAMPLER_NAMES, SAMPLERS  # noqa: E402
+from ksampler_rt.runtime.schedulers import normal_scheduler  # noqa: E402
+
+QUICK_SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_2m_sde")
+SEED = 42
+
+
+# ------------------------------------------------------------------------------------ ours
+class ZeroCostDenoiser:
+    """Returns a precomputed x0 prediction; optional sleep emulates a GIL-releasing engine."""
+
+    def __init__(self, denoised: np.ndarray, model_sampling, sleep_s: float = 0.0):
+        self.model_sampling = model_sampling
+        self._d = denoised
+        self._sleep = sleep_s
+
+    def __call__(self, x, sigma):
+        if self._sleep:
+            time.sleep(self._sleep)
+        return self._d
+
+    def with_uncond(self, x, sigma):
+        if self._sleep:
+            time.sleep(self._sleep)
+        return self._d, self._d
+
+
+def _ours_runner(name, x, denoised, sigmas, ms, sleep_s, prefetch):
+    fn = SAMPLERS[name].fn
+    model = ZeroCostDenoiser(denoised, ms, sleep_s)
+
+    def run():
+        noise = NoiseSource(SEED, sigmas=sigmas if prefetch else None, prefetch=prefetch)
+        out = fn(model, x.copy(), sigmas, noise)
+        nb = noise.last_brownian
+        if nb is not None:
+            nb.close()
+        return out
+
+    return run
+
+
+# ------------------------------------------------------------------------------------ peer
+class PeerUnavailable(Exception):
+    pass
+
+
+def load_comfy_sampling(comfyui: str):
+    """Import ``comfy.k_diffusion.sampling`` from a ComfyUI checkout with minimal stand-ins."""
+    root = os.path.abspath(comfyui)
+    kd = os.path.join(root, "comfy", "k_diffusion", "sampling.py")
+    if not os.path.isfile(kd):
+        raise PeerUnavailable(f"{kd} not found")
+    try:
+        import torch  # noqa: F401
+        import torchsde  # noqa: F401
+    except ImportError as e:
+        raise PeerUnavailable(f"torch/torchsde not importable: {e}") from None
+    for mod in [m for m in sys.modules if m == "comfy" or m.startswith("comfy.")]:
+        del sys.modules[mod]
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = [os.path.join(root, "comfy")]
+    sys.modules["comfy"] = comfy
+
+    mp = types.ModuleType("comfy.model_patcher")
+
+    def set_model_options_post_cfg_function(model_options, post_cfg_function, disable_cfg1_optimization=False):
+        model_options = dict(model_options)
+        model_options["sampler_post_cfg_function"] = (
+            list(model_options.get("sampler_post_cfg_function", [])) + [post_cfg_function])
+        if disable_cfg1_optimization:
+            model_options["disable_cfg1_optimization"] = True
+        return model_options
+
+    mp.set_model_options_post_cfg_function = set_model_options_post_cfg_function
+    msm = types.ModuleType("comfy.model_sampling")
+
+    class EPS:  # noqa: D401 - stand-in: only isinstance checks and these methods are used
+        pass
+
+    class CONST:
+        pass
+
+    msm.EPS, msm.CONST = EPS, CONST
+    sys.modules["comfy.model_patcher"] = mp
+    sys.modules["comfy.model_sampling"] = msm
+    comfy.model_patcher, comfy.model_sampling = mp, msm
+    sampling = importlib.import_module("comfy.k_diffusion.sampling")
+    uni_pc = None
+    try:
+        uni_pc = importlib.import_module("comfy.extra_samplers.uni_pc")
+    except Exception as e:  # pragma: no cover - depends on the checkout
+        uni_pc = e
+    return sampling, uni_pc, msm
+
+
+def _peer_model(torch, msm, denoised_t, ms_np, sleep_s):
+    class MS(msm.EPS):
+        sigma_min = torch.tensor(float(ms_np.sigma_min))
+        sigma_max = torch.tensor(float(ms_np.sigma_max))
+        sigma_data = 1.0
+
+        def percent_to_sigma(self, percent):
+            return float(ms_np.percent_to_sigma(percent))
+
+        def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+            return latent_image + noise * sigma.reshape(sigma.shape[:1] + (1,) * (noise.ndim - 1))
+
+    ms = MS()
+
+    class Patcher:
+        def get_model_object(self, name):
+            return ms
+
+    class Inner:
+        pass
+
+    class Model:
+        def __init__(self):
+            self.inner_model = Inner()
+            self.inner_model.inner_model = Inner()
+            self.inner_model.inner_model.model_sampling = ms
+            self.inner_model.model_patcher = Patcher()
+            self.inner_model.model_sampling = ms
+
+        def __call__(self, x, sigma, **kw):
+            if sleep_s:
+                time.sleep(sleep_s)
+            mo = kw.get("model_options") or {}
+            out = denoised_t
+            for fn in mo.get("sampler_post_cfg_function", []):
+                out = fn({"denoised": out, "cond_denoised": out, "uncond_denoised": denoised_t,
+                          "model": self, "sigma": sigma, "input": x, "model_options": mo,
+                          "cond": None, "uncond": None, "cond_scale": 1.0})
+            return out
+
+    return Model()
+
+
+def _peer_runner(name, peer, x, denoised, sigmas, ms_np, sleep_s):
+    import torch
+
+    sampling, uni_pc, msm = peer
+    xt = torch.from_numpy(x.copy())
+    dt = torch.from_numpy(denoised.copy())
+    st = torch.from_numpy(np.asarray(sigmas, np.float32).copy())
+    model = _peer_model(torch, msm, dt, ms_np, sleep_s)
+    extra = {"seed": SEED, "model_options": {}}
+    label = f"comfy.k_diffusion.sampling.sample_{name}"
+    if name == "ddim":
+        fn = sampling.sample_euler
+        label = "comfy.k_diffusion.sampling.sample_euler (ComfyUI's ddim)"
+
+        def call():
+            return fn(model, xt.clone(), st, extra_args=extra, disable=True)
+    elif name in ("uni_pc", "uni_pc_bh2"):
+        if isinstance(uni_pc, Exception) or uni_pc is None:
+            raise PeerUnavailable(f"comfy.extra_samplers.uni_pc: {uni_pc}")
+        variant = "bh2" if name == "uni_pc_bh2" else "bh1"
+        label = f"comfy.extra_samplers.uni_pc.sample_unipc (variant={variant})"
+
+        def call():
+            return uni_pc.sample_unipc(model, xt.clone(), st, extra_args=extra, disable=True, variant=variant)
+    elif name in ("dpm_fast", "dpm_adaptive"):
+        fn = getattr(sampling, f"sample_{name}")
+        smin = float(st[st > 0].min()) if name == "dpm_fast" else float(st[-2])
+        n = len(st) - 1
+
+        def call():
+            if name == "dpm_fast":
+                return fn(model, xt.clone(), smin, float(st[0]), n, extra_args=extra, disable=True)
+            return fn(model, xt.clone(), smin, float(st[0]), extra_args=extra, disable=True)
+    else:
+        fn = getattr(sampling, f"sample_{name}", None)
+        if fn is None:
+            raise PeerUnavailable(f"sample_{name} not in comfy.k_diffusion.sampling")
+
+        def call():
+            return fn(model, xt.clone(), st, extra_args=extra, disable=True)
+
+    def run():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return call()
+
+    return run, label
+
+
+# ------------------------------------------------------------------------------------ timing
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each callable, run round-robin so that load affects all alike."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    ts = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in ts.items()}
+
+
+def _fmt(v, spec=".3f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comfyui", help="ComfyUI checkout whose comfy/k_diffusion/sampling.py is the peer")
+    ap.add_argument("--samplers", help="comma-separated sampler names (default: all)")
+    ap.add_argument("--quick", action="store_true", help=f"{','.join(QUICK_SAMPLERS)}, [1,4,64,64], 2 repeats")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sizes", default=None, help="latent sizes in pixels/8, e.g. 64,128")
+    ap.add_argument("--unet-ms", type=float, default=0.0, help="simulated GIL-releasing denoiser time")
+    ap.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
+                    help="Brownian prefetch thread (auto: on only with --unet-ms > 0, since with a "
+                         "zero-cost denoiser there is nothing to overlap)")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    names = (args.samplers.split(",") if args.samplers else
+             list(QUICK_SAMPLERS) if args.quick else [n for n in SAMPLER_NAMES if n in SAMPLERS])
+    unknown = [n for n in names if n not in SAMPLERS]
+    if unknown:
+        ap.error(f"--samplers: unknown or unregistered {unknown}; known: {', '.join(SAMPLERS)}")
+    sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes else [64] if args.quick else [64, 128])
+    repeats = args.repeats or (2 if args.quick else 5)
+    sleep_s = args.unet_ms / 1e3
+    prefetch = args.prefetch == "on" or (args.prefetch == "auto" and args.unet_ms > 0)
+
+    peer, peer_note = None, None
+    torch = None
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:
+        torch = None
+    if args.comfyui:
+        try:
+            peer = load_comfy_sampling(args.comfyui)
+            peer_note = f"ComfyUI k-diffusion from {os.path.abspath(args.comfyui)} (torch {torch.__version__}, 1 thread)"
+        except PeerUnavailable as e:
+            peer_note = f"peer unavailable: {e}"
+        except Exception as e:  # noqa: BLE001 - report, run ours anyway
+            peer_note = f"peer unavailable: importing comfy.k_diffusion.sampling failed: {type(e).__name__}: {e}"
+    else:
+        peer_note = ("peer unavailable: no --comfyui PATH given (the standalone k-diffusion package "
+                     "needs torchvision, which is not installable here)")
+
+    ms = ModelSamplingDiscrete()
+    sigmas = normal_scheduler(ms, args.steps).astype(np.float32)
+    nsteps = len(sigmas) - 1
+    rng = np.random.default_rng(0)
+    print(f"sampler host time per step, zero-cost denoiser, normal schedule, {nsteps} steps, "
+          f"{repeats} interleaved repeats (medians); randn kernel {default_kernel()}; "
+          f"Brownian prefetch {'on' if prefetch else 'off'}; simulated denoiser {args.unet_ms} ms/call")
+    print(f"peer: {peer_note}")
+    rows = []
+    hdr = f"{'sampler':28s} {'latent':>14s} {'ours ms':>9s} {'peer ms':>9s} {'ratio':>7s}  target<=0.25"
+    print(hdr)
+    print("-" * len(hdr))
+    for size in sizes:
+        shape = (1, 4, size, size)
+        x = (rng.standard_normal(shape).astype(np.float32) * sigmas[0]).astype(np.float32)
+        denoised = (rng.standard_normal(shape).astype(np.float32) * np.float32(0.5)).astype(np.float32)
+        for name in names:
+            fns = {"ours": _ours_runner(name, x, denoised, sigmas, ms, sleep_s, prefetch)}
+            label, err = None, None
+            calls = {"ours": 0, "peer": 0}
+            if peer is not None:
+                try:
+                    prun, label = _peer_runner(name, peer, x, denoised, sigmas, ms, sleep_s)
+                    prun()  # fail early
+                    fns["peer"] = prun
+                except Exception as e:  # noqa: BLE001
+                    err = f"{type(e).__name__}: {e}"[:200]
+            if sleep_s:  # count denoiser calls to subtract the simulated engine time
+                for k, f in list(fns.items()):
+                    counter = {"n": 0}
+                    orig_sleep = time.sleep
+
+                    def counting(s, _c=counter, _o=orig_sleep):
+                        _c["n"] += 1
+                        _o(s)
+                    time.sleep = counting
+                    try:
+                        f()
+                    finally:
+                        time.sleep = orig_sleep
+                    calls[k] = counter["n"]
+            med = interleaved(fns, repeats)
+            ours = (med["ours"] - calls["ours"] * sleep_s) / nsteps * 1e3
+            pm = (med["peer"] - calls["peer"] * sleep_s) / nsteps * 1e3 if "peer" in med else None
+            ratio = ours / pm if pm else None
+            ok = None if ratio is None else ratio <= 0.25
+            row = {"sampler": name, "latent": list(shape), "ours_ms_per_step": ours,
+                   "peer_ms_per_step": pm, "ratio": ratio, "target_met": ok,
+                   "peer": label, "peer_error": err}
+            rows.append(row)
+            flag = "n/a" if ok is None else ("yes" if ok else "NO")
+            print(f"{name:28s} {str(list(shape)):>14s} {ours:9.3f} {_fmt(pm):>9s} {_fmt(ratio, '.3f'):>7s}  {flag}"
+                  + (f"   (peer failed: {err})" if err else ""))
+            sys.stdout.flush()
+
+    # prepare_noise vs torch.randn
+    lat = np.zeros((1, 4, 128, 128), np.float32)
+    fns = {"ours": lambda: prepare_noise(lat, SEED)}
+    if torch is not None:
+        fns["torch"] = lambda: torch.randn((1, 4, 128, 128), generator=torch.Generator().manual_seed(SEED))
+    med = interleaved(fns, max(15, repeats * 5))
+    pn = {"ours_ms": med["ours"] * 1e3, "torch_ms": med.get("torch", float("nan")) * 1e3 if torch else None}
+    pn["ratio"] = pn["ours_ms"] / pn["torch_ms"] if pn["torch_ms"] else None
+    pn["target_met"] = None if pn["ratio"] is None else pn["ratio"] <= 2.0
+    print(f"{'prepare_noise vs torch.randn':28s} {'[1,4,128,128]':>14s} {pn['ours_ms']:9.3f} "
+          f"{_fmt(pn['torch_ms']):>9s} {_fmt(pn['ratio'], '.3f'):>7s}  target<=2: "
+          f"{'n/a' if pn['target_met'] is None else ('yes' if pn['target_met'] else 'NO')}")
+    met = [r for r in rows if r["target_met"] is not None]
+    if met:
+        print(f"1/4 target met by {sum(r['target_met'] for r in met)} of {len(met)} sampler rows")
+    print(f"(cpu count {os.cpu_count()}; load average {os.getloadavg()[0]:.2f}; timings are noisy on a shared machine)")
+    result = {"steps": nsteps, "repeats": repeats, "unet_ms": args.unet_ms, "prefetch": prefetch,
+              "peer": peer_note, "kernel": default_kernel(), "rows": rows, "prepare_noise": pn}
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
