@@ -88,7 +88,6 @@ def torch_export(spec: ModelSpec, path: str, opset: int, exporter: str = "torchs
 def finalize_onnx(scratch_path: str, final_path: str, spec: ModelSpec):
     """Re-save into the output dir (one external-data file if > 2 GB), name the dims, build initializer_map."""
     import onnx
-    from onnx import external_data_helper
 
     model = onnx.load(scratch_path, load_external_data=True)
     # symbolic names on graph I/O, so consumers (TensorRT profiles) see B/h/w/T

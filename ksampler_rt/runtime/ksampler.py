@@ -147,7 +147,7 @@ def common_ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_nam
     on_step = None if callback is None else (lambda i, x_i, denoised: callback(i, total, x_i, denoised))
     cuts = _schedule_cuts([*positive, *negative], offset, total)
     if not cuts:
-        samples = spec.fn(denoiser_at(0), x, sigmas, NoiseSource(seed), callback=on_step)
+        samples = _run_sampler(spec, denoiser_at(0), x, sigmas, seed, on_step)
     else:
         samples, _ = _sample_in_windows(spec, sampler_name, denoiser_at, x, sigmas, seed, on_step, cuts=cuts)
     samples = ms.inverse_noise_scaling(sigmas[-1], samples)
@@ -172,6 +172,18 @@ def _schedule_cuts(conditioning: list, offset: int, total: int) -> list[int]:
     return sorted(e for e in edges if 0 < e < total)
 
 
+def _run_sampler(spec, denoiser, x, sigmas, seed, callback):
+    """One sampler run with a fresh noise source; the source knows the schedule so a Brownian tree
+    can compute its increments ahead, overlapping the UNet calls (bit-identical either way)."""
+    noise = NoiseSource(seed, sigmas=sigmas)
+    try:
+        return spec.fn(denoiser, x, sigmas, noise, callback=callback)
+    finally:
+        prefetch = getattr(noise, "last_brownian", None)
+        if prefetch is not None:
+            prefetch.close()
+
+
 def _sample_in_windows(spec, sampler_name, denoiser_at, x, sigmas, seed, on_step, *, cuts=(), stop=None,
                        replay=(), first_live=0):
     """Run the sampler over ``sigmas`` as a chain of exactly joined windows.
@@ -193,7 +205,7 @@ def _sample_in_windows(spec, sampler_name, denoiser_at, x, sigmas, seed, on_step
                 on_step(i, x_i, denoised)
 
         try:
-            return spec.fn(denoiser, x.copy(), sigmas, NoiseSource(seed), callback=callback), None
+            return _run_sampler(spec, denoiser, x.copy(), sigmas, seed, callback), None
         except StopAtStep as stopped:
             # an evaluation that announced step `end` belongs to the next window's model: drop it
             replay = denoiser.evaluations[:-1] if stopped.after_evaluation else denoiser.evaluations

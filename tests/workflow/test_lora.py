@@ -22,20 +22,14 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "ksampler_rt" / "workflow" / "e
 # ----------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Tiny SD1.5 export (reused from the cache), registered with the tiny LoRA, on ONNX Runtime CPU."""
-    from ksampler_rt.demo import prepare_tiny_checkpoint
-    from ksampler_rt.workflow.pipeline import Pipeline
-
+def env(pipeline, tiny_sd15, session_cache, tmp_path_factory):
+    """The session's tiny SD1.5 pipeline (conftest), with the tiny LoRA the demo code registered."""
+    ckpt = pipeline.load_checkpoint("tiny-sd15")
     root = tmp_path_factory.mktemp("lora")
-    models = root / "models"
-    export_dir = prepare_tiny_checkpoint(models, log=lambda m: None)
-    pipe = Pipeline(models, backend="onnxruntime-cpu", output_dir=root / "out", input_dir=EXAMPLES, log=None)
-    ckpt = pipe.load_checkpoint("tiny-sd15")
     lora2 = make_tiny_lora(root / "second.safetensors", seed=1)
-    yield {"pipe": pipe, "ckpt": ckpt, "export_dir": export_dir, "root": root,
-           "lora": models / "loras" / TINY_LORA_NAME, "lora2": lora2}
-    pipe.release()
+    return {"pipe": pipeline, "ckpt": ckpt, "export_dir": tiny_sd15.export_dir, "root": root,
+            "lora": tiny_sd15.models_dir / "loras" / TINY_LORA_NAME, "lora2": lora2,
+            "engines_dir": Path(ckpt.engines.unet.path).parent.parent}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +67,9 @@ def _diffusers_lora(path):
             last = te_proj[last]
         name = f"{head}.{last}"
         up = sd[key.replace(".down.weight", ".up.weight")]
-        alpha = alphas.get(key + ".alpha")
-        out[(comp, name)] = (down, up, float(alpha) / down.shape[0] if alpha is not None else 1.0)
+        alpha = alphas.get(key + ".alpha", alphas.get(f"{comp}.{m.group(2)}.alpha"))
+        assert alpha is not None, key  # every module of the tiny LoRA has an alpha
+        out[(comp, name)] = (down, up, float(alpha) / down.shape[0])
     assert len(out) == 90
     return out
 
@@ -84,6 +79,8 @@ def _merge_torch(module, lora, component, strength):
         for (comp, name), (down, up, scale) in lora.items():
             if comp != component:
                 continue
+            if name.startswith("text_model.") and not hasattr(module, "text_model"):
+                name = name[len("text_model."):]  # transformers 5 flattened CLIPTextModel
             w = module.get_submodule(name).weight
             w += strength * scale * (up.flatten(1).float() @ down.flatten(1).float()).reshape(w.shape)
 
@@ -224,12 +221,11 @@ def test_locon_tucker_mid():
 
 def test_lora_switch_workflow_end_to_end_without_rebuild(env, monkeypatch):
     from ksampler_rt.engines import build as engines_build
-    from ksampler_rt.engines.cache import default_cache_root
     from ksampler_rt.export import onnx_export
     from ksampler_rt.runtime import ksampler_advanced
 
     pipe, ckpt = env["pipe"], env["ckpt"]
-    engines_dir = default_cache_root() / "engines"
+    engines_dir = env["engines_dir"]
     before = sorted(p.name for p in engines_dir.iterdir())
 
     def forbidden(*a, **k):
