@@ -27,12 +27,12 @@ def bench(args) -> int:
         model=args.model, backends=tuple(_csv(args.backend)) if args.backend else None, width=w, height=h,
         steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed,
         batches=tuple(int(b) for b in _csv(args.batches)) if args.batches else None,
-        throughput_steps=args.throughput_steps, repeats=args.repeats, unet_samples=args.unet_samples,
+        throughput_steps=args.throughput_steps, throughput_repeats=args.throughput_repeats, repeats=args.repeats, unet_samples=args.unet_samples,
         stage_repeats=args.stage_repeats,
         percentiles=tuple(float(p) for p in _csv(args.percentiles)) if args.percentiles else None,
         threads=args.threads,
         peers=tuple(p for p in _csv(args.peers) if p != "none") if args.peers is not None else None,
-        sampler_overhead=not args.no_sampler_overhead, out=args.out, chart=not args.no_chart,
+        sampler_overhead=not args.no_sampler_overhead, comfyui=args.comfyui, out=args.out, chart=not args.no_chart,
     )
     if args.quick:
         cfg = BenchConfig.quick_config(**overrides)
@@ -72,6 +72,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batches", default=None, help="batch sizes for throughput (default 1,2,4,8)")
     p.add_argument("--throughput-steps", type=int, default=None, help="steps per throughput job (default --steps)")
+    p.add_argument("--throughput-repeats", type=int, default=None, help="timed jobs per batch size (default 3)")
     p.add_argument("--repeats", type=int, default=None, help="warm end-to-end jobs per system, interleaved")
     p.add_argument("--unet-samples", type=int, default=None,
                    help="sampling steps timed for the UNet per-step distribution (p99 needs >= 100)")
@@ -82,5 +83,7 @@ def register(subparsers) -> None:
     p.add_argument("--peers", default=None,
                    help="comma list of diffusers, diffusers-compile, or none (default both; --quick: diffusers)")
     p.add_argument("--no-sampler-overhead", action="store_true", help="skip the sampler overhead table")
+    p.add_argument("--comfyui", default=None,
+                   help="ComfyUI checkout: its k-diffusion torch samplers are the sampler table's peer")
     p.add_argument("--no-chart", action="store_true", help="do not write the PNG")
     p.set_defaults(func=bench)

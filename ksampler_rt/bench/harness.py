@@ -66,11 +66,13 @@ class BenchConfig:
     repeats: int = 5                              # warm end-to-end jobs per system (interleaved)
     unet_samples: int = 100                       # sampling steps timed for the per-step distribution
     stage_repeats: int = 10                       # text encoding / VAE repetitions
+    throughput_repeats: int = 3                   # timed jobs per batch size (after one warm-up job)
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     threads: int | None = None                    # ORT intra-op threads = torch threads; None = usable cores
     peers: tuple[str, ...] = PEERS
     cuda_graph_variants: bool = True              # GPU: also measure without CUDA graphs
     sampler_overhead: bool = True
+    comfyui: str | None = None                    # ComfyUI checkout: the k-diffusion peer of the sampler table
     out: str = "bench-results"
     chart: bool = True
     quick: bool = False
@@ -79,7 +81,7 @@ class BenchConfig:
     def quick_config(cls, **overrides) -> "BenchConfig":
         """Finishes in under two minutes on 2 CPU cores with the tiny model (export cached or not)."""
         base = dict(steps=10, repeats=3, unet_samples=40, stage_repeats=5, percentiles=(50.0, 95.0),
-                    throughput_steps=4, peers=("diffusers",), quick=True, width=128, height=128)
+                    throughput_steps=4, throughput_repeats=1, peers=("diffusers",), quick=True, width=128, height=128)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -105,7 +107,7 @@ def percentiles(samples, ps) -> dict:
 
 
 def validate_config(cfg: BenchConfig) -> None:
-    for name in ("steps", "repeats", "unet_samples", "stage_repeats"):
+    for name in ("steps", "repeats", "unet_samples", "stage_repeats", "throughput_repeats"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             raise BenchError(f"--{name.replace('_', '-')}: received {v!r}, expected a positive integer")
@@ -427,7 +429,7 @@ def measure_product(runner: ProductRunner, cfg: BenchConfig, log=print) -> dict:
             r: dict = {}
             runner.job(batch=b, steps=tsteps, record=r)  # warm-up of the new shape
             rs = []
-            for _ in range(max(1, min(3, cfg.repeats))):
+            for _ in range(cfg.throughput_repeats):
                 r = {}
                 runner.job(batch=b, steps=tsteps, record=r)
                 rs.append(r)
@@ -535,28 +537,53 @@ def environment(backends, cfg: BenchConfig, manifest: dict) -> dict:
 
 
 def run_sampler_overhead(cfg: BenchConfig, log=print) -> dict:
-    """Calls ``ksampler_rt.bench.sampler_overhead`` (written separately); its figures go in as they are."""
+    """``ksampler_rt.bench.sampler_overhead`` (every sampler's host time per step against ComfyUI's
+    k-diffusion torch samplers), called as it is; its own table goes to the log."""
+    import contextlib
+    import io
+
     try:
         from . import sampler_overhead
     except ImportError as exc:
         return {"available": False, "why": f"ksampler_rt.bench.sampler_overhead is not importable ({exc})"}
-    fn = getattr(sampler_overhead, "run", None) or getattr(sampler_overhead, "measure", None)
-    if fn is None:
-        return {"available": False, "why": "ksampler_rt.bench.sampler_overhead has no run()/measure()"}
+    argv = ["--steps", str(cfg.steps)] + (["--quick"] if cfg.quick else [])
+    if cfg.comfyui:
+        argv += ["--comfyui", str(cfg.comfyui)]
+    buf = io.StringIO()
     try:
-        rows = fn(quick=cfg.quick) if "quick" in fn.__code__.co_varnames else fn()
+        with contextlib.redirect_stdout(buf):
+            res = sampler_overhead.main(argv)
+    except SystemExit as exc:
+        return {"available": False, "why": f"sampler_overhead exited ({exc.code}): {buf.getvalue()[-300:]}"}
     except Exception as exc:  # its failure must not lose the rest of the run
         return {"available": False, "why": f"sampler_overhead failed: {type(exc).__name__}: {exc}"}
-    return {"available": True, "rows": rows}
+    for line in buf.getvalue().splitlines():
+        log("  " + line)
+    return dict(res, available=True, argv=argv)
 
 
 # ---------------------------------------------------------------------------------------------
 # the run
 
 
+def set_torch_thread_policy() -> dict:
+    """Give the PyTorch peers the same threading policy as the product's ONNX Runtime sessions.
+
+    ONNX Runtime runs with ``allow_spinning=0`` (idle workers sleep). PyTorch's OpenMP spins by
+    default, which on a shared or oversubscribed CPU makes a 2-thread torch UNet call ~30x slower
+    (measured: 2.9 s vs 95 ms for the tiny UNet at load average 10 on 2 cores), a result about
+    the machine, not about diffusers. ``OMP_WAIT_POLICY=PASSIVE`` must be set before torch is
+    imported; set it yourself to override.
+    """
+    already = "torch" in sys.modules
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"], "torch_imported_before": already}
+
+
 def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     from .models import resolve_model
 
+    torch_policy = set_torch_thread_policy()
     validate_config(cfg)
     backends = resolve_backends(list(cfg.backends) if cfg.backends else None)
     model = resolve_model(cfg.model, log=log)
@@ -568,6 +595,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "name": model.name, "export_dir": str(model.export_dir), "source_dir": str(model.source_dir or ""),
         "note": model.note, "family": model.family}, "environment": environment(backends, cfg, manifest),
         "products": [], "peers": [], "comparison": []}
+    result["environment"]["torch_thread_policy"] = torch_policy
     t_run = time.perf_counter()
 
     # 1. the product on every backend variant (no torch imported yet: its RSS is the product's own)
@@ -583,6 +611,9 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                 runner.release()
                 raise
             except Exception as exc:
+                if "ksampler-rt build" in str(exc):  # no engine for this shape: say how to build one
+                    runner.release()
+                    raise BenchError(f"{runner.name}: {exc}") from None
                 if backend in GPU_BACKENDS and graph:
                     log(f"  {runner.name} failed ({exc}); continuing")
                     result["products"].append({"name": runner.name, "backend": backend, "error": str(exc)})
@@ -591,11 +622,6 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                 raise
             result["products"].append(res)
             runners.append((runner, res))
-            # the engine floor: the engine calls alone for one job
-            st = res["stages"]
-            floor = (st["text_encode"]["median_ms"] * 2 + st["unet_call"]["median_ms"] * cfg.steps
-                     * st["unet_calls_per_step"] + st["vae_decode"]["median_ms"]) / 1e3
-            res["engine_floor_job_s"] = floor
     # 2. peers, interleaved with the product's first runner (all of its variants in turn)
     from ..runtime import calculate_sigmas
 
@@ -625,14 +651,29 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     systems = [(r.name, r.job) for r, _ in runners] + [(p.name, p.job) for p, _ in peers]
     log(f"end to end, {cfg.repeats} interleaved warm jobs each: " + ", ".join(n for n, _ in systems))
     times: dict[str, list[float]] = {n: [] for n, _ in systems}
-    peer_mem = {p.name: PeakSampler() for p, _ in peers}
+    floors: dict[str, list[float]] = {r.name: [] for r, _ in runners}
+    timers = {r.name: [CallTimer(e) for e in r.ckpt.engines.engines().values()] for r, _ in runners}
     for _ in range(cfg.repeats):
         for n, fn in systems:
             rec: dict = {}
-            fn(record=rec)
+            if n in timers:  # the engine floor: the engine calls alone, inside the same jobs
+                for t in timers[n]:
+                    t.calls.clear()
+                    t.__enter__()
+                try:
+                    fn(record=rec)
+                finally:
+                    for t in timers[n]:
+                        t.__exit__()
+                floors[n].append(sum(b - a for t in timers[n] for a, b in t.calls))
+            else:
+                fn(record=rec)
             times[n].append(rec["total_s"])
     for r, res in runners:
         res["end_to_end"] = summary(times[r.name])
+        res["engine_floor_job_s"] = statistics.median(floors[r.name])
+        res["end_to_end"]["outside_engines_fraction"] = float(
+            1 - sum(floors[r.name]) / sum(times[r.name]))
     for p, info in peers:
         info["end_to_end"] = summary(times[p.name])
         calls = p.unet_calls[-cfg.steps * cfg.repeats:]
@@ -644,14 +685,13 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         for b in cfg.batches:
             p.job(batch=b, steps=tsteps)
             rs = []
-            for _ in range(max(1, min(3, cfg.repeats))):
+            for _ in range(cfg.throughput_repeats):
                 rec = {}
                 p.job(batch=b, steps=tsteps, record=rec)
                 rs.append(rec["total_s"])
             tot = statistics.median(rs)
             info["throughput"].append({"batch": b, "steps": tsteps, "job_s": tot, "images_per_s": b / tot})
         result["peers"].append(info)
-    del peer_mem
     # 3. ratios: every product variant against every peer and its own engine floor
     for r, res in runners:
         mine = res["end_to_end"]["median_ms"] / 1e3
@@ -676,6 +716,10 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # reporting
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "n/a" if not isinstance(v, (int, float)) else format(v, spec)
 
 
 def _ms(v) -> str:
@@ -729,6 +773,10 @@ def format_report(result: dict) -> str:
     lines.append("")
     lines.append("end to end (median of interleaved warm jobs), product vs peers:")
     for c in result["comparison"]:
+        if c["peer"].startswith("engine floor"):
+            lines.append(f"  {c['product']:<34} {c['product_s']:>8.3f} s  engine calls alone {c['peer_s']:.3f} s "
+                         f"= {100 * c['speedup']:.1f}% of the job (the floor)")
+            continue
         lines.append(f"  {c['product']:<34} {c['product_s']:>8.3f} s  vs {c['peer']:<34} {c['peer_s']:>8.3f} s  "
                      f"-> {c['speedup']:.2f}x" + (" faster" if c['speedup'] >= 1 else " (slower)"))
     so = result.get("sampler_overhead")
@@ -737,10 +785,14 @@ def format_report(result: dict) -> str:
         if not so.get("available"):
             lines.append(f"sampler overhead table: not run ({so['why']})")
         else:
-            lines.append("sampler overhead (host time per step, ksampler-rt vs k-diffusion torch):")
-            for row in so["rows"]:
-                lines.append("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                              for k, v in row.items()))
+            peer = "ComfyUI k-diffusion torch" if result["config"].get("comfyui") else \
+                "no peer (pass --comfyui PATH for k-diffusion's torch samplers)"
+            lines.append(f"sampler host time per step, ksampler-rt vs {peer}:")
+            lines.append(f"  {'sampler':<28} {'latent':<16} {'ours ms':>9} {'peer ms':>9} {'ratio':>7}")
+            for row in so.get("rows", []):
+                lines.append(f"  {row.get('sampler', '?'):<28} {str(row.get('latent', '')):<16} "
+                             f"{_fmt(row.get('ours_ms_per_step')):>9} {_fmt(row.get('peer_ms_per_step')):>9} "
+                             f"{_fmt(row.get('ratio'), '.2f'):>7}")
     lines.append(f"\nload average at start {env.get('loadavg_at_start')}, at end {env.get('loadavg_at_end')}; "
                  f"run took {result.get('wall_s', 0):.0f} s")
     return "\n".join(lines)

@@ -247,14 +247,14 @@ def test_batched_replica_merges_unet_calls(ray_front):
 
     thread, worker, dirs, models, cache = ray_front
     config = RayAppConfig(models_dir=models, backend=BACKEND, num_replicas=1, num_cpus=0.5, ort_threads=1,
-                          max_batch_size=4, batch_wait_timeout_s=0.02, preload=["tiny-sd15"],
+                          max_batch_size=4, batch_wait_timeout_s=0.05, preload=["tiny-sd15"],
                           app_name="ksampler-rt-batch")
     handle = serve.run(build_deployment(config), name=config.app_name, route_prefix=None)
     try:
         async def one(seed):
             records = []
             async for record in handle.options(stream=True).run.remote(
-                    {"prompt_id": f"b{seed}", "prompt": _prompt(seed), "extra_data": {}}):
+                    {"prompt_id": f"b{seed}", "prompt": _prompt(seed, steps=20), "extra_data": {}}):
                 records.append(record)
             return records
 
