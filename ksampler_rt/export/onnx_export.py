@@ -197,7 +197,10 @@ def build_specs(src, precision: str, upcast_attention: bool):
         outs = [{"name": "last_hidden_state", "dtype": "float32", "shape": ["B", CLIP_LENGTH, hs]},
                 {"name": "penultimate_hidden_state", "dtype": "float32", "shape": ["B", CLIP_LENGTH, hs]},
                 {"name": "penultimate_hidden_state_norm", "dtype": "float32", "shape": ["B", CLIP_LENGTH, hs]},
-                {"name": "pooled_output", "dtype": "float32", "shape": ["B", pooled_dim]}]
+                {"name": "pooled_output", "dtype": "float32", "shape": ["B", pooled_dim]},
+                {"name": "hidden_states", "dtype": "float32", "shape": ["B", int(cfg.num_hidden_layers), CLIP_LENGTH, hs]},
+                {"name": "hidden_states_norm", "dtype": "float32",
+                 "shape": ["B", int(cfg.num_hidden_layers), CLIP_LENGTH, hs]}]
         specs.append(ModelSpec(name, f"{name}.onnx", cexp, cref, "model.",
                                [{"name": "input_ids", "dtype": "int64", "shape": ["B", CLIP_LENGTH]}],
                                outs, clip_inputs, precision))
@@ -353,6 +356,7 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
             text_encoders.append(dict(
                 {"name": name, "file": f"{name}.onnx", "tokenizer": tok if tdir else None,
                  "hidden_size": int(cfg.hidden_size), "num_layers": int(cfg.num_hidden_layers),
+                 "all_hidden_states": True,
                  "pooled_dim": models[name]["outputs"][3]["shape"][1],
                  "pooled_projected": hasattr(src.modules[sub], "text_projection"),
                  "max_length": CLIP_LENGTH, "context_output": CONTEXT_OUTPUT[src.family][name]},

@@ -44,7 +44,9 @@ class UNetWrapper(nn.Module):
 
 
 class ClipWrapper(nn.Module):
-    """input_ids [B,77] -> last_hidden_state, penultimate_hidden_state, penultimate_hidden_state_norm[, pooled_output]."""
+    """input_ids [B,77] -> last_hidden_state, penultimate_hidden_state, penultimate_hidden_state_norm,
+    pooled_output, hidden_states [B,L,77,D] (every layer's raw output), hidden_states_norm (each after the
+    final layer norm) -- the last two serve any CLIPSetLastLayer value exactly."""
 
     def __init__(self, model):
         super().__init__()
@@ -57,7 +59,9 @@ class ClipWrapper(nn.Module):
         o = self.model(input_ids=input_ids, output_hidden_states=True, return_dict=True)
         penult = o.hidden_states[-2]
         pooled = o.text_embeds if self.projected else o.pooler_output
-        return (o.last_hidden_state.float(), penult.float(), self.final_layer_norm(penult).float(), pooled.float())
+        layers = torch.stack(o.hidden_states[1:], dim=1)  # hidden_states[0] is the embedding output
+        return (o.last_hidden_state.float(), penult.float(), self.final_layer_norm(penult).float(), pooled.float(),
+                layers.float(), self.final_layer_norm(layers).float())
 
 
 class VaeDecoderWrapper(nn.Module):

@@ -19,6 +19,7 @@ Start it with ``ksampler-rt deploy ray`` or ``serve run ksampler_rt.serve.ray_ap
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import shutil
 import tempfile
@@ -174,7 +175,10 @@ def _run_group(unet, items) -> list:
                         for it, n in zip(items, sizes)])
     ctx = None if items[0][2] is None else np.concatenate([it[2] for it in items])
     kw = {k: np.concatenate([it[3][k] for it in items]) for k in items[0][3]}
-    out = np.asarray(unet(x, t, ctx, **kw))
+    try:
+        out = np.asarray(unet(x, t, ctx, **kw))
+    except Exception:  # noqa: BLE001 -- e.g. more rows than the engine's batch profile: one call each
+        return [unet(x_, t_, c_, **k_) for x_, t_, c_, k_ in items]
     bounds = np.cumsum([0] + sizes)
     return [out[bounds[i]:bounds[i + 1]] for i in range(len(items))]
 
@@ -286,7 +290,14 @@ class KSamplerReplica:
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
         prompt_id = request["prompt_id"]
-        roots = {"output": self.private_output, "temp": self.pipeline.temp_dir}
+        # Prompts running side by side on this replica each save into their own folder (SaveImage numbers
+        # files by scanning its folder); engines, the node cache and loaded models stay shared.
+        run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=self.workdir))
+        pipeline = copy.copy(self.pipeline)
+        pipeline.output_dir, pipeline.temp_dir = run_dir / "output", run_dir / "temp"
+        worker = copy.copy(self.worker)
+        worker.pipeline = pipeline
+        roots = {"output": pipeline.output_dir, "temp": pipeline.temp_dir}
         send_files = self.shared_output is None
 
         def put(record) -> None:
@@ -295,7 +306,7 @@ class KSamplerReplica:
         def on_event(kind: str, data) -> None:
             if kind == "executed":
                 output = data.get("output") or {}
-                files = collect_files(output, roots) if send_files else self._publish(output)
+                files = collect_files(output, roots) if send_files else self._publish(output, roots["output"])
                 put((EXECUTED, data, files))
             else:
                 put((EVENT, kind, data))
@@ -303,7 +314,7 @@ class KSamplerReplica:
         def work() -> None:
             try:
                 self._write_inputs(request.get("inputs"))
-                result = self.worker.run(prompt_id, request["prompt"], request.get("extra_data") or {}, on_event,
+                result = worker.run(prompt_id, request["prompt"], request.get("extra_data") or {}, on_event,
                                          stop.is_set)
                 put((RESULT, {"outputs": result.outputs, "node_seconds": result.node_seconds,
                               "sampling": result.sampling, "cached": result.cached, "seconds": result.seconds}))
@@ -332,8 +343,10 @@ class KSamplerReplica:
         finally:  # cancelled (interrupt / front gone) or finished: the thread stops between steps
             stop.set()
             self.busy -= 1
+            if not thread.is_alive():
+                shutil.rmtree(run_dir, ignore_errors=True)
 
-    def _publish(self, output: dict) -> list:
+    def _publish(self, output: dict, root: Path) -> list:
         """Shared storage: move this node's images into the shared folder under free names; the
         ``output`` dict is rewritten in place with the names it got. Nothing travels to the front."""
         from .ray_files import place_file
@@ -341,7 +354,7 @@ class KSamplerReplica:
         for image in output.get("images", []) or []:
             if image.get("type", "output") != "output":
                 continue
-            src = self.private_output.joinpath(*[p for p in str(image.get("subfolder", "")).split("/") if p],
+            src = root.joinpath(*[p for p in str(image.get("subfolder", "")).split("/") if p],
                                                image["filename"])
             image["filename"] = place_file(self.shared_output, image.get("subfolder", ""), image["filename"],
                                            src.read_bytes())

@@ -79,7 +79,8 @@ def _tower(export_dir: Path, family: str, entry: dict, engine) -> ClipTower:
 
     return ClipTower(name=name, tokenizer=tokenizer, forward=EngineForward(engine),
                      num_layers=int(entry["num_layers"]) + offset, default_layer=default,
-                     layer_norm_hidden_state=layer_norm, layer_offset=offset)
+                     layer_norm_hidden_state=layer_norm, layer_offset=offset,
+                     all_hidden_states=bool(entry.get("all_hidden_states")))
 
 
 def load_checkpoint(export_dir: str | Path, backend: str = "auto", *, log: Callable[[str], None] | None = print,

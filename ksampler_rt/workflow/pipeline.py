@@ -34,10 +34,10 @@ def clip_layer_problem(manifest: Mapping, layer: int) -> str | None:
         _, layer_norm, offset = options[entry["name"]]
         tower = ClipTower(name=entry["name"], tokenizer=None, forward=None,
                           num_layers=int(entry.get("num_layers", 0)) + offset,
-                          layer_norm_hidden_state=layer_norm, layer_offset=offset)
-        outputs = dict.fromkeys(("last_hidden_state", "penultimate_hidden_state", "penultimate_hidden_state_norm"))
+                          layer_norm_hidden_state=layer_norm, layer_offset=offset,
+                          all_hidden_states=bool(entry.get("all_hidden_states")))
         try:
-            tower._hidden(outputs, layer)
+            tower.source(layer)
         except ValueError as exc:
             return str(exc).partition(": ")[2] or str(exc)
     return None

@@ -25,7 +25,8 @@ from .tokenizer import ClipTokenizer, WeightedToken
 
 # A tower's forward pass: input_ids int64 [B, 77] -> the exported outputs by name:
 # last_hidden_state (after the final layer norm), penultimate_hidden_state (raw),
-# penultimate_hidden_state_norm (with the final layer norm), pooled_output.
+# penultimate_hidden_state_norm (with the final layer norm), pooled_output, and (exports from
+# this version on) hidden_states / hidden_states_norm [B, L, 77, D] with every layer.
 TowerForward = Callable[[np.ndarray], dict]
 
 
@@ -45,27 +46,41 @@ class ClipTower:
     default_layer: int | None = None           # None = last layer; -2 = penultimate
     layer_norm_hidden_state: bool = True
     layer_offset: int = 0
+    all_hidden_states: bool = False            # the export has hidden_states[_norm] for every layer
 
     def empty_chunk(self) -> list[int]:
         t = self.tokenizer
         return [t.start_token, t.end_token] + [t.pad_token] * (t.max_length - 2)
 
-    def _hidden(self, outputs: dict, layer: int | None) -> np.ndarray:
+    def source(self, layer: int | None) -> tuple[str, int | None]:
+        """(output name, layer index in it or None) that ComfyUI's ``layer`` reads, or ValueError."""
+        found = self._source(layer)
+        if found is None:
+            raise ValueError(f"stop_at_clip_layer: received {layer}, expected one of the layers this export "
+                             f"provides for {self.name}: {self.supported_layers()} (or below -{self.num_layers}, "
+                             "which ComfyUI treats as the last layer)")
+        return found
+
+    def _source(self, layer: int | None) -> tuple[str, int | None] | None:
         if layer is None or abs(layer) > self.num_layers:  # ComfyUI falls back to the last layer
-            return outputs["last_hidden_state"]
-        index = layer + self.layer_offset
+            return "last_hidden_state", None
+        index = layer + self.layer_offset  # onto the exported model, negative from its end
+        exported = self.num_layers - self.layer_offset
         if index == -1 and self.layer_norm_hidden_state:
-            return outputs["last_hidden_state"]
+            return "last_hidden_state", None
         if index == -2:
-            return outputs["penultimate_hidden_state_norm" if self.layer_norm_hidden_state else "penultimate_hidden_state"]
-        raise ValueError(f"stop_at_clip_layer: received {layer}, expected one of the layers this export provides "
-                         f"for {self.name}: {self.supported_layers()} (or below -{self.num_layers}, which ComfyUI "
-                         "treats as the last layer)")
+            return ("penultimate_hidden_state_norm" if self.layer_norm_hidden_state else "penultimate_hidden_state"), None
+        if self.all_hidden_states and -exported <= index < 0:
+            return ("hidden_states_norm" if self.layer_norm_hidden_state else "hidden_states"), exported + index
+        return None
+
+    def _hidden(self, outputs: dict, layer: int | None) -> np.ndarray:
+        name, index = self.source(layer)
+        return outputs[name] if index is None else outputs[name][:, index]
 
     def supported_layers(self) -> list[int]:
         """The CLIPSetLastLayer values the exported outputs can serve (in ComfyUI's numbering)."""
-        served = [-2] + ([-1] if self.layer_norm_hidden_state else [])
-        return sorted(i - self.layer_offset for i in served if i - self.layer_offset < 0)
+        return [layer for layer in range(-self.num_layers, 0) if self._source(layer) is not None]
 
     def encode_chunks(self, chunks: list[list[WeightedToken]], layer: int | None) -> tuple[np.ndarray, np.ndarray | None]:
         """(z [1, 77*k, D], pooled [1, P] or None) with ComfyUI's weighting."""

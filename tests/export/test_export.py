@@ -144,7 +144,7 @@ def test_clip_outputs(exported):
     ids = torch.full((1, 77), 0, dtype=torch.int64)
     ids[0, :5] = torch.tensor([912, 10, 20, 30, 913])
     sess = ort.InferenceSession(os.path.join(out, "clip2.onnx"), providers=["CPUExecutionProvider"])
-    last, pen, pen_norm, pooled = sess.run(None, {"input_ids": ids.numpy()})
+    last, pen, pen_norm, pooled, layers, layers_norm = sess.run(None, {"input_ids": ids.numpy()})
     with torch.no_grad():
         o = te(ids, output_hidden_states=True)
     assert np.abs(pen - o.hidden_states[-2].numpy()).max() < 1e-4
@@ -152,6 +152,11 @@ def test_clip_outputs(exported):
     assert np.abs(pooled - o.text_embeds.numpy()).max() < 1e-4
     tm = te.text_model
     assert np.abs(pen_norm - tm.final_layer_norm(o.hidden_states[-2]).detach().numpy()).max() < 1e-4
+    assert layers.shape[1] == te.config.num_hidden_layers  # every layer's output, for any CLIPSetLastLayer
+    for i in range(layers.shape[1]):
+        hidden = o.hidden_states[i + 1]
+        assert np.abs(layers[:, i] - hidden.numpy()).max() < 1e-4
+        assert np.abs(layers_norm[:, i] - tm.final_layer_norm(hidden).detach().numpy()).max() < 1e-4
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -263,7 +263,7 @@ def test_batched_replica_merges_unet_calls(ray_front):
 
         runs = asyncio.run(asyncio.wait_for(main(), 120))
         for records in runs:
-            assert records[-1][0] == "result"
+            assert records[-1][0] == "result", records[-1]
             [executed] = [r for r in records if r[0] == "executed"]
             assert executed[2] and executed[2][0]["data"][:8] == b"\x89PNG\r\n\x1a\n"
         info = handle.info.remote().result()

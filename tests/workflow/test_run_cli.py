@@ -131,15 +131,33 @@ def test_missing_image(tiny_sd15, tmp_path, capsys, no_engines):
     assert "node 30 (LoadImage) input image: received 'pear.png', expected one of: 'apple-256.png'" in err
 
 
-def test_clip_layer_the_export_lacks(tiny_sd15, tmp_path, capsys, no_engines):
+def test_clip_layers_the_export_lacks_are_refused_before_anything_runs():
+    """Exports from before every hidden layer was exported serve only -1/-2; SD2's -1 (the OpenCLIP-H
+    layer diffusers drops) never exists."""
+    from ksampler_rt.workflow.pipeline import clip_layer_problem
+
+    old_sd15 = {"family": "sd15", "text_encoders": [{"name": "clip", "num_layers": 12}]}
+    assert clip_layer_problem(old_sd15, -2) is None and clip_layer_problem(old_sd15, -1) is None
+    assert "received -3, expected one of the layers this export provides for clip: [-2, -1]" in \
+        clip_layer_problem(old_sd15, -3)
+    assert clip_layer_problem(old_sd15, -13) is None  # beyond the model: ComfyUI uses the last layer
+    new_sd15 = {"family": "sd15", "text_encoders": [{"name": "clip", "num_layers": 12, "all_hidden_states": True}]}
+    assert all(clip_layer_problem(new_sd15, layer) is None for layer in range(-12, 0))
+    sd2 = {"family": "sd2-v", "text_encoders": [{"name": "clip", "num_layers": 23, "all_hidden_states": True}]}
+    assert "received -1" in clip_layer_problem(sd2, -1)
+    assert all(clip_layer_problem(sd2, layer) is None for layer in range(-24, -1))
+
+
+def test_any_clip_layer_runs_on_a_current_export(tiny_sd15, tmp_path, capsys):
     prompt = json.loads((EXAMPLES / "txt2img.json").read_text())
     prompt["40"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -3}}
     prompt["6"]["inputs"]["clip"] = ["40", 0]
+    prompt["5"]["inputs"].update(width=64, height=64)
+    prompt["3"]["inputs"]["steps"] = 2
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(prompt))
-    err = _bad(tiny_sd15, tmp_path, capsys, path)
-    assert "node 40 (CLIPSetLastLayer) input stop_at_clip_layer: received -3, expected one of the layers this " \
-           "export provides for clip: [-2, -1]" in err
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--input", str(tmp_path),
+                 "--models", str(tiny_sd15.models_dir)]) == 0
 
 
 def test_bad_set_syntax(tiny_sd15, tmp_path, capsys, no_engines):

@@ -83,15 +83,14 @@ def test_sdxl_txt2img_workflow(sdxl):
     assert len(result.ui["9"]["images"]) == 1
 
 
-def test_sdxl_clip_skip_needs_an_exported_layer(sdxl):
-    from ksampler_rt.workflow.graph import WorkflowError
-
+def test_sdxl_clip_skip_minus_one_reads_the_raw_last_layer(sdxl):
+    """SDXL's towers use hidden layers without the final norm; -1 is the raw last layer (exported)."""
     pipe, _ = sdxl
     wf = json.loads((EXAMPLES / "txt2img.json").read_text())
     wf["4"]["inputs"]["ckpt_name"] = "tiny-sdxl"
     wf["40"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -1}}
     wf["6"]["inputs"]["clip"] = ["40", 0]
-    with pytest.raises(WorkflowError, match=r"node 40 \(CLIPSetLastLayer\) input stop_at_clip_layer: received -1, "
-                                            r"expected one of the layers this export provides for clip: \[-2\]"):
-        pipe.prepare(wf)
-    pipe.prepare(json.loads(json.dumps(wf).replace('"stop_at_clip_layer": -1', '"stop_at_clip_layer": -2')))
+    pipe.prepare(wf)
+    clip = pipe.load_checkpoint("tiny-sdxl").clip
+    default, last = clip.encode("a red apple")[0][0], clip.clip_layer(-1).encode("a red apple")[0][0]
+    assert default.shape == last.shape and not np.allclose(default, last)
