@@ -19,12 +19,13 @@ EXAMPLES = Path(__file__).resolve().parent / "workflow" / "examples"
 
 def prepare_tiny_checkpoint(models_dir=None, *, family: str = "sd15", log=print) -> Path:
     """Build, export and register the tiny model as ``tiny-sd15`` (reused when already there)."""
+    from .export.manifest import EXPORTER_REVISION
     from .export.tiny import TINY_RECIPE_VERSION, ensure_tiny_model
     from .workflow.registry import ModelRegistry, default_cache_dir
 
     registry = ModelRegistry(models_dir)
     name = TINY_CHECKPOINT if family == "sd15" else f"tiny-{family}"
-    export_dir = default_cache_dir() / "exports" / f"{name}-r{TINY_RECIPE_VERSION}"
+    export_dir = default_cache_dir() / "exports" / f"{name}-r{TINY_RECIPE_VERSION}-e{EXPORTER_REVISION}"
     if not (export_dir / "manifest.json").is_file():
         source = ensure_tiny_model(family)
         log(f"exporting the tiny {family} model to {export_dir} ...")

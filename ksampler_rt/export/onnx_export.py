@@ -19,7 +19,7 @@ import warnings
 
 from .errors import ExportError
 from .families import CONTEXT_OUTPUT, TEXT_ENCODERS, is_sdxl
-from .manifest import FORMAT, FORMAT_VERSION, versions, write_manifest
+from .manifest import EXPORTER_REVISION, FORMAT, FORMAT_VERSION, versions, write_manifest
 
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of initializers above which a model uses ONNX external data
 DEFAULT_OPSET = 17
@@ -373,7 +373,7 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
                                      if n_ids == 6 else ["height", "width", "crop_h", "crop_w", "aesthetic_score"]),
                         "embedding": "comfy timestep_embedding: cat(cos, sin), max_period 10000"}
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "format": FORMAT, "format_version": FORMAT_VERSION, "exporter_revision": EXPORTER_REVISION,
             "family": src.family, "prediction": src.prediction,
             "latent_channels": dims["latent_channels"], "latent_scale": src.latent_scale,
             "latent_downscale": dims["vae_downscale"],
