@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "ksampler_rt.engines.cli",
     "ksampler_rt.workflow.cli",
     "ksampler_rt.serve.cli",
+    "ksampler_rt.serve.deploy_cli",
     "ksampler_rt.demo",
 )
 

@@ -22,7 +22,12 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default="auto", help="engine backend: auto, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-trt, tensorrt "
                         "(default auto: the best available)")
     p.add_argument("--workers", default="local", choices=("local", "ray"),
-                   help="where prompts execute: local (one worker thread in this process)")
+                   help="where prompts execute: local (one worker thread in this process) or ray (the Ray Serve "
+                        "deployment of `ksampler-rt deploy ray`; see docs/deploy-ray.md)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="--workers ray: the Ray cluster (default: start a local Ray instance and deploy there)")
+    p.add_argument("--ray-replicas", type=int, default=1, metavar="N",
+                   help="--workers ray without a running app: replicas to deploy (default 1)")
     p.add_argument("--max-queue", type=int, default=100, metavar="N",
                    help="waiting prompts before POST /prompt answers 429 (default 100)")
     p.add_argument("--max-history", type=int, default=10000, metavar="N", help="history entries kept (default 10000)")
@@ -53,8 +58,6 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise ValueError(f"serve needs the [serve] extra ({exc.name} is missing): "
                          "pip install 'ksampler-rt[serve]'") from None
-    if args.workers != "local":
-        raise ValueError(f"--workers: received {args.workers!r}; only 'local' is available in this version")
     for name, value in (("--port", args.port), ("--max-queue", args.max_queue), ("--max-history", args.max_history)):
         if value < 0 or (name != "--port" and value == 0):
             raise ValueError(f"{name}: received {value}, expected a positive integer")
@@ -73,7 +76,16 @@ def run(args: argparse.Namespace) -> int:
                                  output_dir=config.output_dir, input_dir=config.input_dir, temp_dir=args.temp)
 
     async def main() -> None:
-        server = PromptServer(config, pipeline=pipeline)
+        if args.workers == "ray":
+            from .ray_app import RayAppConfig
+            from .ray_worker import make_ray_server
+
+            app = RayAppConfig(models_dir=args.models, backend=args.backend, num_replicas=args.ray_replicas,
+                               preload=list(args.preload), preview=args.preview, preview_size=args.preview_size,
+                               cache_mb=args.cache_mb)
+            server = make_ray_server(config, address=args.ray_address, app_config=app, pipeline=pipeline)
+        else:
+            server = PromptServer(config, pipeline=pipeline)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
