@@ -28,6 +28,9 @@ def register(subparsers) -> None:
                    help="--workers ray: the Ray cluster (default: start a local Ray instance and deploy there)")
     p.add_argument("--ray-replicas", type=int, default=1, metavar="N",
                    help="--workers ray without a running app: replicas to deploy (default 1)")
+    p.add_argument("--ray-concurrency", type=int, default=None, metavar="N",
+                   help="--workers ray: prompts kept in flight at once (default: replicas x max ongoing requests "
+                        "per replica, the deployment's capacity)")
     p.add_argument("--max-queue", type=int, default=100, metavar="N",
                    help="waiting prompts before POST /prompt answers 429 (default 100)")
     p.add_argument("--max-history", type=int, default=10000, metavar="N", help="history entries kept (default 10000)")
@@ -58,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise ValueError(f"serve needs the [serve] extra ({exc.name} is missing): "
                          "pip install 'ksampler-rt[serve]'") from None
+    if args.ray_concurrency is not None and args.ray_concurrency < 1:
+        raise ValueError(f"--ray-concurrency: received {args.ray_concurrency}, expected a positive integer")
     for name, value in (("--port", args.port), ("--max-queue", args.max_queue), ("--max-history", args.max_history)):
         if value < 0 or (name != "--port" and value == 0):
             raise ValueError(f"{name}: received {value}, expected a positive integer")
@@ -83,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
             app = RayAppConfig(models_dir=args.models, backend=args.backend, num_replicas=args.ray_replicas,
                                preload=list(args.preload), preview=args.preview, preview_size=args.preview_size,
                                cache_mb=args.cache_mb)
-            server = make_ray_server(config, address=args.ray_address, app_config=app, pipeline=pipeline)
+            server = make_ray_server(config, address=args.ray_address, app_config=app, pipeline=pipeline,
+                                     concurrency=args.ray_concurrency)
         else:
             server = PromptServer(config, pipeline=pipeline)
         stop = asyncio.Event()

@@ -13,7 +13,9 @@ class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.queue_pending = Gauge("ksampler_rt_queue_pending", "Prompts waiting in the queue", registry=r)
-        self.queue_running = Gauge("ksampler_rt_queue_running", "Prompts being executed (0 or 1)", registry=r)
+        self.queue_running = Gauge("ksampler_rt_queue_running", "Prompts being executed", registry=r)
+        self.concurrency = Gauge("ksampler_rt_concurrency",
+                                 "Prompts the server runs at once (the worker's concurrency)", registry=r)
         self.prompts = Counter("ksampler_rt_prompts", "Prompts finished, by outcome", ["status"], registry=r)
         for status in ("success", "error", "interrupted"):
             self.prompts.labels(status)

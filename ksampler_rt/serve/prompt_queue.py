@@ -3,6 +3,10 @@
 Ordered like ComfyUI's: by ``number`` (a counter, negated for ``front``, or the client's own
 ``number``), ties in arrival order, so plain submissions run FIFO. Bounded: ``put`` raises
 :class:`QueueFull` past ``max_pending`` waiting prompts.
+
+Several prompts may be running at once (the server keeps up to ``Worker.concurrency`` in flight):
+``get`` moves the next pending prompt to the running set, ``done(item)`` removes it. Running prompts
+are listed in the order they started, as ComfyUI's ``currently_running``.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ class PromptQueue:
         self._heap: list[QueueItem] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self.running: QueueItem | None = None
+        self._running: dict[str, QueueItem] = {}   # prompt id -> item, in start order
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -55,29 +59,43 @@ class PromptQueue:
         self.on_change()
 
     async def get(self) -> QueueItem:
+        """The next pending prompt (waiting for one), now counted as running."""
         while not self._heap:
             self._wake.clear()
             await self._wake.wait()
         item = heapq.heappop(self._heap)
-        self.running = item
+        self._running[item.prompt_id] = item
         self.on_change()
         return item
 
-    def done(self) -> None:
-        if self.running is None:
-            return
-        self.running = None
+    def done(self, item: QueueItem | str | None = None) -> None:
+        """A running prompt (an item or its id) finished; None: the one started first."""
+        if item is None:
+            if not self._running:
+                return
+            item = next(iter(self._running))
+        prompt_id = item if isinstance(item, str) else item.prompt_id
+        if prompt_id not in self._running or (isinstance(item, QueueItem) and self._running[prompt_id] is not item):
+            return  # finished already (done is idempotent)
+        del self._running[prompt_id]
         self.on_change()
+
+    @property
+    def running(self) -> list[QueueItem]:
+        """The running prompts, in the order they started."""
+        return list(self._running.values())
+
+    def is_running(self, prompt_id: str) -> bool:
+        return prompt_id in self._running
 
     def pending(self) -> list[QueueItem]:
         return sorted(self._heap)
 
     def remaining(self) -> int:
-        return len(self._heap) + (self.running is not None)
+        return len(self._heap) + len(self._running)
 
     def contains(self, prompt_id: str) -> bool:
-        return (self.running is not None and self.running.prompt_id == prompt_id) or any(
-            item.prompt_id == prompt_id for item in self._heap)
+        return prompt_id in self._running or any(item.prompt_id == prompt_id for item in self._heap)
 
     def wipe(self) -> None:
         self._heap.clear()

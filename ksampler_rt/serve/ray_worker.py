@@ -1,6 +1,7 @@
 """The front's side of ``--workers ray``: :class:`RayWorker` (the server's Worker interface, executing on
-the Ray Serve deployment of :mod:`ksampler_rt.serve.ray_app`) and :class:`RayPromptServer` (the
-ComfyUI-compatible server keeping as many prompts in flight as the deployment has room for).
+the Ray Serve deployment of :mod:`ksampler_rt.serve.ray_app`) and :func:`make_ray_server` (a plain
+:class:`~ksampler_rt.serve.server.PromptServer` with a RayWorker, which keeps ``worker.concurrency``
+prompts in flight: as many as the deployment has room for unless configured otherwise).
 
 Fault tolerance: a replica that dies during a prompt (killed process, lost node) breaks the prompt's
 stream; the prompt is sent again (``max_retries`` times, with a short backoff, Serve routes it to a
@@ -11,12 +12,9 @@ not sent again, so a prompt never completes twice and its history entry is writt
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,11 +57,15 @@ class RayWorker:
 
     ``address``: a running cluster (``ray://`` or ``host:port``, or ``auto``); None starts a local Ray
     instance in this process (``init_kwargs`` passed to ``ray.init``), which :meth:`close` stops.
+    ``concurrency``: prompts the front keeps in flight; default ``config.capacity()`` (replicas x max
+    ongoing requests per replica; with autoscaling, at the most replicas).
     """
 
     def __init__(self, *, output_dir, temp_dir, input_dir, address: str | None = None,
                  config: RayAppConfig | None = None, deploy: bool = True, max_retries: int = 2,
-                 retry_backoff_s: float = 0.5, init_kwargs: dict | None = None):
+                 retry_backoff_s: float = 0.5, init_kwargs: dict | None = None, concurrency: int | None = None):
+        if concurrency is not None and int(concurrency) < 1:
+            raise ValueError(f"concurrency: received {concurrency}, expected a positive integer")
         import ray
         from ray import serve
 
@@ -86,7 +88,7 @@ class RayWorker:
                                  "with `ksampler-rt deploy ray`") from None
             self.handle = deploy_app(self.config)
             self.deployed = True
-        self.concurrency = self.config.capacity()
+        self.concurrency = int(concurrency) if concurrency is not None else self.config.capacity()
         self._retryable = _retryable_errors()
         self.stats: dict[str, dict] = {}   # prompt id -> {"replicas": [...], "attempts": n, "status": ...}
         self._lock = threading.Lock()
@@ -236,143 +238,10 @@ class RayWorker:
             ray.shutdown()
 
 
-# -- the front: several prompts in flight ------------------------------------------------------------------
-def _multi_run_queue(base):
-    """A PromptQueue whose ``running`` is a set of items (the base class has one)."""
-    from .prompt_queue import PromptQueue
-
-    class MultiRunQueue(PromptQueue):
-        def __init__(self):  # noqa: D401 -- adopts the base queue's state (same heap, counter, wake event)
-            self.__dict__.update(base.__dict__)
-            self.__dict__.pop("running", None)
-            self._running: dict[str, Any] = {}
-
-        @property
-        def running(self):
-            return next(iter(self._running.values()), None)
-
-        @running.setter
-        def running(self, item) -> None:
-            if item is not None:
-                self._running[item.prompt_id] = item
-
-        def running_items(self) -> list:
-            return list(self._running.values())
-
-        def done(self) -> None:  # the base server's calls: finishing is per item (finish)
-            pass
-
-        def finish(self, item) -> None:
-            if self._running.pop(item.prompt_id, None) is not None:
-                self.on_change()
-
-        def remaining(self) -> int:
-            return len(self._heap) + len(self._running)
-
-        def contains(self, prompt_id: str) -> bool:
-            return prompt_id in self._running or any(i.prompt_id == prompt_id for i in self._heap)
-
-    return MultiRunQueue()
-
-
-class _InterruptBoard:
-    """Replaces the server's single interrupt Event: ``set()`` interrupts every prompt in flight."""
-
-    def __init__(self, server):
-        self.server = server
-        self.flags: set[str] = set()
-
-    def set(self) -> None:
-        self.flags |= set(self.server._runs)  # noqa: SLF001
-
-    def clear(self) -> None:  # called when a prompt starts; flags are per prompt here
-        pass
-
-    def is_set(self) -> bool:
-        return bool(self.flags)
-
-    def is_set_for(self, prompt_id: str) -> bool:
-        return prompt_id in self.flags
-
-
-class _PromptExecutor(ThreadPoolExecutor):
-    """Gives each ``worker.run`` its own interrupt flag (the base server passes the shared one)."""
-
-    def __init__(self, server, max_workers: int):
-        super().__init__(max_workers=max_workers, thread_name_prefix="ksampler-rt-ray")
-        self.server = server
-
-    def submit(self, fn, /, *args, **kwargs):
-        if getattr(fn, "__self__", None) is self.server.worker and getattr(fn, "__name__", "") == "run":
-            args = (*args[:4], partial(self.server._interrupt.is_set_for, args[0]))  # noqa: SLF001
-        return super().submit(fn, *args, **kwargs)
-
-
-def ray_server_class():
-    from .server import PromptServer
-
-    class RayPromptServer(PromptServer):
-        """The ComfyUI-compatible server with ``worker.concurrency`` prompts in flight (queue order kept
-        for starting them). History, queue, WebSocket and ``/view`` stay on this one front."""
-
-        def __init__(self, config=None, *, pipeline=None, worker=None):
-            self._runs: dict[str, Any] = {}
-            super().__init__(config, pipeline=pipeline, worker=worker)
-            self.concurrency = max(1, int(getattr(self.worker, "concurrency", 1)))
-            self._executor.shutdown(wait=False)
-            self._executor = _PromptExecutor(self, self.concurrency + 1)
-            self._interrupt = _InterruptBoard(self)
-
-        @property
-        def current(self):
-            runs = self.__dict__.get("_runs") or {}
-            return next(reversed(runs.values()), None) if runs else None
-
-        @current.setter
-        def current(self, run) -> None:
-            if run is not None:
-                self.__dict__.setdefault("_runs", {})[run.item.prompt_id] = run
-
-        async def _schedule(self) -> None:
-            if not hasattr(self.queue, "finish"):
-                self.queue = _multi_run_queue(self.queue)
-            slots = asyncio.Semaphore(self.concurrency)
-            tasks: set[asyncio.Task] = set()
-            try:
-                while True:
-                    await slots.acquire()
-                    try:
-                        item = await self.queue.get()
-                    except BaseException:
-                        slots.release()
-                        raise
-                    task = asyncio.ensure_future(self._run_one(item, slots))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            finally:
-                for task in list(tasks):
-                    task.cancel()
-
-        async def _run_one(self, item, slots: asyncio.Semaphore) -> None:
-            try:
-                await self._execute(item)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001
-                logging.getLogger("ksampler_rt.serve").exception("prompt %s: unexpected server error",
-                                                                 item.prompt_id)
-            finally:
-                self._runs.pop(item.prompt_id, None)
-                self._interrupt.flags.discard(item.prompt_id)
-                self.queue.finish(item)
-                slots.release()
-
-    return RayPromptServer
-
-
 def make_ray_server(config, *, address: str | None = None, app_config: RayAppConfig | None = None,
                     pipeline=None, **worker_kwargs):
-    """A server whose prompts run on Ray Serve (what ``ksampler-rt serve --workers ray`` builds)."""
+    """A server whose prompts run on Ray Serve (what ``ksampler-rt serve --workers ray`` builds): a plain
+    ``PromptServer`` with a :class:`RayWorker` (``worker_kwargs``: its ``concurrency``, ``max_retries``, ...)."""
     from ..workflow.pipeline import Pipeline
 
     if pipeline is None:  # the front validates prompts and serves files; it never loads engines
@@ -388,4 +257,6 @@ def make_ray_server(config, *, address: str | None = None, app_config: RayAppCon
     worker = RayWorker(output_dir=pipeline.output_dir, temp_dir=pipeline.temp_dir, input_dir=pipeline.input_dir,
                        address=address, config=app_config, **worker_kwargs)
     config.preload = []  # replicas preload (app_config.preload); the front has no engines
-    return ray_server_class()(config, pipeline=pipeline, worker=worker)
+    from .server import PromptServer
+
+    return PromptServer(config, pipeline=pipeline, worker=worker)

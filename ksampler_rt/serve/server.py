@@ -4,9 +4,11 @@ Same endpoints, JSON bodies and WebSocket messages as ComfyUI's ``server.py`` (0
 API a client needs (``/prompt``, ``/history``, ``/view``, ``/queue``, ``/interrupt``,
 ``/object_info``, ``/upload/image``, ``/system_stats``, ``/ws``), plus ``/metrics``.
 
-Threading: the event loop owns the queue, the history and the sockets; one worker thread runs
-:meth:`Worker.run` for one prompt at a time, in queue order, and hands its events back to the
-loop with ``call_soon_threadsafe``, so HTTP never waits on inference.
+Threading: the event loop owns the queue, the history and the sockets. Up to ``worker.concurrency``
+prompts run at once (1 for the in-process worker), each in a thread of the server's pool calling
+:meth:`Worker.run`; they are started in queue order, and every prompt hands its events back to the
+loop with ``call_soon_threadsafe`` tagged with its own run, so HTTP never waits on inference and
+WebSocket messages stay attributed to their prompt. Each running prompt has its own interrupt flag.
 """
 from __future__ import annotations
 
@@ -140,6 +142,11 @@ class _Run:
     messages: list = field(default_factory=list)
     last_node: str | None = None
     states: dict = field(default_factory=dict)   # progress_state: node id -> state dict
+    interrupted: threading.Event = field(default_factory=threading.Event)   # this prompt's /interrupt
+
+    @property
+    def prompt_id(self) -> str:
+        return self.item.prompt_id
 
 
 class _Client:
@@ -202,16 +209,19 @@ class PromptServer:
         self.worker = worker or LocalWorker(pipeline, cache_bytes=int(c.cache_mb * 1024 * 1024),
                                             cache_entries=c.cache_entries, preview=c.preview,
                                             preview_size=c.preview_size)
+        # Prompts run at once: the worker's ``concurrency`` (a worker without one runs one at a time).
+        self.concurrency = max(1, int(getattr(self.worker, "concurrency", 1) or 1))
         self.metrics = Metrics()
+        self.metrics.concurrency.set(self.concurrency)
         self.history = History(self.state_dir, c.max_history)
         for warning in self.history.load_warnings:
             log.warning("history: %s", warning)
         self.queue: PromptQueue | None = None
         self.number = 0
         self.clients: dict[str, _Client] = {}
-        self.current: _Run | None = None
-        self._interrupt = threading.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ksampler-rt-worker")
+        self.runs: dict[str, _Run] = {}   # the running prompts by id, in start order
+        # As many threads as prompts in flight: ``free`` and ``--preload`` queue behind running prompts.
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="ksampler-rt-worker")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler: asyncio.Task | None = None
         self._runner: web.AppRunner | None = None
@@ -243,11 +253,12 @@ class PromptServer:
         self._stopping = True
         if self.queue is not None:
             self.queue.wipe()
-        self._interrupt.set()
+        self.interrupt()
         if self._scheduler is not None:
-            if self.current is not None:  # let the running prompt stop between steps and be recorded
+            if self.runs:  # let the running prompts stop between steps and be recorded
                 deadline = time.monotonic() + timeout
-                while self.current is not None and time.monotonic() < deadline:
+                while self.runs and time.monotonic() < deadline:
+                    self.interrupt()
                     await asyncio.sleep(0.02)
             self._scheduler.cancel()
             try:
@@ -290,7 +301,7 @@ class PromptServer:
 
     def _queue_changed(self) -> None:
         self.metrics.queue_pending.set(len(self.queue))
-        self.metrics.queue_running.set(1 if self.queue.running is not None else 0)
+        self.metrics.queue_running.set(len(self.queue.running))
         self.send("status", {"status": self.queue_info()})
 
     def _add_message(self, run: _Run, event: str, data: dict, broadcast: bool = False) -> None:
@@ -333,27 +344,64 @@ class PromptServer:
         else:  # progress and anything newer
             self.send(kind, data, run.sid)
 
-    # -- the worker loop ------------------------------------------------------------------------------
-    async def _schedule(self) -> None:
-        while True:
-            item = await self.queue.get()
-            try:
-                await self._execute(item)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 -- the loop survives anything one prompt does
-                log.exception("prompt %s: unexpected server error", item.prompt_id)
-            finally:
-                self.current = None
-                self.queue.done()
+    # -- running prompts -------------------------------------------------------------------------------
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Stop the running prompt ``prompt_id`` (between two sampling steps or before its next node), or
+        every running prompt when None. False when that prompt is not running (nothing happens)."""
+        if prompt_id is None:
+            for run in list(self.runs.values()):
+                run.interrupted.set()
+            return bool(self.runs)
+        run = self.runs.get(prompt_id)
+        if run is None:
+            return False
+        run.interrupted.set()
+        return True
 
-    async def _execute(self, item: QueueItem) -> None:
+    async def _schedule(self) -> None:
+        """Keep up to ``concurrency`` prompts running, started in queue order."""
+        slots = asyncio.Semaphore(self.concurrency)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while True:
+                await slots.acquire()
+                try:
+                    item = await self.queue.get()
+                except BaseException:
+                    slots.release()
+                    raise
+                # Registered before anything else runs on the loop: /queue, /interrupt and a reconnecting
+                # WebSocket see the prompt as running from the moment it left the pending list.
+                sid = item.extra_data.get("client_id")
+                run = self.runs[item.prompt_id] = _Run(item, sid if isinstance(sid, str) and sid else None)
+                task = asyncio.ensure_future(self._run_one(run, slots))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for task in list(tasks):
+                task.cancel()
+
+    async def _run_one(self, run: _Run, slots: asyncio.Semaphore) -> None:
+        try:
+            await self._execute(run)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 -- the server survives anything one prompt does
+            log.exception("prompt %s: unexpected server error", run.prompt_id)
+        finally:
+            self._finish(run)
+            slots.release()
+
+    def _finish(self, run: _Run) -> None:
+        if self.runs.get(run.prompt_id) is run:
+            del self.runs[run.prompt_id]
+        self.queue.done(run.item)
+
+    async def _execute(self, run: _Run) -> None:
         loop = asyncio.get_running_loop()
+        item = run.item
         started = time.perf_counter()
         self.metrics.stage.labels("queue_wait").observe(started - item.submitted)
-        sid = item.extra_data.get("client_id")
-        run = self.current = _Run(item, sid if isinstance(sid, str) and sid else None)
-        self._interrupt.clear()
         self._add_message(run, "execution_start", {"prompt_id": item.prompt_id})
 
         def on_event(kind: str, data: Any) -> None:  # called on the worker thread
@@ -365,7 +413,7 @@ class PromptServer:
         try:
             result = await loop.run_in_executor(
                 self._executor, self.worker.run, item.prompt_id, item.prompt, item.extra_data, on_event,
-                self._interrupt.is_set)
+                run.interrupted.is_set)
             outputs = result.outputs
             status = "success"
             self._progress_state(run, run.last_node, "finished")
@@ -401,8 +449,7 @@ class PromptServer:
             log.exception("prompt %s: could not persist history", item.prompt_id)
         self.metrics.stage.labels("history").observe(time.perf_counter() - executed)
         self.metrics.stage.labels("total").observe(time.perf_counter() - item.submitted)
-        self.current = None
-        self.queue.done()
+        self._finish(run)  # after the history entry is stored: a prompt leaving the queue has its history
         if run.sid is not None:
             self.send("executing", {"node": None, "prompt_id": item.prompt_id}, run.sid)
 
@@ -471,10 +518,10 @@ class PromptServer:
             client = self.clients[sid] = _Client(sid, ws, self.config.ws_backlog)
             self.metrics.ws_clients.set(len(self.clients))
             client.push(json.dumps({"type": "status", "data": {"status": self.queue_info(), "sid": sid}}))
-            if self.current is not None and self.current.sid == sid and self.current.last_node is not None:
-                client.push(json.dumps({"type": "executing", "data": {
-                    "node": self.current.last_node, "display_node": self.current.last_node,
-                    "prompt_id": self.current.item.prompt_id}}))
+            for run in list(self.runs.values()):  # a reconnecting client learns where its prompts are
+                if run.sid == sid and run.last_node is not None:
+                    client.push(json.dumps({"type": "executing", "data": {
+                        "node": run.last_node, "display_node": run.last_node, "prompt_id": run.prompt_id}}))
             first = True
             try:
                 async for msg in ws:
@@ -567,7 +614,7 @@ class PromptServer:
 
         @r.get("/queue")
         async def get_queue(request):
-            running = [self.queue.running.as_comfy()] if self.queue.running is not None else []
+            running = [item.as_comfy() for item in self.queue.running]  # in start order, as ComfyUI
             return _json({"queue_running": running, "queue_pending": [i.as_comfy() for i in self.queue.pending()]})
 
         @r.post("/queue")
@@ -590,9 +637,11 @@ class PromptServer:
             if isinstance(data, web.Response):
                 data = {}
             prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
-            running = self.queue.running
-            if not prompt_id or (running is not None and running.prompt_id == prompt_id):
-                self._interrupt.set()
+            if prompt_id:  # ComfyUI 0.3.64: only that prompt, and nothing when it is not running
+                if not self.interrupt(str(prompt_id)):
+                    log.info("interrupt: prompt %s is not running; nothing to stop", prompt_id)
+            else:          # no prompt_id: every running prompt (ComfyUI's global interrupt)
+                self.interrupt()
             return web.Response(status=200)
 
         @r.post("/free")
@@ -602,7 +651,7 @@ class PromptServer:
                 return data
             data = data if isinstance(data, dict) else {}
             unload, free = bool(data.get("unload_models")), bool(data.get("free_memory"))
-            if unload or free:  # runs on the worker thread, after the prompt in progress
+            if unload or free:  # runs on a worker thread (with one slot: after the prompt in progress)
                 asyncio.get_running_loop().run_in_executor(self._executor, self.worker.free, unload, free)
             return web.Response(status=200)
 

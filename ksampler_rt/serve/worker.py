@@ -64,7 +64,11 @@ class PromptInterrupted(Exception):
 
 
 class Worker(Protocol):
-    """Executes prompts one at a time (the server never calls ``run`` concurrently)."""
+    """Executes prompts. ``concurrency``: how many ``run`` calls the server makes at once (each from its
+    own thread, each prompt with its own ``on_event`` and ``is_interrupted``); 1 means one at a time, and a
+    worker above 1 must be thread-safe (``free`` may then also overlap a running prompt)."""
+
+    concurrency: int
 
     def run(self, prompt_id: str, prompt: dict, extra_data: dict, on_event: EventSink,
             is_interrupted: Callable[[], bool]) -> RunResult: ...
@@ -151,7 +155,10 @@ def _current_inputs(prompt: Mapping, node_id: str | None) -> dict:
 
 class LocalWorker:
     """Runs prompts in this process through a loaded :class:`~ksampler_rt.workflow.pipeline.Pipeline`:
-    engines stay loaded between prompts and node outputs of an unchanged graph prefix are reused."""
+    engines stay loaded between prompts and node outputs of an unchanged graph prefix are reused.
+    One prompt at a time (the engines and the cache are shared)."""
+
+    concurrency = 1
 
     def __init__(self, pipeline, *, cache_bytes: int = 1 << 30, cache_entries: int = 256,
                  preview: bool = False, preview_size: int = 512):

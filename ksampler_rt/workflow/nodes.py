@@ -12,6 +12,7 @@ from ..runtime import SAMPLER_NAMES, SCHEDULER_NAMES, ksampler, ksampler_advance
 from ..runtime.continuation import CONTINUATION_MODES
 from . import images as imageio
 from .latent_ops import CROP_METHODS, UPSCALE_METHODS, common_upscale
+from .conditioning_nodes import CONDITIONING_NODE_SPECS
 from .spec import SEED_MAX, Input, NodeSpec
 
 MAX_RESOLUTION = 16384
@@ -206,4 +207,6 @@ def build_node_specs(checkpoint_names, input_images, lora_names=None, lora_path=
                                      "length": Input("INT", 1, 1, 64)},
                  ("LATENT",), category="latent/batch", run=latent_from_batch),
     ]
-    return {spec.class_type: spec for spec in specs}
+    table = {spec.class_type: spec for spec in specs}
+    table.update(CONDITIONING_NODE_SPECS)
+    return table
