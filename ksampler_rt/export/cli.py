@@ -25,6 +25,13 @@ def register(subparsers) -> None:
                    "(e.g. an fp16-fixed SDXL VAE, which lets --precision fp16 export the SDXL VAE in fp16)")
     p.add_argument("--config", default=None, help="single-file only: a diffusers-format folder whose configs "
                    "(and tokenizer folders) describe the checkpoint, instead of the packaged ones")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="folder with CLIP's vocab.json + merges.txt, used for every text encoder (single-file "
+                        "checkpoints carry none; without it the export looks in the ComfyUI installation the "
+                        "checkpoint is in, then in the local Hugging Face cache, and fails if neither has one)")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="export a single-file checkpoint without tokenizer files (the workflow runner then cannot "
+                        "encode prompts with it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (atomically)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter (default torchscript: much faster, keeps parameter names)")
@@ -41,10 +48,13 @@ def run(args) -> int:
     from .onnx_export import export_model
     m = export_model(args.checkpoint, args.out, precision=args.precision, family=args.family, opset=args.opset,
                      prediction=args.prediction, vae=args.vae, config=args.config, overwrite=args.overwrite,
-                     exporter=args.exporter, tolerance=args.tolerance)
+                     exporter=args.exporter, tolerance=args.tolerance, tokenizer=args.tokenizer,
+                     no_tokenizer=args.no_tokenizer)
     for name, info in m["models"].items():
         v = info["validation"]
         print(f"{name:12s} {info['file']:18s} {info['size_bytes'] / 1e6:9.1f} MB  {info['precision']}  "
               f"max_abs_err {v['max_abs_err']:.3g}  max_rel_err {v['max_rel_err']:.3g}")
+    for te in m["text_encoders"]:
+        print(f"tokenizer {te['name']:6s} {te['tokenizer'] or '-':12s} from {te.get('tokenizer_source') or 'nowhere'}")
     print(f"family {m['family']}  prediction {m['prediction']}  -> {os.path.abspath(args.out)}")
     return 0

@@ -17,6 +17,11 @@ TEXT_ENCODERS = {
     "sdxl-refiner": [("clip2", "text_encoder_2", "tokenizer_2")],
 }
 
+# ComfyUI's pad_with_end per text encoder: SD1.x CLIP-L and SDXL clip_l pad with <|endoftext|>; SD2.x clip_h and
+# SDXL clip_g pad with id 0 ("!"). Used when the export writes the tokenizer configs itself (single-file sources).
+PAD_WITH_END = {"sd15": {"clip": True}, "sd2": {"clip": False}, "sd2-v": {"clip": False},
+                "sdxl": {"clip": True, "clip2": False}, "sdxl-refiner": {"clip2": False}}
+
 # Which ONNX text-encoder output ComfyUI uses as cross-attention context by default.
 #   SD1.x: CLIP-L last layer after final_layer_norm.
 #   SD2.x: OpenCLIP-H penultimate layer + final_layer_norm == the diffusers 23-layer model's last_hidden_state.

@@ -18,7 +18,7 @@ import time
 import warnings
 
 from .errors import ExportError
-from .families import CONTEXT_OUTPUT, TEXT_ENCODERS, is_sdxl
+from .families import CONTEXT_OUTPUT, PAD_WITH_END, TEXT_ENCODERS, is_sdxl
 from .manifest import EXPORTER_REVISION, FORMAT, FORMAT_VERSION, versions, write_manifest
 
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of initializers above which a model uses ONNX external data
@@ -280,11 +280,21 @@ def _param_bytes(module, precision):
 def export_model(source: str, out: str, precision: str = "fp32", family: str = "auto", opset: int = DEFAULT_OPSET,
                  prediction: str | None = None, vae: str | None = None, config: str | None = None,
                  overwrite: bool = False, exporter: str = "torchscript", tolerance: float | None = None,
-                 upcast_attention: bool | None = None) -> dict:
-    """Export ``source`` into ``out``; returns the manifest."""
+                 upcast_attention: bool | None = None, tokenizer: str | None = None, no_tokenizer: bool = False,
+                 models: list[str] | tuple[str, ...] | None = None) -> dict:
+    """Export ``source`` into ``out``; returns the manifest.
+
+    ``tokenizer``: a folder with CLIP's vocab.json + merges.txt used for every text encoder (overrides the
+    checkpoint's own). Single-file checkpoints carry no tokenizer: without ``tokenizer`` (or ``config`` with
+    tokenizer folders) one is looked up locally (:func:`tokenizers.find_clip_tokenizer`); when none is found the
+    export fails unless ``no_tokenizer``. ``models``: export only these models (e.g. ``["unet"]``; for tests and
+    debugging -- the manifest then lists only them and is not a complete export).
+    """
     import torch
     from .source import load_source, weights_hash
+    from .tokenizers import check_tokenizer_dir, find_clip_tokenizer, read_vocab, write_clip_tokenizer_dir
     from .validate import TOLERANCE, validate
+    only = list(models) if models is not None else None
 
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"--precision must be fp32 or fp16, not {precision!r}")
@@ -292,18 +302,48 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
         raise ExportError(f"exporter must be torchscript or dynamo, not {exporter!r}")
     if not (7 <= int(opset) <= 23):
         raise ExportError(f"--opset {opset} not supported (use 14..21; default {DEFAULT_OPSET})")
+    if tokenizer and no_tokenizer:
+        raise ExportError("--tokenizer and --no-tokenizer exclude each other")
     out = os.path.abspath(out)
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not overwrite:
         raise ExportError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     t0 = time.time()
+    # tokenizer files: (folder with vocab.json + merges.txt for every tower, where it came from) or None;
+    # resolved before the (long) checkpoint load so a missing tokenizer fails fast
+    clip_tok = None
+    if tokenizer:
+        clip_tok = (check_tokenizer_dir(tokenizer, "--tokenizer"), f"--tokenizer {os.path.abspath(tokenizer)}")
+    elif not no_tokenizer and os.path.isfile(source) and source.endswith(".safetensors"):
+        from .single_file import detect_family, read_safetensors_header
+        fam, _ = detect_family(read_safetensors_header(source), family, prediction)
+        if any(not (config and os.path.isdir(os.path.join(config, tok)))
+               for name, _, tok in TEXT_ENCODERS[fam] if only is None or name in only):
+            clip_tok = find_clip_tokenizer(os.path.abspath(source))
     src = load_source(source, family, prediction, vae, config)
     src.vae_override = bool(vae)
     tol = tolerance if tolerance is not None else TOLERANCE[precision]
     if upcast_attention is None:
         upcast_attention = src.family in ("sd2", "sd2-v")
     log(f"{src.kind} {src.path}: family {src.family}, prediction {src.prediction}, precision {precision}")
+    towers = TEXT_ENCODERS[src.family]
+    if only is not None:
+        known = ["unet", "vae_decoder", "vae_encoder"] + [n for n, _, _ in towers]
+        if not only or any(m not in known for m in only):
+            raise ExportError(f"models {only}: choose from {known} for {src.family}")
+        towers = [t for t in towers if t[0] in only]
+    if clip_tok and towers:
+        vocab = read_vocab(clip_tok[0])
+        top = max(vocab.values())
+        for name, sub, _ in towers:
+            n = int(src.modules[sub].config.vocab_size)
+            if top >= n:
+                raise ExportError(f"tokenizer from {clip_tok[1]} has ids up to {top} but text encoder {name} has "
+                                  f"vocab_size {n}: not this model's tokenizer")
+        log(f"tokenizer for {', '.join(n for n, _, _ in towers)}: {clip_tok[1]}")
+    elif towers and src.tokenizer_dirs:
+        log(f"tokenizer for {', '.join(n for n, _, _ in towers)}: {src.tokenizer_source}")
 
     need = int(sum(_param_bytes(m, precision) for m in src.modules.values()) * 1.15) + (64 << 20)
     _check_space(parent, need)
@@ -312,6 +352,8 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
     scratch = tempfile.mkdtemp(prefix="ksampler-rt-export-")
     try:
         specs, dims = build_specs(src, precision, upcast_attention)
+        if only is not None:
+            specs = [s for s in specs if s.name in only]
         models, init_map, timings = {}, {}, {}
         threads = max(1, min(4, os.cpu_count() or 1))
         for spec in specs:
@@ -339,22 +381,27 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
                                                     runtime="onnxruntime CPUExecutionProvider")}
             init_map[spec.name] = fin["init_map"]
             timings[spec.name] = round(time.time() - t, 3)
-        if is_sdxl(src.family) and "fp16" == precision:
+        if is_sdxl(src.family) and "fp16" == precision and "unet" in models:
             models["unet"]["notes"] = "fp16 weights; I/O float32"
-        if src.family in ("sd2", "sd2-v") and precision == "fp16" and upcast_attention:
+        if src.family in ("sd2", "sd2-v") and precision == "fp16" and upcast_attention and "unet" in models:
             models["unet"]["notes"] = "attention scores and softmax computed in fp32 (SD2.x overflows in fp16)"
 
         text_encoders = []
-        for name, sub, tok in TEXT_ENCODERS[src.family]:
+        for name, sub, tok in towers:
             cfg = src.modules[sub].config
-            tdir = src.tokenizer_dirs.get(tok)
-            if tdir:
-                shutil.copytree(tdir, os.path.join(tmp, tok))
+            tdir, how = os.path.join(tmp, tok), None
+            if clip_tok:
+                write_clip_tokenizer_dir(clip_tok[0], tdir, PAD_WITH_END[src.family][name], CLIP_LENGTH)
+                how = clip_tok[1]
+            elif src.tokenizer_dirs.get(tok):
+                shutil.copytree(src.tokenizer_dirs[tok], tdir)
+                how = src.tokenizer_source
             else:
-                log(f"warning: no tokenizer files for {name} (single-file checkpoints carry none; "
-                    f"pass --config DIR with a {tok}/ folder)")
+                tdir = None
+                log(f"warning: no tokenizer files for {name} (--no-tokenizer); the workflow runner cannot encode "
+                    f"prompts with this export")
             text_encoders.append(dict(
-                {"name": name, "file": f"{name}.onnx", "tokenizer": tok if tdir else None,
+                {"name": name, "file": f"{name}.onnx", "tokenizer": tok if tdir else None, "tokenizer_source": how,
                  "hidden_size": int(cfg.hidden_size), "num_layers": int(cfg.num_hidden_layers),
                  "all_hidden_states": True,
                  "pooled_dim": models[name]["outputs"][3]["shape"][1],

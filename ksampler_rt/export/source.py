@@ -24,6 +24,7 @@ class Source:
     tokenizer_dirs: dict      # subfolder name -> path to copy (may be empty)
     weight_files: list
     vae_override: bool = False
+    tokenizer_source: str = ""  # where tokenizer_dirs came from (printed)
 
 
 def _read_json(path):
@@ -151,7 +152,8 @@ def load_diffusers_folder(root: str, family: str = "auto", prediction: str | Non
             raise ExportError(f"{root}: missing component '{tok}/' (tokenizer files)")
         toks[tok] = tdir
     return Source(root, "diffusers", fam, pred, modules, schedule,
-                  float(modules["vae"].config.get("scaling_factor", 0.18215)), toks, weight_files)
+                  float(modules["vae"].config.get("scaling_factor", 0.18215)), toks, weight_files,
+                  tokenizer_source=f"checkpoint folder ({root})")
 
 
 def load_source(path: str, family: str = "auto", prediction: str | None = None, vae: str | None = None,
@@ -175,7 +177,8 @@ def load_source(path: str, family: str = "auto", prediction: str | None = None, 
                 toks[tok] = os.path.join(cfg_root, tok)
         src = Source(path, "single_file", fam, pred, modules,
                      schedule_from_config(_read_json(sched_path) if os.path.isfile(sched_path) else None),
-                     float(modules["vae"].config.get("scaling_factor", 0.18215)), toks, [path])
+                     float(modules["vae"].config.get("scaling_factor", 0.18215)), toks, [path],
+                     tokenizer_source=f"--config {cfg_root}")
     elif path.endswith((".ckpt", ".pt", ".pth", ".bin")):
         raise ExportError(f"{path}: pickle checkpoints are not loaded (unsafe); convert to .safetensors first")
     else:

@@ -174,14 +174,10 @@ def _schedule_cuts(conditioning: list, offset: int, total: int) -> list[int]:
 
 def _run_sampler(spec, denoiser, x, sigmas, seed, callback):
     """One sampler run with a fresh noise source; the source knows the schedule so a Brownian tree
-    can compute its increments ahead, overlapping the UNet calls (bit-identical either way)."""
-    noise = NoiseSource(seed, sigmas=sigmas)
-    try:
+    can compute its increments ahead, and draws the default noise stream ahead, overlapping the
+    UNet calls (bit-identical either way). Closing the source stops its prefetch threads."""
+    with NoiseSource(seed, sigmas=sigmas) as noise:
         return spec.fn(denoiser, x, sigmas, noise, callback=callback)
-    finally:
-        prefetch = getattr(noise, "last_brownian", None)
-        if prefetch is not None:
-            prefetch.close()
 
 
 def _sample_in_windows(spec, sampler_name, denoiser_at, x, sigmas, seed, on_step, *, cuts=(), stop=None,

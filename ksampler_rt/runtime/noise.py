@@ -43,6 +43,7 @@ __all__ = [
     "prepare_noise",
     "NoiseSource",
     "BrownianNoiseSampler",
+    "DefaultNoiseSampler",
     "KERNELS",
 ]
 
@@ -795,10 +796,18 @@ class NoiseSource:
     """What samplers draw noise from; mirrors ComfyUI's noise samplers for one node seed.
 
     * ``default(x)`` -> ComfyUI ``default_noise_sampler(x, seed)``: a fresh CPU generator seeded
-      with ``seed``; every call of the returned sampler returns ``randn(x.shape)`` from it.
+      with ``seed``; every call of the returned sampler returns ``randn(x.shape)`` from it
+      (a :class:`DefaultNoiseSampler`).
     * ``brownian(x, sigma_min, sigma_max, queries=None)`` -> ``BrownianTreeNoiseSampler(x,
       sigma_min, sigma_max, seed, cpu=True)`` (torchsde ``BrownianTree`` port, see
       ``brownian.py``).
+
+    Default-noise prefetch: the default stream does not depend on x's values, only on its shape
+    (draw i is the i-th ``randn(shape)`` of the generator), so a background thread draws it
+    ahead (at most ``lookahead`` unconsumed draws; one before the first call, so a sampler that
+    never draws wastes at most one) while the sampler waits on a denoiser call that releases
+    the GIL. Values and order are bit-identical with or without it. Env
+    ``KSAMPLER_RT_NOISE_PREFETCH=0`` turns it off.
 
     Brownian prefetch: the SDE samplers query the tree at ``(sigma_i, sigma_{i+1})`` pairs that
     are known before sampling starts. Given those pairs (``queries=``, or derived from the sigma
@@ -808,9 +817,15 @@ class NoiseSource:
     large ops release it too). Values are bit-identical with or without prefetch: every tree
     value is a deterministic function of its dyadic node, whatever the query order, and a
     query that was not predicted (e.g. dpmpp_sde's midpoint) is computed synchronously.
-    ``prefetch=False`` or env ``KSAMPLER_RT_BROWNIAN_PREFETCH=0`` turns it off.
+    Env ``KSAMPLER_RT_BROWNIAN_PREFETCH=0`` turns it off.
 
-    State is kept in plain attributes (``generator``, ``tree``) so it can be snapshotted.
+    ``prefetch=True/False`` forces both prefetchers on/off (``None``: the env variables, default
+    on). :meth:`close` (or ``with NoiseSource(...)``) stops every background thread this source
+    started; they also stop when their sampler is garbage-collected.
+
+    State is kept in plain attributes (``generator``, ``tree``). With default-noise prefetch,
+    ``generator`` runs ahead of the sampler; ``last_default.get_state()`` is the generator state
+    at the sampler's position.
     """
 
     def __init__(self, seed: int, kernel: Optional[str] = None, *, sigmas=None,
@@ -826,6 +841,9 @@ class NoiseSource:
             raise ValueError(f"lookahead: got {lookahead!r}; accepted: an int >= 1")
         self.lookahead = int(lookahead)
         self.last_brownian = None
+        self.last_default = None
+        import weakref
+        self._open = weakref.WeakSet()  # samplers with a prefetch thread, closed by close()
         if sigmas is not None:
             self.expect(sigmas)
 
@@ -837,20 +855,21 @@ class NoiseSource:
         self.sigmas = s
         return self
 
-    def _prefetch_on(self) -> bool:
+    def _prefetch_on(self, env: str = "KSAMPLER_RT_BROWNIAN_PREFETCH") -> bool:
         if self.prefetch is not None:
             return bool(self.prefetch)
-        return os.environ.get("KSAMPLER_RT_BROWNIAN_PREFETCH", "1").strip() not in ("0", "false", "no", "off")
+        return os.environ.get(env, "1").strip().lower() not in ("0", "false", "no", "off")
 
-    def default(self, x) -> Callable:
+    def default(self, x) -> "DefaultNoiseSampler":
         shape = tuple(np.shape(x))
         gen = TorchCPUGenerator(self.seed, kernel=self.kernel)
         self.generator = gen
-
-        def noise_sampler(sigma=None, sigma_next=None):
-            return gen.randn(shape)
-
-        return noise_sampler
+        sampler = DefaultNoiseSampler(gen, shape, prefetch=self._prefetch_on(_ENV_NOISE_PREFETCH),
+                                      lookahead=self.lookahead)
+        self.last_default = sampler
+        if sampler.prefetching:
+            self._open.add(sampler)
+        return sampler
 
     def brownian(self, x, sigma_min, sigma_max, queries=None) -> Callable:
         """ComfyUI ``BrownianTreeNoiseSampler``; ``queries``: expected ``(sigma, sigma_next)``
@@ -871,7 +890,171 @@ class NoiseSource:
             queries = None
         sampler = BrownianNoiseSampler(tree, sign, queries, self.lookahead)
         self.last_brownian = sampler
+        if queries:
+            self._open.add(sampler)
         return sampler
+
+    def close(self) -> None:
+        """Stop (and join) every prefetch thread started by this source. Idempotent."""
+        for sampler in list(self._open):
+            sampler.close()
+        self._open.clear()
+
+    def __enter__(self) -> "NoiseSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_ENV_NOISE_PREFETCH = "KSAMPLER_RT_NOISE_PREFETCH"
+
+
+class _StreamState:
+    """Shared by a :class:`DefaultNoiseSampler` and its prefetch thread (never the sampler itself,
+    so the sampler can be garbage-collected while the thread runs)."""
+
+    __slots__ = ("gen", "shape", "cv", "queue", "limit", "lookahead", "busy", "pending_state",
+                 "closed", "error")
+
+    def __init__(self, gen, shape, lookahead):
+        from collections import deque
+
+        self.gen = gen
+        self.shape = shape
+        self.cv = threading.Condition()
+        self.queue = deque()        # (generator state before the draw, draw), oldest first
+        self.limit = 1              # draws ahead before the first call; then ``lookahead``
+        self.lookahead = lookahead
+        self.busy = False           # the thread is drawing (it owns ``gen`` meanwhile)
+        self.pending_state = None   # generator state before the draw in progress / abandoned
+        self.closed = False
+        self.error = None
+
+    def close(self):
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+
+
+def _stream_worker(st: _StreamState) -> None:
+    gen, shape = st.gen, st.shape
+    while True:
+        with st.cv:
+            while not st.closed and len(st.queue) >= st.limit:
+                st.cv.wait()
+            if st.closed:
+                return
+            st.busy = True
+            st.pending_state = gen.get_state()
+        try:
+            v = gen.randn(shape)
+        except BaseException as e:  # the synchronous fallback raises it again in the caller
+            with st.cv:
+                st.busy = False
+                st.error = e
+                st.cv.notify_all()
+            return
+        with st.cv:
+            st.busy = False
+            if st.closed:  # keep pending_state: the stream position before this discarded draw
+                st.cv.notify_all()
+                return
+            st.queue.append((st.pending_state, v))
+            st.pending_state = None
+            st.cv.notify_all()
+
+
+class DefaultNoiseSampler:
+    """ComfyUI's ``default_noise_sampler``: ``sampler(sigma, sigma_next)`` returns the next
+    ``randn(shape)`` of ``generator`` (the arguments are ignored).
+
+    With ``prefetch``, a daemon thread draws the stream ahead (at most ``lookahead`` draws not yet
+    consumed). ``randn(other_shape)`` or a failure in the thread stops the prefetch, rewinds the
+    generator to the consumer's position and continues synchronously, so the values never depend
+    on prefetching. ``hits`` / ``misses`` count draws served by the thread / drawn on the spot.
+    ``close()`` stops and joins the thread (garbage collection stops it too, without joining).
+    """
+
+    def __init__(self, generator: TorchCPUGenerator, shape, *, prefetch: bool = False,
+                 lookahead: int = 2):
+        self.generator = generator
+        self.shape = _check_shape(shape)
+        self.hits = 0
+        self.misses = 0
+        self._st = None
+        self._thread = None
+        if prefetch:
+            import weakref
+
+            self._st = _StreamState(generator, self.shape, max(1, int(lookahead)))
+            self._thread = threading.Thread(target=_stream_worker, args=(self._st,),
+                                            name="ksrt-noise-prefetch", daemon=True)
+            weakref.finalize(self, self._st.close)
+            self._thread.start()
+
+    @property
+    def prefetching(self) -> bool:
+        return self._st is not None
+
+    def __call__(self, sigma=None, sigma_next=None) -> np.ndarray:
+        return self.randn()
+
+    def randn(self, shape=None) -> np.ndarray:
+        """The next draw of the stream, of ``shape`` (default: the sampler's shape)."""
+        shape = self.shape if shape is None else _check_shape(shape)
+        st = self._st
+        if st is not None:
+            if shape == st.shape:
+                with st.cv:
+                    while not st.queue and not st.closed and st.error is None:
+                        st.cv.wait()
+                    if st.queue:
+                        v = st.queue.popleft()[1]
+                        st.limit = st.lookahead
+                        st.cv.notify_all()
+                        self.hits += 1
+                        return v
+            self._stop()
+        self.misses += 1
+        return self.generator.randn(shape)
+
+    def get_state(self) -> dict:
+        """The generator state at the consumer's position (what ``generator.get_state()`` would be
+        without prefetching)."""
+        st = self._st
+        if st is None:
+            return self.generator.get_state()
+        with st.cv:
+            if st.queue:
+                return st.queue[0][0]
+            if st.pending_state is not None:
+                return st.pending_state
+            return self.generator.get_state()
+
+    def _stop(self) -> None:
+        """Stop prefetching for good and rewind the generator to the consumer's position."""
+        st = self._st
+        self.close()
+        with st.cv:
+            state = st.queue[0][0] if st.queue else st.pending_state
+            st.queue.clear()
+        if state is not None:
+            self.generator.set_state(state)
+        self._st = None
+
+    def close(self) -> None:
+        """Stop the prefetch thread and wait for it (its draw in progress, if any, finishes)."""
+        st = self._st
+        if st is None:
+            return
+        st.close()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join()
+        with st.cv:  # free the unconsumed draws; keep the head's state for _stop / get_state
+            while len(st.queue) > 1:
+                st.queue.pop()
 
 
 def _brownian_increment(tree, sign, lock, key):

@@ -85,11 +85,12 @@ class Servers:
         return {"output_dir": str(self.tmp_path / "output"), "input_dir": str(self.tmp_path / "input"),
                 "temp_dir": str(self.tmp_path / "temp")}
 
-    def start(self, model: str = "auto", delay: float = 0.0, **config) -> ServerThread:
-        self.kind = "tiny" if model == "auto" and self.tiny_models else "fake"
+    def start(self, model: str = "auto", delay: float = 0.0, worker=None, **config) -> ServerThread:
+        """``worker``: a Worker to run the prompts (the pipeline then only validates them)."""
+        self.kind = "tiny" if model == "auto" and self.tiny_models and worker is None else "fake"
         self.pipeline = make_pipeline(self.kind, self.tiny_models, delay, **self.dirs())
         cfg = ServerConfig(host="127.0.0.1", port=0, **config)
-        thread = ServerThread(PromptServer(cfg, pipeline=self.pipeline)).start()
+        thread = ServerThread(PromptServer(cfg, pipeline=self.pipeline, worker=worker)).start()
         self.threads.append(thread)
         return thread
 

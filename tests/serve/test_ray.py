@@ -130,7 +130,11 @@ def _reference(models: str, cache, tmp_path, seed: int, **kw) -> np.ndarray:
 
 
 def test_eight_concurrent_prompts_match_run_and_use_both_replicas(ray_front, tmp_path):
+    from ksampler_rt.serve.server import PromptServer
+
     thread, worker, dirs, models, cache = ray_front
+    # make_ray_server: the plain server with a RayWorker, 2 replicas x 1 ongoing request = 2 in flight.
+    assert type(thread.server) is PromptServer and worker.concurrency == thread.server.concurrency == 2
     seeds = list(range(100, 108))
 
     async def main():
