@@ -32,7 +32,7 @@ def bench(args) -> int:
         percentiles=tuple(float(p) for p in _csv(args.percentiles)) if args.percentiles else None,
         threads=args.threads,
         peers=tuple(p for p in _csv(args.peers) if p != "none") if args.peers is not None else None,
-        sampler_overhead=not args.no_sampler_overhead, comfyui=args.comfyui, out=args.out, chart=not args.no_chart,
+        sampler_overhead=not args.no_sampler_overhead, comfyui=args.comfyui, tune_ort=args.tune_ort or None, out=args.out, chart=not args.no_chart,
     )
     if args.quick:
         cfg = BenchConfig.quick_config(**overrides)
@@ -85,5 +85,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-sampler-overhead", action="store_true", help="skip the sampler overhead table")
     p.add_argument("--comfyui", default=None,
                    help="ComfyUI checkout: its k-diffusion torch samplers are the sampler table's peer")
+    p.add_argument("--tune-ort", action="store_true",
+                   help="also time the UNet under ONNX Runtime CPU session variants (optimisation level, threads, "
+                        "spinning, transformer fusions), interleaved")
     p.add_argument("--no-chart", action="store_true", help="do not write the PNG")
     p.set_defaults(func=bench)

@@ -72,6 +72,7 @@ class BenchConfig:
     peers: tuple[str, ...] = PEERS
     cuda_graph_variants: bool = True              # GPU: also measure without CUDA graphs
     sampler_overhead: bool = True
+    tune_ort: bool = False                        # also measure ONNX Runtime CPU session variants (ort_tuning)
     comfyui: str | None = None                    # ComfyUI checkout: the k-diffusion peer of the sampler table
     out: str = "bench-results"
     chart: bool = True
@@ -706,6 +707,12 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         r.release()
     for p, _ in peers:
         p.release()
+    if cfg.tune_ort and "onnxruntime-cpu" in backends:
+        from .ort_tuning import measure_variants
+
+        log("ONNX Runtime CPU session variants for the UNet ...")
+        result["ort_tuning"] = measure_variants(model.export_dir, cfg.width, cfg.height, 2, cfg.repeats,
+                                                threads=cfg.threads, fusions=not cfg.quick, log=log)
     if cfg.sampler_overhead:
         log("sampler overhead table ...")
         result["sampler_overhead"] = run_sampler_overhead(cfg, log)
@@ -779,6 +786,11 @@ def format_report(result: dict) -> str:
             continue
         lines.append(f"  {c['product']:<34} {c['product_s']:>8.3f} s  vs {c['peer']:<34} {c['peer_s']:>8.3f} s  "
                      f"-> {c['speedup']:.2f}x" + (" faster" if c['speedup'] >= 1 else " (slower)"))
+    if result.get("ort_tuning"):
+        from .ort_tuning import format_rows
+
+        lines.append("")
+        lines.append(format_rows(result["ort_tuning"], cfg["width"], cfg["height"], 2))
     so = result.get("sampler_overhead")
     if so is not None:
         lines.append("")

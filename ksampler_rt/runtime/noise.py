@@ -914,8 +914,8 @@ class _StreamState:
     """Shared by a :class:`DefaultNoiseSampler` and its prefetch thread (never the sampler itself,
     so the sampler can be garbage-collected while the thread runs)."""
 
-    __slots__ = ("gen", "shape", "cv", "queue", "limit", "lookahead", "busy", "pending_state",
-                 "closed", "error")
+    __slots__ = ("gen", "shape", "cv", "queue", "limit", "lookahead", "pending_state", "closed",
+                 "error")
 
     def __init__(self, gen, shape, lookahead):
         from collections import deque
@@ -926,7 +926,6 @@ class _StreamState:
         self.queue = deque()        # (generator state before the draw, draw), oldest first
         self.limit = 1              # draws ahead before the first call; then ``lookahead``
         self.lookahead = lookahead
-        self.busy = False           # the thread is drawing (it owns ``gen`` meanwhile)
         self.pending_state = None   # generator state before the draw in progress / abandoned
         self.closed = False
         self.error = None
@@ -945,18 +944,15 @@ def _stream_worker(st: _StreamState) -> None:
                 st.cv.wait()
             if st.closed:
                 return
-            st.busy = True
-            st.pending_state = gen.get_state()
+            st.pending_state = gen.get_state()  # the thread owns ``gen`` until the draw is queued
         try:
             v = gen.randn(shape)
         except BaseException as e:  # the synchronous fallback raises it again in the caller
             with st.cv:
-                st.busy = False
                 st.error = e
                 st.cv.notify_all()
             return
         with st.cv:
-            st.busy = False
             if st.closed:  # keep pending_state: the stream position before this discarded draw
                 st.cv.notify_all()
                 return
@@ -1009,7 +1005,7 @@ class DefaultNoiseSampler:
                 with st.cv:
                     while not st.queue and not st.closed and st.error is None:
                         st.cv.wait()
-                    if st.queue:
+                    if st.queue and not st.closed:
                         v = st.queue.popleft()[1]
                         st.limit = st.lookahead
                         st.cv.notify_all()

@@ -30,3 +30,14 @@ def test_quick_with_comfyui_peer(capsys):
     text = capsys.readouterr().out
     assert "ComfyUI k-diffusion from" in text and "ratio" in text
     assert all(r["peer_ms_per_step"] is not None for r in res["rows"]), res["rows"]
+
+
+def test_prefetch_both_side_by_side(capsys):
+    res = sampler_overhead.main(["--samplers", "euler_ancestral", "--sizes", "8", "--repeats", "1",
+                                 "--steps", "3", "--unet-ms", "1", "--prefetch", "both"])
+    text = capsys.readouterr().out
+    assert "no-pf ms" in text and "host %" in text
+    (row,) = res["rows"]
+    assert row["engine_calls_per_run"] == 3
+    assert row["ours_noprefetch_ms_per_step"] is not None
+    assert 0 < row["ours_host_fraction"] < 1 and 0 < row["ours_noprefetch_host_fraction"] < 1

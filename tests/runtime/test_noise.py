@@ -202,3 +202,179 @@ def test_fast_kernel_exhaustive():
     for c0 in range(0, 1 << 24, chunk * step):
         ks = np.arange(c0, min(1 << 24, c0 + chunk * step), step, dtype=np.uint32)
         assert _fast_vs_reference(ks) == [0, 0, 0], c0
+
+
+# ---------------------------------------------------------------------------------------------
+# default-noise prefetch (background thread drawing the default_noise_sampler stream ahead)
+# ---------------------------------------------------------------------------------------------
+import gc  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from ksampler_rt.runtime.noise import DefaultNoiseSampler  # noqa: E402
+
+_PF_THREAD = "ksrt-noise-prefetch"
+
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == _PF_THREAD and t.is_alive()]
+
+
+def _wait_gone(thread, timeout=10.0):
+    thread.join(timeout)
+    return not thread.is_alive()
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (1, 4, 3, 5), (1, 3), (1, 4, 64, 64)])
+@pytest.mark.parametrize("lookahead", [1, 3])
+def test_default_prefetch_stream_bit_identical(shape, lookahead):
+    x = np.zeros(shape, np.float32)
+    ref = NoiseSource(123, prefetch=False).default(x)
+    src = NoiseSource(123, prefetch=True, lookahead=lookahead)
+    pre = src.default(x)
+    assert pre.prefetching and not ref.prefetching
+    for i in range(7):
+        if i % 3 == 1:
+            time.sleep(0.01)  # let the thread run ahead
+        assert np.array_equal(pre(1.0, 0.5), ref(1.0, 0.5)), i
+    assert pre.hits == 7 and pre.misses == 0
+    src.close()
+    assert not pre._thread.is_alive()
+    # after close the sampler keeps going synchronously, from the right position
+    for _ in range(2):
+        assert np.array_equal(pre(), ref())
+
+
+def test_default_prefetch_other_shape_and_state_rewind():
+    x = np.zeros((1, 4, 8, 8), np.float32)
+    sync = TorchCPUGenerator(9)
+    pre = NoiseSource(9, prefetch=True, lookahead=3).default(x)
+    assert np.array_equal(pre(), sync.randn(x.shape))
+    time.sleep(0.05)  # the thread is now 3 draws ahead of the consumer
+    st = pre.get_state()
+    assert st["mt_pos"] == sync.get_state()["mt_pos"]
+    assert np.array_equal(st["mt_key"], sync.get_state()["mt_key"])
+    # a different shape stops the prefetch, rewinds, and continues synchronously
+    t = pre._thread
+    for shape in [(2, 3, 5), (3,), x.shape]:
+        assert np.array_equal(pre.randn(shape), sync.randn(shape)), shape
+    assert not t.is_alive() and not pre.prefetching
+    assert np.array_equal(pre(), sync.randn(x.shape))
+
+
+def test_default_prefetch_threads_end_after_close_and_gc():
+    x = np.zeros((1, 4, 16, 16), np.float32)
+    before = len(_prefetch_threads())
+    src = NoiseSource(5, prefetch=True)
+    samplers = [src.default(x) for _ in range(3)]
+    samplers[0]()
+    threads = [s._thread for s in samplers]
+    assert all(t.is_alive() for t in threads)
+    src.close()
+    assert not any(t.is_alive() for t in threads)
+    src.close()  # idempotent
+    # a dropped sampler (e.g. dpm_fast's unused one) stops its thread when collected
+    ns = NoiseSource(5, prefetch=True).default(x)
+    t = ns._thread
+    del ns
+    gc.collect()
+    assert _wait_gone(t)
+    with NoiseSource(6, prefetch=True) as src2:
+        t2 = src2.default(x)._thread
+    assert not t2.is_alive()
+    assert len(_prefetch_threads()) <= before
+
+
+def test_default_prefetch_env_switch(monkeypatch):
+    x = np.zeros((1, 4, 8, 8), np.float32)
+    monkeypatch.setenv("KSAMPLER_RT_NOISE_PREFETCH", "0")
+    ns = NoiseSource(1).default(x)
+    assert not ns.prefetching and ns._thread is None
+    assert NoiseSource(1, prefetch=True).default(x).prefetching  # the argument wins
+    monkeypatch.setenv("KSAMPLER_RT_NOISE_PREFETCH", "1")
+    src = NoiseSource(1)
+    assert src.default(x).prefetching
+    src.close()
+    assert not NoiseSource(1, prefetch=False).default(x).prefetching
+
+
+def test_default_prefetch_worker_error_falls_back(monkeypatch):
+    """A failure in the thread is raised again by the synchronous fallback, at the right draw."""
+    x = np.zeros((1, 4, 8, 8), np.float32)
+    gen = TorchCPUGenerator(3)
+    calls = {"n": 0}
+    orig = TorchCPUGenerator.randn
+
+    def flaky(self, shape):
+        calls["n"] += 1
+        if calls["n"] == 2 and threading.current_thread().name == _PF_THREAD:
+            raise MemoryError("boom")
+        return orig(self, shape)
+
+    monkeypatch.setattr(TorchCPUGenerator, "randn", flaky)
+    ns = DefaultNoiseSampler(gen, x.shape, prefetch=True, lookahead=2)
+    sync = TorchCPUGenerator(3)
+    for _ in range(4):  # draw 2 fails in the thread, is redone synchronously
+        assert np.array_equal(ns(), orig(sync, x.shape))
+    assert not ns.prefetching
+
+
+class _SleepyModel:
+    """Denoiser stand-in whose call releases the GIL (so the prefetch threads run ahead)."""
+
+    def __init__(self, sleep=0.0):
+        from ksampler_rt.runtime.model_sampling import ModelSamplingDiscrete
+
+        self.model_sampling = ModelSamplingDiscrete()
+        self._sleep = sleep
+
+    def __call__(self, x, sigma):
+        if self._sleep:
+            time.sleep(self._sleep)
+        return (x * np.float32(0.5) / (np.float32(1) + np.float32(sigma))).astype(np.float32)
+
+    def with_uncond(self, x, sigma):
+        d = self(x, sigma)
+        return d, (d * np.float32(0.9)).astype(np.float32)
+
+
+def _all_samplers():
+    from ksampler_rt.runtime.samplers import SAMPLER_NAMES, SAMPLERS
+
+    return [n for n in SAMPLER_NAMES if n in SAMPLERS]
+
+
+@pytest.mark.parametrize("name", _all_samplers())
+def test_samplers_bit_identical_with_noise_prefetch(name):
+    from ksampler_rt.runtime.samplers import SAMPLERS
+
+    x = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32) * 14
+    sig = np.array([14.6146, 7.1, 3.2, 1.4, 0.6, 0.21, 0.0292, 0.0], np.float32)
+    fn = SAMPLERS[name].fn
+    with NoiseSource(11, prefetch=False) as off:
+        ref = fn(_SleepyModel(), x.copy(), sig, off)
+    with NoiseSource(11, sigmas=sig, prefetch=True) as on:
+        out = fn(_SleepyModel(0.002), x.copy(), sig, on)
+        threads = [s._thread for s in (on.last_default, on.last_brownian) if s is not None and s._thread]
+    assert np.array_equal(out, ref)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_ksampler_runs_leave_no_prefetch_threads(monkeypatch, analytic_unet_cls):
+    """_run_sampler closes the NoiseSource; results do not depend on the prefetch switch."""
+    from ksampler_rt.runtime import Model, ksampler
+
+    model = Model(analytic_unet_cls(), "sd15")
+    pos = [[np.full((1, 4, 8), 0.5, np.float32), {}]]
+    neg = [[np.full((1, 4, 8), -0.5, np.float32), {}]]
+    latent = {"samples": np.zeros((1, 4, 8, 8), np.float32)}
+    before = len(_prefetch_threads())
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("KSAMPLER_RT_NOISE_PREFETCH", flag)
+        monkeypatch.setenv("KSAMPLER_RT_BROWNIAN_PREFETCH", flag)
+        outs[flag] = [ksampler(model, 42, 5, 6.0, s, "normal", pos, neg, latent)["samples"]
+                      for s in ("euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "dpmpp_sde")]
+        assert len(_prefetch_threads()) <= before
+    for a, b in zip(outs["1"], outs["0"]):
+        assert np.array_equal(a, b)

@@ -361,3 +361,22 @@ def test_tensorrt_refit_view_logic(env):
     FakePlan.refittable = False
     with pytest.raises(EngineError, match="--refit"):
         va._run(feeds, None)
+
+
+def test_matches_diffusers_peft_load_lora_weights_and_fuse(env, inputs):
+    """The independent reference the issue names: diffusers' load_lora_weights (PEFT) + fuse_lora."""
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+
+    ckpt = env["ckpt"]
+    x, t, c = inputs
+    pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_model("sd15"), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.load_lora_weights(str(env["lora"]))
+    pipe.fuse_lora(lora_scale=0.7, components=["unet", "text_encoder"])
+    model, clip = load_lora(ckpt.model, ckpt.clip, env["lora"], 0.7, 0.7)
+    _close(model.unet(x, t, c), _run_torch_unet(pipe.unet.eval(), x, t, c))
+    ids = _ids(ckpt)
+    with torch.no_grad():
+        ref = pipe.text_encoder.eval()(torch.from_numpy(ids)).last_hidden_state.numpy()
+    _close(clip.towers[0].forward(ids)["last_hidden_state"], ref)
