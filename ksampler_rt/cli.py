@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "ksampler_rt.workflow.cli",
     "ksampler_rt.serve.cli",
     "ksampler_rt.serve.deploy_cli",
+    "ksampler_rt.bench.cli",
     "ksampler_rt.demo",
 )
 
