@@ -27,12 +27,14 @@ def bench(args) -> int:
         model=args.model, backends=tuple(_csv(args.backend)) if args.backend else None, width=w, height=h,
         steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed,
         batches=tuple(int(b) for b in _csv(args.batches)) if args.batches else None,
-        throughput_steps=args.throughput_steps, throughput_repeats=args.throughput_repeats, repeats=args.repeats, unet_samples=args.unet_samples,
+        throughput_steps=args.throughput_steps, throughput_repeats=args.throughput_repeats, repeats=args.repeats,
+        unet_samples=args.unet_samples,
         stage_repeats=args.stage_repeats,
         percentiles=tuple(float(p) for p in _csv(args.percentiles)) if args.percentiles else None,
         threads=args.threads,
         peers=tuple(p for p in _csv(args.peers) if p != "none") if args.peers is not None else None,
-        sampler_overhead=not args.no_sampler_overhead, comfyui=args.comfyui, tune_ort=args.tune_ort or None, out=args.out, chart=not args.no_chart,
+        sampler_overhead=not args.no_sampler_overhead, comfyui=args.comfyui, tune_ort=args.tune_ort or None,
+        out=args.out, chart=not args.no_chart,
     )
     if args.quick:
         cfg = BenchConfig.quick_config(**overrides)

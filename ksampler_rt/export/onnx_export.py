@@ -63,6 +63,11 @@ def _dims(shape):
     return {i: d for i, d in enumerate(shape) if isinstance(d, str)}
 
 
+def _effective_opset(opset: int, exporter: str) -> int:
+    """The dynamo exporter (onnxscript) emits opset >= 18."""
+    return max(int(opset), 18) if exporter == "dynamo" else int(opset)
+
+
 def torch_export(spec: ModelSpec, path: str, opset: int, exporter: str = "torchscript"):
     import torch
     example = spec.make_inputs(1)
@@ -75,8 +80,9 @@ def torch_export(spec: ModelSpec, path: str, opset: int, exporter: str = "torchs
             for i in spec.inputs:
                 dyn[i["name"]] = {ax: torch.export.Dim.AUTO for ax in _dims(i["shape"])}
             torch.onnx.export(spec.module, tuple(example.values()), path, dynamo=True, input_names=in_names,
-                              output_names=out_names, dynamic_shapes=dyn, opset_version=max(opset, 18),
-                              optimize=False, external_data=True)
+                              output_names=out_names, dynamic_shapes=dyn,
+                              opset_version=_effective_opset(opset, exporter),
+                              optimize=False, external_data=True, verbose=False)
         else:
             dyn = {i["name"]: _dims(i["shape"]) for i in spec.inputs + spec.outputs}
             with _keep_named_initializers():
@@ -355,7 +361,7 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
         if only is not None:
             specs = [s for s in specs if s.name in only]
         models, init_map, timings = {}, {}, {}
-        threads = max(1, min(4, os.cpu_count() or 1))
+        threads = max(1, min(4, torch.get_num_threads()))  # ONNX Runtime validation follows torch's setting
         for spec in specs:
             t = time.time()
             sdir = os.path.join(scratch, spec.name)
@@ -428,7 +434,7 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
             "text_encoders": text_encoders,
             "adm_channels": adm, "sdxl_adm": sdxl_adm,
             "models": models,
-            "precision": precision, "opset": int(opset), "exporter": exporter,
+            "precision": precision, "opset": _effective_opset(opset, exporter), "exporter": exporter,
             "versions": versions(),
             "weights_hash": weights_hash(src.weight_files),
             "source": src.path, "source_kind": src.kind,

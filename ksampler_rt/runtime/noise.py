@@ -321,6 +321,27 @@ def _workspace(h: int) -> _Workspace:
     return ws
 
 
+# Short-lived threads (the prefetch threads, one per sampler run) borrow a workspace from this
+# free list instead of allocating (and page-faulting) fresh buffers in every run.
+_WS_FREE: list = []
+_WS_FREE_MAX = 4
+
+
+def _borrow_workspace() -> None:
+    if getattr(_tls, "ws", None) is None:
+        try:
+            _tls.ws = _WS_FREE.pop()
+        except IndexError:
+            pass
+
+
+def _return_workspace() -> None:
+    ws = getattr(_tls, "ws", None)
+    _tls.ws = None
+    if ws is not None and len(_WS_FREE) < _WS_FREE_MAX:
+        _WS_FREE.append(ws)
+
+
 def _radius_avx2(k1: np.ndarray, ws: _Workspace, h: int, r_out: np.ndarray) -> None:
     """r = sqrt(-2 * log256_ps(u1)) for u1 = 1 - k1 * 2**-24 (k1: 24-bit words, uint32)."""
     t, z64, x64 = (a[:h] for a in ws.f64)
@@ -937,6 +958,14 @@ class _StreamState:
 
 
 def _stream_worker(st: _StreamState) -> None:
+    _borrow_workspace()
+    try:
+        _stream_loop(st)
+    finally:
+        _return_workspace()
+
+
+def _stream_loop(st: _StreamState) -> None:
     gen, shape = st.gen, st.shape
     while True:
         with st.cv:
@@ -1090,6 +1119,14 @@ class _PrefetchState:
 
 
 def _prefetch_worker(st: _PrefetchState) -> None:
+    _borrow_workspace()
+    try:
+        _prefetch_loop(st)
+    finally:
+        _return_workspace()
+
+
+def _prefetch_loop(st: _PrefetchState) -> None:
     i = 0
     while True:
         with st.cv:

@@ -24,6 +24,16 @@ MODELS = {"sd15": ["unet", "clip", "vae_decoder", "vae_encoder"],
           "sdxl": ["unet", "clip", "clip2", "vae_decoder", "vae_encoder"]}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is as fast as two on an idle box and far faster on a busy one
+    (spinning OpenMP workers); ONNX Runtime follows torch's setting in validation."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_sd15_dir, tiny_sd2v_dir, tiny_sdxl_dir):
     cache = {}
@@ -204,8 +214,8 @@ def test_validation_failure_leaves_nothing(tmp_path, tiny_sd15_dir, monkeypatch)
     from ksampler_rt.export import validate as validate_mod
     monkeypatch.setattr(validate_mod, "validate",
                         lambda *a, **k: {"max_abs_err": 0.5, "max_rel_err": 0.25, "shapes": []})
-    with pytest.raises(ExportError, match="failed validation: max_rel_err 0.25 > tolerance 0.001"):
-        export_model(str(tiny_sd15_dir), str(tmp_path / "out"))
+    with pytest.raises(ExportError, match="clip.onnx failed validation: max_rel_err 0.25 > tolerance 0.001"):
+        export_model(str(tiny_sd15_dir), str(tmp_path / "out"), models=["clip"])
     assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
 
 
@@ -227,15 +237,49 @@ def test_enospc_and_interrupt_mid_export(tmp_path, tiny_sd15_dir, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(onnx_export, "finalize_onnx", write_then_fail)
     with pytest.raises(ExportError, match="no space left on device"):
-        export_model(str(tiny_sd15_dir), str(tmp_path / "out"))
+        export_model(str(tiny_sd15_dir), str(tmp_path / "out"), models=["clip"])
     assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(onnx_export, "finalize_onnx", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        export_model(str(tiny_sd15_dir), str(tmp_path / "out"))
+        export_model(str(tiny_sd15_dir), str(tmp_path / "out"), models=["clip"])
     assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
+
+
+def test_models_subset_errors(tmp_path, tiny_sd15_dir):
+    with pytest.raises(ExportError, match="choose from"):
+        export_model(str(tiny_sd15_dir), str(tmp_path / "out"), models=["clip2"])  # sd15 has no clip2
+    with pytest.raises(ExportError, match="choose from"):
+        export_model(str(tiny_sd15_dir), str(tmp_path / "out"), models=[])
+    assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
+
+
+def test_dynamo_exporter_unet(tmp_path, tiny_sd15_dir):
+    """The non-default exporter, once: torch.export + onnxscript, tiny SD1.5 UNet only, validated against torch
+    at two shapes by the export itself, then at a third shape here; every parameter stays a named initializer."""
+    from diffusers import UNet2DConditionModel
+    out = tmp_path / "dyn"
+    m = export_model(str(tiny_sd15_dir), str(out), exporter="dynamo", models=["unet"])
+    assert m["exporter"] == "dynamo" and list(m["models"]) == ["unet"] and m["text_encoders"] == []
+    assert m["opset"] == 18  # the dynamo exporter emits opset >= 18 (17 requested by default)
+    v = m["models"]["unet"]["validation"]
+    assert len(v["shapes"]) == 2 and v["shapes"][0] != v["shapes"][1]
+    assert v["max_rel_err"] < 1e-4, v
+    g = onnx.load(str(out / "unet.onnx"), load_external_data=False).graph
+    assert [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input] == \
+        [i["shape"] for i in m["models"]["unet"]["inputs"]]
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet").eval()
+    assert set(m["initializer_map"]["unet"]) == {n for n, _ in unet.named_parameters()}
+    assert set(m["initializer_map"]["unet"].values()) <= {i.name for i in g.initializer}
+    g3 = torch.Generator().manual_seed(6)
+    x, t, c = torch.randn(3, 4, 8, 12, generator=g3), torch.tensor([2.0, 400.0, 990.0]), torch.randn(3, 231, 32, generator=g3)
+    sess = ort.InferenceSession(str(out / "unet.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": c.numpy()})[0]
+    with torch.no_grad():
+        ref = unet(x, t, c).sample.numpy()
+    assert np.abs(got - ref).max() < 1e-4
 
 
 def test_manifest_is_json_roundtrip(exported):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +17,14 @@ from ksampler_rt.export.errors import ExportError  # noqa: E402
 from ksampler_rt.export.families import SUPPORTED_FAMILIES, config_dir  # noqa: E402
 from ksampler_rt.export.ldm_writer import write_single_file_checkpoint  # noqa: E402
 from ksampler_rt.export.single_file import detect_family, load_single_file, read_safetensors_header  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: far faster on a busy box, no slower on an idle one
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -88,18 +98,71 @@ def test_conversion_is_exact(ckpts, family):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_single_file_export_roundtrip(ckpts, tmp_path):
+@pytest.fixture(scope="module")
+def configs_only(tmp_path_factory, tiny_sd15_dir, tiny_sd2v_dir, tiny_sdxl_dir):
+    """The tiny folders' configs without tokenizer folders (what a single-file user has: no tokenizer)."""
+    d = tmp_path_factory.mktemp("cfg")
+    ignore = shutil.ignore_patterns("tokenizer*", "*.safetensors")
+    return {fam: shutil.copytree(src, d / fam, ignore=ignore)
+            for fam, src in (("sd15", tiny_sd15_dir), ("sd2-v", tiny_sd2v_dir), ("sdxl", tiny_sdxl_dir))}
+
+
+@pytest.fixture
+def no_hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, so the machine's own cache cannot satisfy a lookup."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _comfyui_tree(root, ckpt, tok_src):
+    """<root>/ComfyUI/{comfy/sd1_tokenizer/, models/checkpoints/sub/<ckpt>}: ComfyUI's layout (its sd1_tokenizer
+    holds vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json; pad = <|endoftext|>)."""
+    comfy = root / "ComfyUI"
+    shutil.copytree(tok_src, comfy / "comfy" / "sd1_tokenizer")
+    (comfy / "models" / "checkpoints" / "sub").mkdir(parents=True)
+    dst = comfy / "models" / "checkpoints" / "sub" / os.path.basename(ckpt)
+    shutil.copyfile(ckpt, dst)
+    return comfy, dst
+
+
+def _check_tokenizer(out, te, pad_with_end):
+    from transformers import CLIPTokenizer
+    tdir = out / te["tokenizer"]
+    tok = CLIPTokenizer.from_pretrained(str(tdir))
+    assert (tok.bos_token_id, tok.eos_token_id) == (te["bos_token_id"], te["eos_token_id"])
+    assert te["pad_token_id"] == tok.pad_token_id == (te["eos_token_id"] if pad_with_end else 0)
+    assert te["pad_token"] == ("<|endoftext|>" if pad_with_end else "!")
+    # the runner's own tokenizer reads the copied files and pads as ComfyUI does
+    from ksampler_rt.workflow.tokenizer import ClipTokenizer
+    rt = ClipTokenizer(tdir, pad_with_end=te["pad_token_id"] == te["eos_token_id"])
+    assert rt.pad_token == te["pad_token_id"]
+
+
+def test_single_file_export_roundtrip(ckpts, configs_only, tiny_sd15_dir, tmp_path, capsys, no_hf_cache):
+    """Full single-file export through the CLI with --tokenizer (a folder holding only vocab.json + merges.txt)."""
     import onnxruntime as ort
     from diffusers import UNet2DConditionModel
+    from ksampler_rt.cli import main
     from ksampler_rt.export.manifest import read_manifest
-    from ksampler_rt.export.onnx_export import export_model
     src, f = ckpts["sd15"]
+    tok = tmp_path / "clip-tok"
+    tok.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(tiny_sd15_dir / "tokenizer" / name, tok / name)
     out = tmp_path / "out"
-    export_model(f, str(out), config=str(src))
+    assert main(["export", str(f), "--out", str(out), "--config", str(configs_only["sd15"]), "--tokenizer", str(tok)]) == 0
+    printed = capsys.readouterr()
+    assert f"--tokenizer {tok}" in printed.out and f"--tokenizer {tok}" in printed.err
     m = read_manifest(str(out))
     assert m["family"] == "sd15" and m["source_kind"] == "single_file" and m["source"] == os.path.abspath(f)
     assert m["weights_hash"] == hashlib.sha256(open(f, "rb").read()).hexdigest()
-    assert m["text_encoders"][0]["tokenizer"] == "tokenizer"  # taken from --config
+    assert sorted(m["models"]) == ["clip", "unet", "vae_decoder", "vae_encoder"]
+    te = m["text_encoders"][0]
+    assert te["tokenizer"] == "tokenizer" and te["tokenizer_source"] == f"--tokenizer {tok}"
+    for name in ("vocab.json", "merges.txt"):
+        assert (out / "tokenizer" / name).read_bytes() == (tok / name).read_bytes()
+    _check_tokenizer(out, te, pad_with_end=True)
+    # the converted UNet == the original folder's, at a shape the export did not validate
     unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet").eval()
     g = torch.Generator().manual_seed(3)
     x, t, c = torch.randn(2, 4, 16, 8, generator=g), torch.tensor([3.0, 700.0]), torch.randn(2, 154, 32, generator=g)
@@ -108,6 +171,98 @@ def test_single_file_export_roundtrip(ckpts, tmp_path):
     with torch.no_grad():
         ref = unet(x, t, c).sample.numpy()
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_tokenizer_from_config_folder(ckpts, tmp_path, no_hf_cache):
+    from ksampler_rt.export.onnx_export import export_model
+    src, f = ckpts["sd15"]
+    m = export_model(f, str(tmp_path / "out"), config=str(src), models=["clip"])
+    te = m["text_encoders"][0]
+    assert te["tokenizer"] == "tokenizer" and te["tokenizer_source"] == f"--config {src}"
+    assert (tmp_path / "out" / "tokenizer" / "tokenizer_config.json").read_bytes() == \
+        (src / "tokenizer" / "tokenizer_config.json").read_bytes()  # copied as is
+
+
+def test_tokenizer_from_comfyui_tree(ckpts, configs_only, tiny_sd15_dir, tmp_path, capsys, no_hf_cache):
+    """SDXL checkpoint in <ComfyUI>/models/checkpoints/: comfy/sd1_tokenizer serves clip_l (pad <|endoftext|>)
+    and clip_g (same BPE vocabulary, pad id 0)."""
+    from ksampler_rt.export.onnx_export import export_model
+    from ksampler_rt.export.tokenizers import find_comfyui_tokenizer
+    comfy, f = _comfyui_tree(tmp_path, ckpts["sdxl"][1], tiny_sd15_dir / "tokenizer")
+    assert find_comfyui_tokenizer(str(f)) == str(comfy / "comfy" / "sd1_tokenizer")
+    link = tmp_path / "elsewhere.safetensors"  # a symlink to a file inside the tree finds it too
+    link.symlink_to(f)
+    assert find_comfyui_tokenizer(str(link)) == str(comfy / "comfy" / "sd1_tokenizer")
+    out = tmp_path / "out"
+    m = export_model(str(f), str(out), config=str(configs_only["sdxl"]), models=["clip", "clip2"])
+    assert "ComfyUI installation" in capsys.readouterr().err
+    assert sorted(m["models"]) == ["clip", "clip2"]
+    l, g = m["text_encoders"]
+    assert (l["name"], l["tokenizer"], g["name"], g["tokenizer"]) == ("clip", "tokenizer", "clip2", "tokenizer_2")
+    assert l["tokenizer_source"].startswith("ComfyUI installation") and str(comfy) in l["tokenizer_source"]
+    _check_tokenizer(out, l, pad_with_end=True)
+    _check_tokenizer(out, g, pad_with_end=False)
+    assert (out / "tokenizer_2" / "vocab.json").read_bytes() == (tiny_sd15_dir / "tokenizer" / "vocab.json").read_bytes()
+
+
+def _fake_hf_cache(hub, tok_src, repo="openai/clip-vit-large-patch14"):
+    rdir = hub / ("models--" + repo.replace("/", "--"))
+    snap = rdir / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snap.mkdir(parents=True)
+    (rdir / "refs").mkdir()
+    (rdir / "refs" / "main").write_text(snap.name)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(tok_src / name, snap / name)
+    return snap
+
+
+def test_tokenizer_from_hf_cache(ckpts, configs_only, tiny_sd15_dir, tmp_path, monkeypatch):
+    """SD2 checkpoint outside any ComfyUI tree: the tokenizer files already in the local HF cache (HF_HUB_CACHE)
+    are used, clip_h padding with id 0."""
+    from ksampler_rt.export.onnx_export import export_model
+    from ksampler_rt.export.tokenizers import find_clip_tokenizer
+    snap = _fake_hf_cache(tmp_path / "hub", tiny_sd15_dir / "tokenizer")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, how = find_clip_tokenizer(ckpts["sd2-v"][1])
+    assert folder == str(snap) and how == f"Hugging Face cache ({snap})"
+    out = tmp_path / "out"
+    m = export_model(ckpts["sd2-v"][1], str(out), config=str(configs_only["sd2-v"]), prediction="v", models=["clip"])
+    te = m["text_encoders"][0]
+    assert te["tokenizer_source"] == f"Hugging Face cache ({snap})"
+    _check_tokenizer(out, te, pad_with_end=False)
+
+
+def test_tokenizer_missing(ckpts, configs_only, tmp_path, capsys, no_hf_cache):
+    from ksampler_rt.cli import main
+    from ksampler_rt.export.onnx_export import export_model
+    from ksampler_rt.export import source as source_mod
+    f, cfg, out = ckpts["sdxl"][1], str(configs_only["sdxl"]), tmp_path / "out"
+    with pytest.MonkeyPatch.context() as mp:  # fails before loading the checkpoint
+        mp.setattr(source_mod, "load_source", lambda *a, **k: pytest.fail("loaded the checkpoint"))
+        with pytest.raises(ExportError) as e:
+            export_model(f, str(out), config=cfg)
+    msg = str(e.value)
+    for way in ("--tokenizer DIR", "ComfyUI", "comfy/sd1_tokenizer", "Hugging Face cache", "--no-tokenizer"):
+        assert way in msg, way
+    assert main(["export", f, "--out", str(out), "--config", cfg]) == 2
+    assert "--no-tokenizer" in capsys.readouterr().err
+    assert main(["export", f, "--out", str(out), "--tokenizer", str(tmp_path / "nope")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main(["export", f, "--out", str(out), "--tokenizer", cfg, "--no-tokenizer"]) == 2
+    capsys.readouterr()
+    assert not out.exists()
+    # a tokenizer whose ids do not fit the text encoder's embedding is refused
+    bad = tmp_path / "bigvocab"
+    bad.mkdir()
+    (bad / "vocab.json").write_text(json.dumps({"!": 0, "<|startoftext|>": 49406, "<|endoftext|>": 49407}))
+    (bad / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ExportError, match="vocab_size 914: not this model's tokenizer"):
+        export_model(f, str(out), config=cfg, tokenizer=str(bad), models=["clip"])
+    # --no-tokenizer: exported, manifest says so
+    m = export_model(f, str(out), config=cfg, no_tokenizer=True, models=["clip2"])
+    assert [(te["name"], te["tokenizer"], te["pad_token_id"]) for te in m["text_encoders"]] == [("clip2", None, None)]
+    assert "--no-tokenizer" in capsys.readouterr().err
 
 
 def test_packaged_configs_are_the_real_architectures():
