@@ -292,13 +292,13 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
 
     ``tokenizer``: a folder with CLIP's vocab.json + merges.txt used for every text encoder (overrides the
     checkpoint's own). Single-file checkpoints carry no tokenizer: without ``tokenizer`` (or ``config`` with
-    tokenizer folders) one is looked up locally (:func:`tokenizers.find_clip_tokenizer`); when none is found the
+    tokenizer folders) one is looked up locally (:func:`clip_tokenizer.find_clip_tokenizer`); when none is found the
     export fails unless ``no_tokenizer``. ``models``: export only these models (e.g. ``["unet"]``; for tests and
     debugging -- the manifest then lists only them and is not a complete export).
     """
     import torch
     from .source import load_source, weights_hash
-    from .tokenizers import check_tokenizer_dir, find_clip_tokenizer, read_vocab, write_clip_tokenizer_dir
+    from .clip_tokenizer import check_tokenizer_dir, find_clip_tokenizer, read_vocab, write_clip_tokenizer_dir
     from .validate import TOLERANCE, validate
     only = list(models) if models is not None else None
 

@@ -256,6 +256,7 @@ def test_models_subset_errors(tmp_path, tiny_sd15_dir):
     assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
 
 
+@pytest.mark.slow  # ~25 s CPU: torch.export's symbolic-shape tracing + decomposition of the tiny UNet
 def test_dynamo_exporter_unet(tmp_path, tiny_sd15_dir):
     """The non-default exporter, once: torch.export + onnxscript, tiny SD1.5 UNet only, validated against torch
     at two shapes by the export itself, then at a third shape here; every parameter stays a named initializer."""

@@ -187,7 +187,7 @@ def test_tokenizer_from_comfyui_tree(ckpts, configs_only, tiny_sd15_dir, tmp_pat
     """SDXL checkpoint in <ComfyUI>/models/checkpoints/: comfy/sd1_tokenizer serves clip_l (pad <|endoftext|>)
     and clip_g (same BPE vocabulary, pad id 0)."""
     from ksampler_rt.export.onnx_export import export_model
-    from ksampler_rt.export.tokenizers import find_comfyui_tokenizer
+    from ksampler_rt.export.clip_tokenizer import find_comfyui_tokenizer
     comfy, f = _comfyui_tree(tmp_path, ckpts["sdxl"][1], tiny_sd15_dir / "tokenizer")
     assert find_comfyui_tokenizer(str(f)) == str(comfy / "comfy" / "sd1_tokenizer")
     link = tmp_path / "elsewhere.safetensors"  # a symlink to a file inside the tree finds it too
@@ -220,7 +220,7 @@ def test_tokenizer_from_hf_cache(ckpts, configs_only, tiny_sd15_dir, tmp_path, m
     """SD2 checkpoint outside any ComfyUI tree: the tokenizer files already in the local HF cache (HF_HUB_CACHE)
     are used, clip_h padding with id 0."""
     from ksampler_rt.export.onnx_export import export_model
-    from ksampler_rt.export.tokenizers import find_clip_tokenizer
+    from ksampler_rt.export.clip_tokenizer import find_clip_tokenizer
     snap = _fake_hf_cache(tmp_path / "hub", tiny_sd15_dir / "tokenizer")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
