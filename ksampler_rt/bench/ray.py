@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         results["local_single_p50_ms"] = single(url, 1000)
         results["local"] = asyncio.run(_load(url, args.clients, args.requests, args, 5000))
 
+    from ..serve.ray_app import use_loopback_only
+
+    use_loopback_only()  # a local instance: loopback only
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, object_store_memory=80 * 1024 * 1024,
              log_to_driver=False)
     try:

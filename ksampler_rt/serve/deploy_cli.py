@@ -79,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
         import ray
     except ModuleNotFoundError:
         raise ValueError("deploy ray needs Ray Serve: pip install 'ksampler-rt[ray]'") from None
-    from .ray_app import deploy
+    from .ray_app import deploy, local_ray_options
 
-    ray.init(address=args.address, log_to_driver=False)
+    ray.init(address=args.address, **local_ray_options(args.address, {"log_to_driver": False}))
     if args.gpus_per_replica is None and ray.cluster_resources().get("GPU", 0) >= 1:
         config.num_gpus = 1.0
     deploy(config)

@@ -407,6 +407,27 @@ def build_app(args: dict):
     return build_deployment(RayAppConfig.from_args(args))
 
 
+def local_ray_options(address: str | None, init_kwargs: dict | None) -> dict:
+    """``ray.init`` options. A Ray instance started here (no address, no RAY_ADDRESS) is a one-machine
+    instance: it binds the loopback address only, so nothing of it listens on the machine's network
+    interfaces. (Ray turns 127.0.0.1 back into the machine's address unless its cluster mode is off.)"""
+    import os
+
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        use_loopback_only()
+    return dict(init_kwargs or {})
+
+
+def use_loopback_only() -> None:
+    """Make Ray's own address discovery answer 127.0.0.1 (here and in the processes it starts)."""
+    import os
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def deploy(config: RayAppConfig, *, address: str | None = None, blocking: bool = False, init_kwargs=None):
     """Start (or update) the application on the Ray cluster at ``address`` (None: ``RAY_ADDRESS``,
     else a new local instance). Returns the app's handle."""
@@ -414,6 +435,6 @@ def deploy(config: RayAppConfig, *, address: str | None = None, blocking: bool =
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address=address, **(init_kwargs or {}))
+        ray.init(address=address, **local_ray_options(address, init_kwargs))
     serve.start(proxy_location="Disabled")
     return serve.run(build_deployment(config), name=config.app_name, route_prefix=None, blocking=blocking)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .ray_app import APP_NAME, ERROR, EVENT, EXECUTED, HELLO, INTERRUPTED, RESULT, RayAppConfig
+from .ray_app import APP_NAME, ERROR, EVENT, EXECUTED, HELLO, INTERRUPTED, RESULT, RayAppConfig, local_ray_options
 from .ray_files import place_file
 from .worker import PromptExecutionError, PromptInterrupted, RunResult
 
@@ -78,7 +78,7 @@ class RayWorker:
         self.retry_backoff_s = float(retry_backoff_s)
         self._owns_ray = not ray.is_initialized() and address is None
         if not ray.is_initialized():
-            ray.init(address=address, **(init_kwargs or {}))
+            ray.init(address=address, **local_ray_options(address, init_kwargs))
         try:
             self.handle = serve.get_app_handle(self.config.app_name)
             self.deployed = False

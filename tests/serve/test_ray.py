@@ -61,6 +61,9 @@ def ray_front(tmp_path_factory):
         prepare_tiny_checkpoint(models, log=lambda message: None)
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"the tiny checkpoint cannot be built here ({type(exc).__name__}: {exc})")
+    from ksampler_rt.serve.ray_app import use_loopback_only
+
+    use_loopback_only()  # a local test instance: loopback only
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 * 1024,
              log_to_driver=False, configure_logging=False)
     dirs = {"output_dir": str(root / "front" / "output"), "input_dir": str(root / "front" / "input"),
@@ -274,3 +277,10 @@ def test_batched_replica_merges_unet_calls(ray_front):
         assert max(info["batches"]) > 1, info["batches"]
     finally:
         serve.delete(config.app_name)
+
+
+def test_local_instance_listens_on_loopback_only(ray_front):
+    import ray
+
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
