@@ -56,28 +56,30 @@ def run_demo(out_dir: str | os.PathLike = "output", backend: str = "auto", model
     log(f"backend: {chosen}" + "".join(f"\n  ({name}: {why})" for name, why in unavailable.items()))
     pipe = Pipeline(models_dir, backend=chosen, output_dir=out_dir, input_dir=EXAMPLES, log=log)
 
-    workflow = json.loads((EXAMPLES / "advanced-split.json").read_text())
-    comfy = pipe.run_workflow(workflow, extra_pnginfo=None)
-    split, unsplit = comfy.outputs["11"][0]["samples"], comfy.outputs["12"][0]["samples"]
+    try:
+        workflow = json.loads((EXAMPLES / "advanced-split.json").read_text())
+        comfy = pipe.run_workflow(workflow, extra_pnginfo=None)
+        split, unsplit = comfy.outputs["11"][0]["samples"], comfy.outputs["12"][0]["samples"]
 
-    exact_workflow = copy.deepcopy(workflow)
-    for node_id in ("10", "11"):
-        exact_workflow[node_id]["inputs"]["continuation"] = "exact"
-    exact_workflow["9"]["inputs"]["filename_prefix"] = "split_exact"
-    exact_workflow["14"]["inputs"]["filename_prefix"] = "unsplit_again"
-    exact = pipe.run_workflow(exact_workflow)
-    split_exact = exact.outputs["11"][0]["samples"]
+        exact_workflow = copy.deepcopy(workflow)
+        for node_id in ("10", "11"):
+            exact_workflow[node_id]["inputs"]["continuation"] = "exact"
+        exact_workflow["9"]["inputs"]["filename_prefix"] = "split_exact"
+        exact_workflow["14"]["inputs"]["filename_prefix"] = "unsplit_again"
+        exact = pipe.run_workflow(exact_workflow)
+        split_exact = exact.outputs["11"][0]["samples"]
 
-    files = [Path(pipe.output_dir) / img["subfolder"] / img["filename"]
-             for result in (comfy, exact) for ui in result.ui.values() for img in ui["images"]]
-    report = {
-        "export_dir": str(export_dir),
-        "backend": chosen,
-        "files": [str(f) for f in files],
-        "max_diff_split_vs_unsplit_comfyui": _max_diff(split, unsplit),
-        "max_diff_split_vs_unsplit_exact": _max_diff(split_exact, unsplit),
-    }
-    pipe.release()
+        files = [Path(pipe.output_dir) / img["subfolder"] / img["filename"]
+                 for result in (comfy, exact) for ui in result.ui.values() for img in ui["images"]]
+        report = {
+            "export_dir": str(export_dir),
+            "backend": chosen,
+            "files": [str(f) for f in files],
+            "max_diff_split_vs_unsplit_comfyui": _max_diff(split, unsplit),
+            "max_diff_split_vs_unsplit_exact": _max_diff(split_exact, unsplit),
+        }
+    finally:
+        pipe.release()
     return report
 
 

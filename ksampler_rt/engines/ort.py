@@ -141,7 +141,7 @@ def session_source(onnx_path: Path, overrides: dict[str, np.ndarray], so):
         return str(onnx_path), (values, overrides)
     for n in inline:
         t = by_name[n]
-        arr = np.ascontiguousarray(overrides[n], dtype=numpy_helper.to_array(t).dtype)
+        arr = np.ascontiguousarray(overrides[n], dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
         t.CopyFrom(numpy_helper.from_array(arr, n))
     blob = model.SerializeToString()
     del model
@@ -285,6 +285,7 @@ class OrtCudaEngine(Engine):
         check_providers(self.session, wanted, self.model)
         ins, outs = session_specs(self.session)
         check_io_matches(self.model, self.inputs, ins, "inputs", str(self.path))
+        check_io_matches(self.model, self.outputs, outs, "outputs", str(self.path))
 
     def _release(self):
         self._buckets.clear()  # drops the device OrtValues

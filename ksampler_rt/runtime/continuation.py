@@ -90,9 +90,12 @@ class RecordingDenoiser:
             raise StopAtStep(self._next, x.copy(), after_evaluation=False)
         else:
             denoised, uncond = self.inner.with_uncond(x, sigma)
+            self._next += 1
+            # samplers may update results in place: the record keeps its own copies
             self.evaluations.append((denoised.copy(), uncond.copy()))
+            return denoised, uncond
         self._next += 1
-        return denoised.copy(), uncond.copy()  # samplers may update them in place; the record must not change
+        return denoised.copy(), uncond.copy()
 
     def __call__(self, x: np.ndarray, sigma) -> np.ndarray:
         return self.with_uncond(x, sigma)[0]
@@ -104,8 +107,11 @@ def check_mode(continuation: str) -> str:
     return continuation
 
 
-def usable_state(latent: dict, fp: dict, start_step: int) -> ContinuationState | None:
-    """The latent's continuation state if it fits this window; a warning says why not otherwise."""
+def usable_state(latent: dict, fp: dict, start_step: int, scale_out) -> ContinuationState | None:
+    """The latent's continuation state if it fits this window; a warning says why not otherwise.
+
+    ``scale_out`` maps the state's internal latent to LATENT space: samples changed since the window
+    that made the state (an edit, a latent op that kept the dict) make the state stale."""
     state = latent.get(STATE_KEY)
     if state is None:
         return None
@@ -114,6 +120,8 @@ def usable_state(latent: dict, fp: dict, start_step: int) -> ContinuationState |
                       "ignoring it and sampling as ComfyUI does", stacklevel=3)
         return None
     why = state.mismatch(fp, start_step)
+    if why is None and state.x is not None and not np.array_equal(np.asarray(latent["samples"]), scale_out(state.x)):
+        why = "the latent's samples changed since the window that made the state"
     if why:
         warnings.warn(f"latent_image['{STATE_KEY}'] does not fit this window: {why}; ignoring it and sampling as "
                       "ComfyUI does", stacklevel=3)

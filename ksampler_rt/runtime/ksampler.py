@@ -103,11 +103,8 @@ def _fit_channels(model: Model, latent: np.ndarray) -> np.ndarray:
                      f"{model.family.name!r}")
 
 
-def common_ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
-                    positive, negative, latent: dict, denoise: float = 1.0, disable_noise: bool = False,
-                    start_step: int | None = None, last_step: int | None = None,
-                    force_full_denoise: bool = False, callback: ProgressCallback | None = None) -> dict:
-    """The shared body of both nodes (nodes.common_ksampler)."""
+def _checked_inputs(model, seed, steps, cfg, sampler_name, positive, negative, latent):
+    """(seed, steps, cfg, sampler spec, latent samples) after every input check both nodes share."""
     if not isinstance(model, Model):
         raise ValueError(f"model: received {type(model).__name__}, expected a ksampler_rt.runtime.Model")
     seed = _int_in("seed", seed, 0, 2 ** 64 - 1)
@@ -116,7 +113,26 @@ def common_ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_nam
     spec = get_sampler(sampler_name)
     width = _check_conditioning("positive", positive, None)
     _check_conditioning("negative", negative, width)
-    latent_image = _fit_channels(model, _check_latent(latent))
+    return seed, steps, cfg, spec, _fit_channels(model, _check_latent(latent))
+
+
+def _initial_x(model: Model, sigma_0, noise: np.ndarray, latent_image: np.ndarray) -> np.ndarray:
+    """KSAMPLER.sample's start: the latent scaled in (unless empty), then noise_scaling at sigma_0."""
+    if latent_image.any():  # ComfyUI does not shift an empty latent
+        latent_image = model.process_latent_in(latent_image)
+    ms = model.model_sampling
+    sigma_max, sigma_0 = float(ms.sigma_max), float(sigma_0)
+    max_denoise = math.isclose(sigma_max, sigma_0, rel_tol=1e-05) or sigma_0 > sigma_max
+    return ms.noise_scaling(np.float32(sigma_0), noise, latent_image, max_denoise)
+
+
+def common_ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                    positive, negative, latent: dict, denoise: float = 1.0, disable_noise: bool = False,
+                    start_step: int | None = None, last_step: int | None = None,
+                    force_full_denoise: bool = False, callback: ProgressCallback | None = None) -> dict:
+    """The shared body of both nodes (nodes.common_ksampler)."""
+    seed, steps, cfg, spec, latent_image = _checked_inputs(model, seed, steps, cfg, sampler_name, positive,
+                                                           negative, latent)
 
     if disable_noise:
         noise = np.zeros_like(latent_image)
@@ -130,13 +146,7 @@ def common_ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_nam
         out["samples"] = latent_image.copy()
         return out
 
-    if latent_image.any():  # ComfyUI does not shift an empty latent
-        latent_image = model.process_latent_in(latent_image)
-    ms = model.model_sampling
-    sigma_max, sigma_0 = float(ms.sigma_max), float(sigmas[0])
-    max_denoise = math.isclose(sigma_max, sigma_0, rel_tol=1e-05) or sigma_0 > sigma_max
-    x = ms.noise_scaling(sigmas[0], noise, latent_image, max_denoise)
-
+    x = _initial_x(model, sigmas[0], noise, latent_image)
     total = len(sigmas) - 1
     offset = start_step or 0  # step i of this sampler run is step offset + i of the KSampler's schedule
 
@@ -150,7 +160,7 @@ def common_ksampler(model: Model, seed: int, steps: int, cfg: float, sampler_nam
         samples = _run_sampler(spec, denoiser_at(0), x, sigmas, seed, on_step)
     else:
         samples, _ = _sample_in_windows(spec, sampler_name, denoiser_at, x, sigmas, seed, on_step, cuts=cuts)
-    samples = ms.inverse_noise_scaling(sigmas[-1], samples)
+    samples = model.model_sampling.inverse_noise_scaling(sigmas[-1], samples)
     out["samples"] = model.process_latent_out(samples.astype(np.float32))
     return out
 
@@ -247,13 +257,8 @@ def _exact_window(model, noise_on, seed, steps, cfg, sampler_name, scheduler, po
                   start, end, leftover, callback):
     """One window of an exactly continued chain, or None where ComfyUI's semantics apply unchanged
     (a window that ends the image early, an early return, or no usable state to continue from)."""
-    seed = _int_in("seed", seed, 0, 2 ** 64 - 1)
-    steps = _int_in("steps", steps, 1, _STEPS_MAX)
-    cfg = _check_cfg(cfg)
-    spec = get_sampler(sampler_name)
-    width = _check_conditioning("positive", positive, None)
-    _check_conditioning("negative", negative, width)
-    latent_image = _fit_channels(model, _check_latent(latent))
+    seed, steps, cfg, spec, latent_image = _checked_inputs(model, seed, steps, cfg, sampler_name, positive,
+                                                           negative, latent)
     full = calculate_sigmas(model, scheduler, steps, sampler_name, 1.0)
     n = len(full) - 1
     stop = end if end < n else None
@@ -261,7 +266,7 @@ def _exact_window(model, noise_on, seed, steps, cfg, sampler_name, scheduler, po
         return None
     fp = fingerprint(model, seed, steps, sampler_name, scheduler, latent_image.shape)
     if start > 0:
-        state = usable_state(latent, fp, start)
+        state = usable_state(latent, fp, start, model.process_latent_out)
         if state is None and STATE_KEY not in latent:
             warnings.warn(f"continuation='exact': the latent for start_at_step={start} carries no continuation "
                           "state (the previous window must also use continuation='exact' and return leftover "
@@ -275,10 +280,7 @@ def _exact_window(model, noise_on, seed, steps, cfg, sampler_name, scheduler, po
         x0, replay = state.x0, state.evaluations
     else:
         noise = prepare_noise(latent_image, seed, latent.get("batch_index")) if noise_on else np.zeros_like(latent_image)
-        scaled = model.process_latent_in(latent_image) if latent_image.any() else latent_image
-        ms = model.model_sampling
-        max_denoise = math.isclose(float(ms.sigma_max), float(full[0]), rel_tol=1e-05) or float(full[0]) > float(ms.sigma_max)
-        x0, replay = ms.noise_scaling(full[0], noise, scaled, max_denoise), []
+        x0, replay = _initial_x(model, full[0], noise, latent_image), []
 
     def denoiser_at(step: int) -> CFGDenoiser:
         return CFGDenoiser(model, _active(positive, step), _active(negative, step), cfg, latent_image.shape[0],

@@ -555,6 +555,10 @@ class PromptServer:
             if "prompt" not in data:
                 self.metrics.rejected.labels("bad_request").inc()
                 return _json(error_body("no_prompt", "No prompt provided"), 400)
+            if not isinstance(data["prompt"], dict):  # never a string: that would name a file on this server
+                self.metrics.rejected.labels("bad_request").inc()
+                return _json(error_body("invalid_prompt", f"prompt: received a JSON {type(data['prompt']).__name__}, "
+                                        "expected an object {node_id: {class_type, inputs}}"), 400)
             if self._stopping:
                 return _json(error_body("server_stopping", "the server is shutting down"), 503)
             if len(self.queue) >= self.queue.max_pending:

@@ -17,6 +17,17 @@ from .graph import Plan, is_link
 from .spec import NodeSpec
 
 
+def resolve_input(input_dir, name: str) -> Path:
+    """A file of the input folder by name; never anything outside it (``..``, absolute paths, symlinks out)."""
+    root = Path(input_dir).resolve()
+    path = (root / name).resolve()
+    if root not in path.parents:
+        raise ValueError(f"image: received {name!r}, which is outside the input folder {root}")
+    if not path.is_file():
+        raise FileNotFoundError(f"image: {name!r} is not in the input folder {root}")
+    return path
+
+
 class Interrupted(Exception):
     """Raised between sampling steps when the run was interrupted."""
 
@@ -40,13 +51,7 @@ class ExecutionContext:
     on_step: Callable[[str, int, int, Any, Any], None] | None = None
 
     def input_path(self, name: str) -> Path:
-        root = Path(self.input_dir).resolve()
-        path = (root / name).resolve()
-        if root not in path.parents and path != root:
-            raise ValueError(f"image: received {name!r}, which is outside the input folder {root}")
-        if not path.is_file():
-            raise FileNotFoundError(f"image: {name!r} is not in the input folder {root}")
-        return path
+        return resolve_input(self.input_dir, name)
 
     def check_interrupt(self) -> None:
         if self.is_interrupted():
@@ -111,18 +116,20 @@ def execute(plan: Plan, specs: Mapping[str, NodeSpec], ctx: ExecutionContext,
     result = ExecutionResult()
     memo: dict[str, str] = {}
     emit = ctx.on_event or (lambda kind, data: None)
+    hits: dict[str, tuple] = {}  # taken now: later puts in this run may evict them from the cache
     if cache is not None:
         for node_id in plan.order:
-            key = _signature(plan.prompt, node_id, memo)
             class_type = plan.prompt[node_id]["class_type"]
-            if class_type not in _UNCACHEABLE and cache.get(key) is not None:
+            value = None if class_type in _UNCACHEABLE else cache.get(_signature(plan.prompt, node_id, memo))
+            if value is not None:
+                hits[node_id] = value
                 result.cached.append(node_id)
         emit("execution_cached", {"nodes": list(result.cached), "prompt_id": ctx.prompt_id})
     for node_id in plan.order:
         class_type = plan.prompt[node_id]["class_type"]
         spec = specs[class_type]
-        if node_id in result.cached:
-            result.outputs[node_id] = cache.get(_signature(plan.prompt, node_id, memo))
+        if node_id in hits:
+            result.outputs[node_id] = hits[node_id]
             continue
         ctx.check_interrupt()
         emit("executing", {"node": node_id, "display_node": node_id, "prompt_id": ctx.prompt_id})

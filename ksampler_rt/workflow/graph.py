@@ -68,6 +68,9 @@ def ui_to_api(workflow: Mapping, specs: Mapping[str, NodeSpec]) -> dict:
     for link in workflow.get("links") or []:
         link_id, src, src_slot = link[0], link[1], link[2]
         links[link_id] = [str(src), int(src_slot)]
+    # A PrimitiveNode only feeds its value into the widget it is linked to; the frontend keeps that
+    # value in the target's widgets_values, so its links are dropped and the widget value is used.
+    primitives = {str(n["id"]) for n in workflow["nodes"] if n.get("type") == "PrimitiveNode"}
     prompt = {}
     for node in workflow["nodes"]:
         node_id, class_type = str(node["id"]), node.get("type")
@@ -91,6 +94,8 @@ def ui_to_api(workflow: Mapping, specs: Mapping[str, NodeSpec]) -> dict:
                 if item["link"] not in links:
                     raise WorkflowError(f"node {node_id} ({class_type}) input {item['name']!r}: link "
                                         f"{item['link']} is not in the workflow's links")
+                if links[item["link"]][0] in primitives:
+                    continue
                 inputs[item["name"]] = links[item["link"]]
                 linked.add(item["name"])
         values = list(node.get("widgets_values") or [])
@@ -162,8 +167,8 @@ def validate(prompt: Mapping, specs: Mapping[str, NodeSpec],
         for name, value in (node.get("inputs") or {}).items():
             if is_link(value) and name in spec.inputs:
                 src = str(value[0])
-                if src in prompt and src not in visiting:
-                    visit(src)
+                if src in prompt:
+                    visit(src)  # raises on a cycle (src still being visited)
         visiting.discard(node_id)
         needed.add(node_id)
         order.append(node_id)

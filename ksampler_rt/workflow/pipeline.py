@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .executor import EventSink, ExecutionContext, ExecutionResult, OutputCache, execute
+from .executor import EventSink, ExecutionContext, ExecutionResult, OutputCache, execute, resolve_input
 from .graph import Plan, load_workflow, validate
 from .nodes import build_node_specs
 from .registry import ModelRegistry
@@ -103,7 +103,7 @@ class Pipeline:
         def check(node_id: str, class_type: str, spec, values: dict) -> list[tuple[str, str]]:
             if class_type == "LoadImage" and isinstance(values.get("image"), str):
                 try:
-                    check_image(self._input_path(values["image"]))
+                    check_image(resolve_input(self.input_dir, values["image"]))
                 except (ValueError, OSError) as exc:
                     return [("image", str(exc))]
             if class_type == "CLIPSetLastLayer" and isinstance(values.get("stop_at_clip_layer"), int):
@@ -113,15 +113,6 @@ class Pipeline:
             return []
 
         return check
-
-    def _input_path(self, name: str) -> Path:
-        root = self.input_dir.resolve()
-        path = (root / name).resolve()
-        if root not in path.parents:
-            raise ValueError(f"received {name!r}, which is outside the input folder {root}")
-        if not path.is_file():
-            raise FileNotFoundError(f"{name!r} is not in the input folder {root}")
-        return path
 
     def _clip_layer_problem(self, prompt: Mapping, link, layer: int) -> str | None:
         """Why ``layer`` cannot be served by the checkpoint the CLIP comes from (None when it can or is unknown)."""

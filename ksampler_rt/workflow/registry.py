@@ -24,6 +24,13 @@ def default_models_dir() -> Path:
     return Path(env).expanduser() if env else default_cache_dir() / "models"
 
 
+def check_entry_name(kind: str, name) -> str:
+    """A registry entry name is one plain file or folder name: no separators, not '.' or '..'."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"{kind}: received {name!r}, expected a plain name (no '/', '\\', '.' or '..')")
+    return name
+
+
 class ModelRegistry:
     def __init__(self, models_dir: str | os.PathLike | None = None):
         self.root = Path(models_dir).expanduser() if models_dir else default_models_dir()
@@ -47,8 +54,9 @@ class ModelRegistry:
         return sorted(p.name for p in self.loras_dir.iterdir() if p.suffix == ".safetensors")
 
     def checkpoint(self, name: str) -> Path:
-        path = self.checkpoints_dir / name
-        if "/" in name or "\\" in name or name in ("", ".", "..") or not (path / "manifest.json").is_file():
+        path = self.checkpoints_dir / str(name)
+        if (not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..")
+                or not (path / "manifest.json").is_file()):
             names = ", ".join(self.checkpoint_names()) or "(none: run `ksampler-rt demo` or `ksampler-rt register`)"
             raise ValueError(f"ckpt_name: received {name!r}, expected one of the registered checkpoints in "
                              f"{self.checkpoints_dir}: {names}")
@@ -68,7 +76,7 @@ class ModelRegistry:
         if not (export_dir / "manifest.json").is_file():
             raise FileNotFoundError(f"export_dir: {export_dir} has no manifest.json; expected the output of "
                                     "`ksampler-rt export`")
-        target = self.checkpoints_dir / name
+        target = self.checkpoints_dir / check_entry_name("name", name)
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         if target.is_symlink() or target.is_file():
             target.unlink()
@@ -82,7 +90,7 @@ class ModelRegistry:
 
     def register_lora(self, path: str | os.PathLike, name: str | None = None) -> Path:
         path = Path(path).resolve()
-        target = self.loras_dir / (name or path.name)
+        target = self.loras_dir / check_entry_name("name", name or path.name)
         self.loras_dir.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.copyfile(path, tmp)

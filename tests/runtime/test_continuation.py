@@ -116,3 +116,12 @@ def test_next_window_model_first_sees_the_step_k_state(analytic_unet_cls, sample
         return  # UniPC evaluates sigma_k on its predictor and corrects x_k with that value afterwards
     expected_x_in = ms.calculate_input(state.sigmas[k], state.x)
     np.testing.assert_array_equal(call["x"][0], expected_x_in[0])
+
+
+def test_changed_samples_make_the_state_stale(model):
+    first = window(model, "dpmpp_2m", LATENT, 0, 3, "enable", "enable")
+    edited = dict(first, samples=first["samples"] * np.float32(0.5))
+    with pytest.warns(UserWarning, match="samples changed"):
+        got = window(model, "dpmpp_2m", edited, 3, 10000, "disable", "disable")
+    comfy = window(model, "dpmpp_2m", edited, 3, 10000, "disable", "disable", mode="comfyui")
+    assert np.array_equal(got["samples"], comfy["samples"])

@@ -237,6 +237,7 @@ def test_invalid_prompts_are_refused_before_queueing_and_worker_survives(servers
             results["not_json"] = await post(session, b"{not json", raw=True)
             results["not_object"] = await post(session, [1, 2, 3])
             results["prompt_list"] = await post(session, {"prompt": [1, 2]})
+            results["prompt_path"] = await post(session, {"prompt": "/etc/hostname"})  # never read as a file
             results["inputs_not_dict"] = await post(session, {"prompt": {"1": {"class_type": "SaveImage",
                                                                                "inputs": 5}}})
             results["too_large"] = await post(session, {"prompt": txt2img(text="x" * 100_000)})
@@ -247,6 +248,8 @@ def test_invalid_prompts_are_refused_before_queueing_and_worker_survives(servers
             return results, queue, done
 
     results, queue, done = run(main())
+    status, body = results["prompt_path"]
+    assert status == 400 and "expected an object" in body["error"]["message"] + body["error"].get("details", "")
     status, body = results["missing"]
     assert status == 400 and body["error"]["type"] == "prompt_outputs_failed_validation"
     errors = body["node_errors"]

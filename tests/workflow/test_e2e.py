@@ -173,3 +173,20 @@ def test_batch_and_upscale_nodes_and_clip_skip(pipeline):
     plain = pipeline.load_checkpoint("tiny-sd15").clip.encode("a red apple")[0][0]
     np.testing.assert_array_equal(last.outputs["6"][0][0][0], plain)
     assert not np.allclose(cond_skip, plain)
+
+
+def test_cache_eviction_during_a_run_does_not_lose_cached_outputs(pipeline):
+    """Outputs found in the cache are taken when the run starts: later puts may evict them."""
+    import json as _json
+
+    from ksampler_rt.workflow.executor import OutputCache
+
+    prompt = _json.loads((EXAMPLES / "txt2img.json").read_text())
+    prompt["5"]["inputs"].update(width=64, height=64)
+    ks = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
+    prompt[ks]["inputs"]["steps"] = 2
+    cache = OutputCache(max_entries=2)
+    pipeline.run_workflow(prompt, cache=cache)
+    prompt[ks]["inputs"]["seed"] = 5  # the sampler and everything after it runs again, evicting old entries
+    result = pipeline.run_workflow(prompt, cache=cache)
+    assert result.cached and all(result.outputs[n] is not None for n in result.cached)

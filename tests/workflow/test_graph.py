@@ -90,3 +90,29 @@ def test_no_output_node():
     prompt = {"5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
     with pytest.raises(WorkflowError, match="no output node"):
         validate(prompt, SPECS)
+
+
+def test_a_cycle_is_rejected():
+    prompt = {
+        "1": {"class_type": "LatentUpscale", "inputs": {"samples": ["2", 0], "upscale_method": "bilinear",
+                                                         "width": 64, "height": 64, "crop": "disabled"}},
+        "2": {"class_type": "LatentUpscale", "inputs": {"samples": ["1", 0], "upscale_method": "bilinear",
+                                                         "width": 64, "height": 64, "crop": "disabled"}},
+        "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15"}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["3", 2]}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+    }
+    with pytest.raises(WorkflowError, match="cycle"):
+        validate(prompt, SPECS)
+
+
+def test_ui_primitive_node_values_come_from_the_target_widgets():
+    ui = json.loads((EXAMPLES / "advanced-split.ui.json").read_text())
+    ui["nodes"].append({"id": 50, "type": "PrimitiveNode", "mode": 0, "inputs": [],
+                        "outputs": [{"name": "INT", "type": "INT", "links": [99]}], "widgets_values": [42, "fixed"]})
+    ui["links"].append([99, 50, 0, 10, 4, "INT"])
+    node10 = next(n for n in ui["nodes"] if n["id"] == 10)
+    node10["inputs"].append({"name": "noise_seed", "type": "INT", "link": 99, "widget": {"name": "noise_seed"}})
+    prompt = load_workflow(ui, SPECS)
+    assert prompt["10"]["inputs"]["noise_seed"] == 42
+    validate(prompt, SPECS)
