@@ -176,17 +176,22 @@ def test_batch_and_upscale_nodes_and_clip_skip(pipeline):
 
 
 def test_cache_eviction_during_a_run_does_not_lose_cached_outputs(pipeline):
-    """Outputs found in the cache are taken when the run starts: later puts may evict them."""
+    """Outputs found in the cache are taken when the run starts: puts made later in the same run may
+    evict them before a node that needs them runs (here the unsplit branch, ordered after the split)."""
     import json as _json
 
     from ksampler_rt.workflow.executor import OutputCache
 
-    prompt = _json.loads((EXAMPLES / "txt2img.json").read_text())
+    prompt = _json.loads((EXAMPLES / "advanced-split.json").read_text())
     prompt["5"]["inputs"].update(width=64, height=64)
-    ks = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
-    prompt[ks]["inputs"]["steps"] = 2
-    cache = OutputCache(max_entries=2)
-    pipeline.run_workflow(prompt, cache=cache)
-    prompt[ks]["inputs"]["seed"] = 5  # the sampler and everything after it runs again, evicting old entries
+    for node in ("10", "11", "12"):
+        prompt[node]["inputs"]["steps"] = 4
+    prompt["10"]["inputs"]["end_at_step"] = prompt["11"]["inputs"]["start_at_step"] = 2
+    prompt["11"]["inputs"]["end_at_step"] = 4
+    cache = OutputCache(max_entries=64)
+    first = pipeline.run_workflow(prompt, cache=cache)
+    cache.max_entries = 1  # every put from now on evicts all older entries
+    prompt["10"]["inputs"]["cfg"] = 5.0  # the split branch runs again; the unsplit one is cached
     result = pipeline.run_workflow(prompt, cache=cache)
-    assert result.cached and all(result.outputs[n] is not None for n in result.cached)
+    assert {"12", "13"} <= set(result.cached)
+    np.testing.assert_array_equal(result.outputs["12"][0]["samples"], first.outputs["12"][0]["samples"])
