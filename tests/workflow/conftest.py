@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "ksampler_rt" / "workflow" / "examples"
-BACKEND = "onnxruntime-cpu"
+BACKEND = os.environ.get("KSAMPLER_RT_TEST_BACKEND", "onnxruntime-cpu")  # e.g. onnxruntime-cuda on a GPU box
 
 
 @pytest.fixture(scope="session")
