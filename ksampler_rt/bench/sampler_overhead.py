@@ -1,7 +1,13 @@
-"""Per-step host time of every sampler with a zero-cost denoiser, against ComfyUI's torch samplers.
+"""Per-step host time of every sampler with a zero-cost denoiser, against ComfyUI, at two levels.
 
-``python -m ksampler_rt.bench.sampler_overhead [--comfyui PATH] [--samplers a,b] [--quick]
-[--repeats N] [--steps 20] [--sizes 64,128] [--unet-ms MS] [--out FILE.json]``
+``python -m ksampler_rt.bench.sampler_overhead [--level sampler|full|both] [--comfyui PATH]
+[--comfyui-python PYTHON] [--samplers a,b] [--quick] [--repeats N] [--steps 20] [--sizes 64,128]
+[--unet-ms MS] [--prefetch auto|on|off|both] [--out FILE.json]``
+
+``--level sampler`` (the default) compares the bare sampler loops; ``--level full`` the whole
+KSampler node path; ``--level both`` prints both tables and a summary line per level.
+
+Sampler level (bare loops):
 
 * Ours: ``ksampler_rt.runtime.samplers.SAMPLERS[name].fn`` driven with a denoiser that returns a
   precomputed array (it has ``.model_sampling`` and ``.with_uncond``) and a real
@@ -9,7 +15,8 @@
   ``--steps`` steps (SD1.x discrete model sampling). Time per step = one whole sampler call
   (noise-source / Brownian-tree construction included, as in ComfyUI) / steps.
 * Peer: ``comfy/k_diffusion/sampling.py`` loaded from the ComfyUI checkout given by
-  ``--comfyui``, on torch CPU with one thread, with the same zero-cost denoiser and sigmas.
+  ``--comfyui``, on torch CPU with one thread, in this process, with the same zero-cost
+  denoiser and sigmas.
   Only what sampling.py imports is loaded: ``comfy.model_patcher`` and ``comfy.model_sampling``
   are replaced by minimal stand-ins (``set_model_options_post_cfg_function``; an ``EPS`` class).
   ddim runs ComfyUI's ``sample_euler`` (what its KSampler does for ddim); uni_pc / uni_pc_bh2 run
@@ -26,7 +33,32 @@
   the overlap of the noise prefetch threads (Brownian tree and default noise stream).
   ``--prefetch both`` runs ours with prefetch on and off, interleaved, and prints both with
   the host time as a fraction of the whole step (``host %`` = host / (host + engine calls per
-  step x MS); product target <= 2 %).
+  step x MS); product target <= 2 %). ``--unet-ms`` and ``--prefetch`` apply to this level only.
+
+Full level (the whole KSampler path; JSON key ``full``):
+
+* Ours: the public ``ksampler_rt.runtime.ksampler(model, 42, steps, 8.0, sampler, "normal",
+  positive, negative, latent)`` with ``Model(zero_unet, family="sd15")``, where ``zero_unet``
+  returns a cached zero array of its input's shape; positive and negative are one
+  ``[float32 [1,77,768], {}]`` entry each, the latent ``{"samples": zeros [1,4,H,W]}``. So CFG
+  batching, model sampling (c_in, timestep, denoised), prepare_noise, the scheduler and the
+  sampler are all timed. Time per step = one whole call / steps.
+* Peer: ComfyUI's own ``nodes.KSampler().sample(model_patcher, 42, steps, 8.0, sampler,
+  "normal", pos, neg, latent, denoise=1.0)`` with a real SD1.5 ``BaseModel`` whose
+  ``diffusion_model`` returns a cached ``torch.zeros_like(x)``, ``--cpu``, one torch thread,
+  under ``torch.inference_mode()`` as ComfyUI's executor runs nodes. Full ComfyUI needs
+  packages (psutil, einops, pyyaml, ...) that this venv may lack, so it runs in a subprocess:
+  ``--comfyui-python PYTHON`` (default: this interpreter) runs ``comfyui_peer.py`` (stdlib,
+  torch and ComfyUI only), which answers one JSON line per request, see
+  :mod:`ksampler_rt.bench.comfyui_peer`. Samplers ComfyUI lacks (exp_heun_2_x0,
+  exp_heun_2_x0_sde are not in 0.3.64) print n/a with the reason; if the peer cannot start or
+  ComfyUI does not import, ours runs alone and the table says "peer unavailable: <reason>".
+* Per row: one untimed warm-up call on each side, then ``--repeats`` interleaved pairs (ours,
+  peer, ours, peer, ...); figures are medians.
+* The issue's reference figures for ComfyUI 0.3.64 on one core (about 1.05 ms per step for
+  euler, 2.2 ms for dpmpp_2m and uni_pc, 10 ms for dpmpp_2m_sde at [1,4,64,64]) are figures of
+  this level, the whole node path with a zero-cost UNet -- not of the bare loops (ComfyUI's bare
+  euler loop takes about 0.08 ms per step).
 
 Targets (issue): our per-step host time at most 1/4 of the peer's for every sampler;
 prepare_noise within 2x of torch.randn.
@@ -37,7 +69,11 @@ import argparse
 import importlib
 import json
 import os
+import queue
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import types
 import warnings
@@ -245,6 +281,212 @@ def _peer_runner(name, peer, x, denoised, sigmas, ms_np, sleep_s):
     return run, label
 
 
+# ------------------------------------------------------------------------------------ full level
+FULL_CFG = 8.0
+PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfyui_peer.py")
+PEER_START_TIMEOUT_S = 300.0    # importing ComfyUI on a loaded 2-core machine
+PEER_REQUEST_TIMEOUT_S = 600.0  # one warm-up + one timed node call
+
+
+def peer_marker() -> str:
+    """The prefix of the peer's reply lines."""
+    from . import comfyui_peer
+    return comfyui_peer.MARKER
+
+
+class PeerProcess:
+    """The ComfyUI peer of the full level: ``python comfyui_peer.py --comfyui DIR`` in another
+    interpreter, driven over its line-based JSON protocol (see :mod:`.comfyui_peer`).
+
+    Lines on its stdout without the marker (warnings, prints) are skipped; its stderr goes to a
+    temporary log whose tail is quoted when it fails. Raises :class:`PeerUnavailable` when it
+    cannot start, does not get ComfyUI imported, dies or times out."""
+
+    def __init__(self, python: str, comfyui: str, script: str = PEER_SCRIPT,
+                 start_timeout: float = PEER_START_TIMEOUT_S):
+        self.marker = peer_marker()
+        self.log = tempfile.TemporaryFile("w+b")
+        self.dead = None  # reason, once it can no longer answer
+        self._q: queue.Queue = queue.Queue()
+        cmd = [python, script, "--comfyui", os.path.abspath(comfyui)]
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self.log, text=True, encoding="utf-8",
+                                         errors="replace", bufsize=1)
+        except OSError as e:
+            self.log.close()
+            raise PeerUnavailable(f"cannot start {python}: {type(e).__name__}: {e}") from None
+        threading.Thread(target=self._read, daemon=True).start()
+        info = self._get(start_timeout, "importing ComfyUI")
+        if not info.get("ready"):
+            self.close()
+            raise PeerUnavailable(info.get("error") or f"unexpected first reply {info!r}")
+        self.info = info
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith(self.marker):
+                try:
+                    self._q.put(json.loads(line[len(self.marker):]))
+                except ValueError:
+                    self._q.put({"error": f"unparsable reply {line.strip()[:200]!r}"})
+        self._q.put(None)  # end of output: the process ended
+
+    def _log_tail(self, n: int = 300) -> str:
+        try:
+            self.log.seek(0, os.SEEK_END)
+            size = self.log.tell()
+            self.log.seek(max(0, size - 4000))
+            lines = self.log.read().decode("utf-8", "replace").strip().splitlines()
+            return " | ".join(lines[-3:])[-n:]
+        except (OSError, ValueError):
+            return ""
+
+    def _get(self, timeout: float, what: str) -> dict:
+        try:
+            msg = self._q.get(timeout=timeout)
+        except queue.Empty:
+            self.close()
+            raise PeerUnavailable(f"no reply within {timeout:.0f} s ({what})") from None
+        if msg is None:
+            try:
+                rc = self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                rc = None
+            tail = self._log_tail()
+            self.close()
+            raise PeerUnavailable(f"the peer process exited (rc {rc}) while {what}"
+                                  + (f"; its stderr ends: {tail}" if tail else ""))
+        return msg
+
+    def request(self, req: dict, timeout: float = PEER_REQUEST_TIMEOUT_S) -> dict:
+        """The reply to one request; raises PeerUnavailable when the peer has died."""
+        if self.dead:
+            raise PeerUnavailable(self.dead)
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            return self._get(timeout, f"running {req}")
+        except PeerUnavailable as e:
+            self.dead = str(e)
+            raise
+        except OSError as e:  # broken pipe: it died between requests
+            self.dead = f"the peer process died: {type(e).__name__}: {e}; its stderr ends: {self._log_tail()}"
+            self.close()
+            raise PeerUnavailable(self.dead) from None
+
+    def close(self):
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.stdin.write(json.dumps({"quit": True}) + "\n")
+                proc.stdin.flush()
+                proc.stdin.close()
+                proc.wait(timeout=10)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+        if not self.log.closed:
+            self.log.close()
+
+    def describe(self) -> str:
+        i = self.info
+        return (f"ComfyUI {i.get('comfyui')} KSampler node (nodes.KSampler().sample), SD1.5 BaseModel with a "
+                f"zero-cost diffusion model, --cpu, python {i.get('python')}, torch {i.get('torch')} "
+                f"({i.get('torch_threads')} thread), from {i.get('comfyui_path')}")
+
+
+def zero_unet_factory():
+    """``zero_unet(x, timestep, context, **kw)``: a cached zero array of x's shape (zero cost)."""
+    cache = {}
+
+    def zero_unet(x, timestep, context, **kw):
+        key = (x.shape, x.dtype)
+        z = cache.get(key)
+        if z is None:
+            z = cache[key] = np.zeros(x.shape, x.dtype)
+        return z
+
+    return zero_unet
+
+
+def _ours_full_runner(name: str, size: int, steps: int):
+    """One whole public ``ksampler()`` call: Model(zero-cost UNet, sd15), CFG 8, seed 42."""
+    from ksampler_rt.runtime import Model, ksampler
+
+    model = Model(zero_unet_factory(), family="sd15")
+    rng = np.random.default_rng(0)
+    pos = [[rng.standard_normal((1, 77, 768)).astype(np.float32), {}]]
+    neg = [[rng.standard_normal((1, 77, 768)).astype(np.float32), {}]]
+    latent = {"samples": np.zeros((1, 4, size, size), np.float32)}
+
+    def run():
+        return ksampler(model, SEED, steps, FULL_CFG, name, "normal", pos, neg, latent)
+
+    return run
+
+
+def run_full_level(names, sizes, steps: int, repeats: int, peer: "PeerProcess | None", peer_note: str) -> dict:
+    """The full-path table: ours (ksampler()) and ComfyUI's KSampler node, interleaved per row
+    (ours, peer, ours, peer, ...; each side's first call per row is an untimed warm-up)."""
+    load0 = os.getloadavg()[0]
+    print(f"full level: whole KSampler path per step (one call / steps), zero-cost UNet, cfg {FULL_CFG:g}, "
+          f"seed {SEED}, normal scheduler, {steps} steps, positive and negative one [1,77,768] entry each, "
+          f"{repeats} interleaved repeats (medians)")
+    print(f"  ours: ksampler_rt.runtime.ksampler() + Model(zero-cost UNet, family sd15) + CFG {FULL_CFG:g} "
+          f"(numpy {np.__version__}, python {sys.version.split()[0]})")
+    print(f"  peer: {peer.describe() if peer is not None else peer_note}")
+    hdr = f"{'sampler':30s} {'latent':>16s} {'ours-ms':>9s} {'comfyui-ms':>10s} {'ratio':>7s}  target<=0.25"
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for size in sizes:
+        shape = [1, 4, size, size]
+        for name in names:
+            run = _ours_full_runner(name, size, steps)
+            run()  # warm-up, not timed
+            ours_t, peer_ms, err = [], [], None
+            req = {"sampler": name, "size": size, "steps": steps}
+            for _ in range(repeats):
+                t = time.perf_counter()
+                run()
+                ours_t.append(time.perf_counter() - t)
+                if peer is not None and err is None:
+                    try:
+                        rep = peer.request(req)
+                    except PeerUnavailable as e:
+                        err = f"peer unavailable: {e}"
+                        peer_note = err
+                        peer = None
+                        continue
+                    if "ms_per_step" in rep:
+                        peer_ms.append(float(rep["ms_per_step"]))
+                    else:
+                        err = str(rep.get("error", rep))[:200]
+            if peer is None and err is None:
+                err = peer_note
+            ours = float(np.median(ours_t)) / steps * 1e3
+            pm = float(np.median(peer_ms)) if peer_ms and len(peer_ms) == repeats else None
+            ratio = ours / pm if pm else None
+            ok = None if ratio is None else ratio <= 0.25
+            rows.append({"sampler": name, "latent": shape, "ours_ms_per_step": ours,
+                         "comfyui_ms_per_step": pm, "ratio": ratio, "target_met": ok,
+                         "peer_error": None if pm is not None else err})
+            flag = "n/a" if ok is None else ("yes" if ok else "NO")
+            note = "" if pm is not None or err is None else f"   (n/a: {err})"
+            print(f"{name:30s} {str(shape):>16s} {ours:9.3f} {_fmt(pm):>10s} {_fmt(ratio, '.3f'):>7s}  "
+                  f"{flag:>12s}{note}")
+            sys.stdout.flush()
+    met = [r for r in rows if r["target_met"] is not None]
+    summary = f"1/4 target met by {sum(r['target_met'] for r in met)} of {len(met)} rows"
+    print(f"full level: {summary}")
+    return {"steps": steps, "repeats": repeats, "cfg": FULL_CFG, "peer": peer_note,
+            "peer_info": ({k: v for k, v in peer.info.items() if k != "samplers"} if peer is not None else None),
+            "ours": "ksampler_rt.runtime.ksampler() + Model(zero-cost UNet, sd15)",
+            "rows": rows, "summary": summary,
+            "load_average": [load0, os.getloadavg()[0]]}
+
+
 # ------------------------------------------------------------------------------------ timing
 def interleaved(fns: dict, repeats: int, warmup: int = 1, engine: dict = None) -> dict:
     """Median seconds of each callable, run round-robin so that load affects all alike.
@@ -275,17 +517,26 @@ def _fmt(v, spec=".3f"):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfyui", help="ComfyUI checkout whose comfy/k_diffusion/sampling.py is the peer")
+    ap.add_argument("--comfyui", help="ComfyUI checkout: its comfy/k_diffusion/sampling.py is the sampler-level "
+                                      "peer, its KSampler node the full-level peer")
+    ap.add_argument("--level", choices=("sampler", "full", "both"), default="sampler",
+                    help="sampler: bare sampler loops (default); full: the whole KSampler path, ours "
+                         "ksampler() vs ComfyUI's KSampler node; both: the two tables")
+    ap.add_argument("--comfyui-python", default=sys.executable,
+                    help="interpreter that runs the full-level ComfyUI peer (comfyui_peer.py) in a "
+                         "subprocess; it needs torch and ComfyUI's requirements (default: this one)")
+    ap.add_argument("--peer-script", default=PEER_SCRIPT, help=argparse.SUPPRESS)  # tests: a fake peer
     ap.add_argument("--samplers", help="comma-separated sampler names (default: all)")
     ap.add_argument("--quick", action="store_true", help=f"{','.join(QUICK_SAMPLERS)}, [1,4,64,64], 2 repeats")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sizes", default=None, help="latent sizes in pixels/8, e.g. 64,128")
-    ap.add_argument("--unet-ms", type=float, default=0.0, help="simulated GIL-releasing denoiser time")
+    ap.add_argument("--unet-ms", type=float, default=0.0,
+                    help="simulated GIL-releasing denoiser time (sampler level only)")
     ap.add_argument("--prefetch", choices=("auto", "on", "off", "both"), default="auto",
                     help="noise prefetch threads, Brownian and default stream (auto: on only with "
                          "--unet-ms > 0, since with a zero-cost denoiser there is nothing to "
-                         "overlap; both: ours with prefetch on and off, side by side)")
+                         "overlap; both: ours with prefetch on and off, side by side; sampler level only)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -296,6 +547,51 @@ def main(argv=None) -> dict:
         ap.error(f"--samplers: unknown or unregistered {unknown}; known: {', '.join(SAMPLERS)}")
     sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes else [64] if args.quick else [64, 128])
     repeats = args.repeats or (2 if args.quick else 5)
+    if args.level == "full":  # the existing keys stay, empty
+        result = {"steps": args.steps, "repeats": repeats, "unet_ms": args.unet_ms, "prefetch": None,
+                  "peer": None, "kernel": default_kernel(), "rows": [], "prepare_noise": None}
+    else:
+        result = _run_sampler_level(args, names, sizes, repeats)
+    result["level"] = args.level
+    if args.level in ("full", "both"):
+        if args.level == "both":
+            print()
+        result["full"] = _run_full(args, names, sizes, repeats)
+        if args.level == "both":
+            met = [r for r in result["rows"] if r["target_met"] is not None]
+            print("summary:")
+            print(f"  sampler level: 1/4 target met by {sum(r['target_met'] for r in met)} of {len(met)} rows")
+            print(f"  full level:    {result['full']['summary']}")
+        print(f"(cpu count {os.cpu_count()}; load average {os.getloadavg()[0]:.2f}; timings are noisy on a "
+              f"shared machine)")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+def _run_full(args, names, sizes, repeats) -> dict:
+    """Start the ComfyUI peer (or say why not) and run the full-level table."""
+    peer = None
+    if not args.comfyui:
+        peer_note = "peer unavailable: no --comfyui PATH given"
+    else:
+        try:
+            peer = PeerProcess(args.comfyui_python, args.comfyui, script=args.peer_script)
+            peer_note = peer.describe()
+        except PeerUnavailable as e:
+            peer_note = f"peer unavailable: {e}"
+        except Exception as e:  # noqa: BLE001 - report, run ours anyway
+            peer_note = f"peer unavailable: {type(e).__name__}: {e}"
+    try:
+        return run_full_level(names, sizes, args.steps, repeats, peer, peer_note)
+    finally:
+        if peer is not None:
+            peer.close()
+
+
+def _run_sampler_level(args, names, sizes, repeats) -> dict:
+    """The bare-sampler table (and the prepare_noise row); the result's original keys."""
     sleep_s = args.unet_ms / 1e3
     both = args.prefetch == "both"
     prefetch = args.prefetch in ("on", "both") or (args.prefetch == "auto" and args.unet_ms > 0)
@@ -398,13 +694,9 @@ def main(argv=None) -> dict:
     if met:
         print(f"1/4 target met by {sum(r['target_met'] for r in met)} of {len(met)} sampler rows")
     print(f"(cpu count {os.cpu_count()}; load average {os.getloadavg()[0]:.2f}; timings are noisy on a shared machine)")
-    result = {"steps": nsteps, "repeats": repeats, "unet_ms": args.unet_ms,
-              "prefetch": "both" if both else prefetch,
-              "peer": peer_note, "kernel": default_kernel(), "rows": rows, "prepare_noise": pn}
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-    return result
+    return {"steps": nsteps, "repeats": repeats, "unet_ms": args.unet_ms,
+            "prefetch": "both" if both else prefetch,
+            "peer": peer_note, "kernel": default_kernel(), "rows": rows, "prepare_noise": pn}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""The ComfyUI side of ``sampler_overhead --level full``: a script run in ComfyUI's own Python.
+
+    /path/to/comfy-python comfyui_peer.py --comfyui /path/to/ComfyUI
+
+It imports real ComfyUI (``--cpu``, one torch thread), builds an SD1.5 ``BaseModel`` (EPS) in a
+``ModelPatcher`` whose ``diffusion_model`` is a zero-cost torch module (it returns a cached
+``torch.zeros_like(x)``), and times ComfyUI's own ``nodes.KSampler().sample(model, 42, steps,
+8.0, sampler, "normal", pos, neg, latent, denoise=1.0)`` with one ``[1,77,768]`` conditioning
+entry each side and a zero latent ``[1,4,size,size]``: CFGGuider, cond batching, model sampling
+(c_in, timestep, denoised), prepare_noise, the scheduler and the sampler all run untouched.
+
+Only the standard library, torch and ComfyUI are imported (numpy only as ComfyUI does): this
+file must not import ``ksampler_rt``, since it runs in a different interpreter.
+
+Protocol (one JSON object per line): requests on stdin, replies on the process's *original*
+stdout, each prefixed with :data:`MARKER`; everything else ComfyUI or torch print (fd 1 is
+pointed at stderr once the reply channel is saved) is not a reply, and the parent skips any
+line without the marker.
+
+* first reply, once ComfyUI is imported: ``{"ready": true, "python": ..., "torch": ...,
+  "comfyui": ..., "samplers": [...]}`` or ``{"error": "..."}`` (then the process exits 1);
+* request ``{"sampler": name, "size": 64, "steps": 20}`` -> ``{"ms_per_step": float}`` (one
+  whole node call / steps) or ``{"error": "..."}``. The first request for a (sampler, size,
+  steps) runs the node once untimed (warm-up) before the timed call;
+* end of input, or ``{"quit": true}``, ends the process.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import json
+import os
+import sys
+import time
+import traceback
+import types
+
+if __name__ == "__main__":
+    # run by path, sys.path[0] is ksampler_rt/bench, whose modules (noise, models, server, ray, ...)
+    # would shadow top-level modules of ComfyUI or its dependencies
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+MARKER = "@@ksampler_rt-comfyui-peer@@ "
+SEED = 42
+CFG = 8.0
+
+
+def _open_reply_channel():
+    """Keep the real stdout for replies; send fd 1 (prints, C-level writes) to stderr."""
+    sys.stdout.flush()
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    return os.fdopen(fd, "w", buffering=1, encoding="utf-8")
+
+
+def _reply(chan, obj) -> None:
+    chan.write(MARKER + json.dumps(obj) + "\n")
+    chan.flush()
+
+
+def import_comfy(comfy_path: str):
+    """Import ComfyUI from ``comfy_path`` in --cpu mode with one torch thread (as
+    tests/runtime/golden/make_comfyui_golden.py does; torchvision is stubbed when missing)."""
+    sys.argv = [sys.argv[0], "--cpu"]
+    sys.path.insert(0, os.path.abspath(comfy_path))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for k in [k for k in sys.modules if k.startswith("torchvision")]:
+            del sys.modules[k]
+        tv = types.ModuleType("torchvision")
+        tvt = types.ModuleType("torchvision.transforms")
+        tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+        tvt.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms", None)
+        tv.transforms = tvt
+        sys.modules["torchvision"] = tv
+        sys.modules["torchvision.transforms"] = tvt
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import torch
+    torch.set_num_threads(1)
+    import comfy.model_base
+    import comfy.model_management  # noqa: F401
+    import comfy.model_patcher
+    import comfy.samplers
+    import comfy.supported_models
+    import comfy.utils
+    import nodes
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    try:
+        import comfyui_version
+        version = comfyui_version.__version__
+    except Exception:  # noqa: BLE001 - older checkouts
+        version = "unknown"
+    return types.SimpleNamespace(torch=torch, comfy=comfy, nodes=nodes, version=version)
+
+
+def build_model(C):
+    """A real ComfyUI SD1.5 BaseModel (EPS) in a ModelPatcher with a zero-cost diffusion model."""
+    torch, comfy = C.torch, C.comfy
+
+    class ZeroUNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dtype = torch.float32
+            self._zeros = {}
+
+        def forward(self, x, timesteps=None, context=None, **kwargs):
+            key = (tuple(x.shape), x.dtype)
+            z = self._zeros.get(key)
+            if z is None:
+                z = self._zeros[key] = torch.zeros_like(x)
+            return z
+
+    sm, mb = comfy.supported_models, comfy.model_base
+    cfg = sm.SD15({"disable_unet_model_creation": True, "in_channels": 4})
+    model = mb.BaseModel(cfg, model_type=mb.ModelType.EPS, device=torch.device("cpu"))
+    model.diffusion_model = ZeroUNet()
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+class Peer:
+    def __init__(self, C):
+        self.C = C
+        self.model = build_model(C)
+        torch = C.torch
+        g = torch.Generator().manual_seed(0)
+        self.pos = [[torch.randn((1, 77, 768), generator=g, dtype=torch.float32), {}]]
+        self.neg = [[torch.randn((1, 77, 768), generator=g, dtype=torch.float32), {}]]
+        self.samplers = list(C.comfy.samplers.KSampler.SAMPLERS)
+        self.warm = set()
+
+    def run_once(self, sampler: str, size: int, steps: int) -> None:
+        torch = self.C.torch
+        latent = {"samples": torch.zeros((1, 4, size, size), dtype=torch.float32)}
+        with torch.inference_mode():
+            self.C.nodes.KSampler().sample(self.model, SEED, steps, CFG, sampler, "normal",
+                                           self.pos, self.neg, latent, denoise=1.0)
+
+    def handle(self, req: dict) -> dict:
+        sampler, size, steps = str(req["sampler"]), int(req["size"]), int(req["steps"])
+        if sampler not in self.samplers:
+            return {"error": f"{sampler} is not in ComfyUI {self.C.version}'s KSampler.SAMPLERS"}
+        key = (sampler, size, steps)
+        if key not in self.warm:
+            self.run_once(sampler, size, steps)  # warm-up, not timed
+            self.warm.add(key)
+        t = time.perf_counter()
+        self.run_once(sampler, size, steps)
+        return {"ms_per_step": (time.perf_counter() - t) / steps * 1e3}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comfyui", required=True, help="ComfyUI checkout")
+    args = ap.parse_args(argv)
+    chan = _open_reply_channel()
+    try:
+        C = import_comfy(args.comfyui)
+        peer = Peer(C)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        traceback.print_exc()
+        _reply(chan, {"error": f"importing ComfyUI from {args.comfyui} failed: {type(e).__name__}: {e}"[:500]})
+        return 1
+    _reply(chan, {"ready": True, "python": sys.version.split()[0], "torch": C.torch.__version__,
+                  "torch_threads": C.torch.get_num_threads(), "comfyui": C.version,
+                  "comfyui_path": os.path.abspath(args.comfyui), "samplers": peer.samplers})
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            req = json.loads(line)
+        except ValueError as e:
+            _reply(chan, {"error": f"bad request {line[:100]!r}: {e}"})
+            continue
+        if req.get("quit"):
+            break
+        try:
+            out = peer.handle(req)
+        except Exception as e:  # noqa: BLE001 - one sampler failing must not end the peer
+            traceback.print_exc()
+            out = {"error": f"{type(e).__name__}: {e}"[:500]}
+        _reply(chan, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
