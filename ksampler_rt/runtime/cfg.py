@@ -168,7 +168,8 @@ class CFGDenoiser:
                 raise UNetOutputError(f"{self._where(sigma)}: {exc}") from exc
             for j, kind in enumerate(call.kinds):
                 chunk = out[j * b:(j + 1) * b]
-                sums[kind] = chunk.copy() if kind not in sums else sums[kind] + chunk
+                # ``out`` is a fresh array (calculate_denoised's result): a view is safe to hand on
+                sums[kind] = chunk if kind not in sums else sums[kind] + chunk
         for kind, total in sums.items():
             if counts[kind] > 1:
                 sums[kind] = total / np.float32(counts[kind])
