@@ -55,6 +55,7 @@ class ModelSamplingDiscrete:
             sigmas64 = _rescale_zero_terminal_snr(sigmas64)
         self.sigmas = sigmas64.astype(np.float32)
         self.log_sigmas = np.log(sigmas64).astype(np.float32)
+        self._timestep_cache: dict[float, np.float32] = {}
 
     # -- the table -------------------------------------------------------------------------
     @property
@@ -67,9 +68,23 @@ class ModelSamplingDiscrete:
 
     def timestep(self, sigma) -> np.ndarray:
         """Nearest table index for each sigma, as float32 (what the UNet receives)."""
-        log_sigma = np.log(np.asarray(sigma, dtype=np.float32).astype(np.float64)).astype(np.float32)
+        sigma = np.asarray(sigma, dtype=np.float32)
+        first = sigma.reshape(-1)[:1]
+        if first.size and (sigma.size == 1 or (sigma == first[0]).all()):
+            # every row of a sampling step has the same sigma: one lookup, cached per schedule value
+            key = float(first[0])
+            t = self._timestep_cache.get(key)
+            if t is None:
+                t = self._nearest_index(first)[0]
+                if len(self._timestep_cache) < 4096:
+                    self._timestep_cache[key] = t
+            return np.full(sigma.shape, t, dtype=np.float32)
+        return self._nearest_index(sigma.reshape(-1)).reshape(sigma.shape)
+
+    def _nearest_index(self, sigma: np.ndarray) -> np.ndarray:
+        log_sigma = np.log(sigma.astype(np.float64)).astype(np.float32)
         dists = np.abs(log_sigma.reshape(1, -1) - self.log_sigmas[:, None])
-        return dists.argmin(axis=0).astype(np.float32).reshape(np.shape(sigma))
+        return dists.argmin(axis=0).astype(np.float32)
 
     def sigma(self, timestep) -> np.ndarray:
         """Sigma at a (fractional) timestep: linear interpolation in log-sigma, float32."""
