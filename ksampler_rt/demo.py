@@ -98,6 +98,6 @@ def demo(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="tiny model -> export -> engines -> split-sampling workflow -> PNGs")
     p.add_argument("--out", default="output", help="where the PNGs go (default ./output)")
-    p.add_argument("--backend", default="auto", help="tensorrt, onnxruntime-cuda, onnxruntime-cpu or auto")
+    p.add_argument("--backend", default="auto", help="tensorrt, onnxruntime-cuda, openvino-cpu, onnxruntime-cpu or auto")
     p.add_argument("--models", default=None, help="model registry folder (default $KSAMPLER_RT_MODELS or the cache)")
     p.set_defaults(func=demo)

@@ -59,7 +59,7 @@ def register(subparsers) -> None:
                    help="tiny (default), half-sd15 (SD1.5-shaped UNet at half width, built and exported once), an "
                         "export directory or a diffusers folder")
     p.add_argument("--backend", default=None,
-                   help="comma list of tensorrt, onnxruntime-cuda, onnxruntime-trt, onnxruntime-cpu; default: every "
+                   help="comma list of tensorrt, onnxruntime-cuda, onnxruntime-trt, onnxruntime-cpu, openvino-cpu; default: every "
                         "available one")
     p.add_argument("--out", default="bench-results", help="folder for the JSON and the PNG (default ./bench-results)")
     p.add_argument("--quick", action="store_true",

@@ -59,6 +59,9 @@ def _variants(backend):
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         out = [("threads=%d spin=0" % n, dict(threads=n)), ("threads=1 spin=0", dict(threads=1))]
         return out + [("threads=%d spin=1" % n, dict(threads=n, spinning=True))]
+    if backend == "openvino-cpu":
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return [("threads=%d" % n, dict(threads=n)), ("threads=1", dict(threads=1))]
     if backend in ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt"):
         return [("cuda-graph", dict(cuda_graph=True)), ("no-graph", dict(cuda_graph=False))]
     return [("default", {})]
@@ -77,13 +80,16 @@ def run(export_dir, backends, sizes, batch, repeat, models=None, log=print):
         shapes = ",".join(f"{w}x{h}" for w, h in sizes)
         for label, kw in _variants(backend):
             cuda_graph = kw.pop("cuda_graph", True)
-            es = load_engines(export_dir, backend, shapes=shapes if backend != "onnxruntime-cpu" else None,
-                              batch=f"1-{batch}" if backend != "onnxruntime-cpu" else None,
+            cpu = backend in ("onnxruntime-cpu", "openvino-cpu")
+            es = load_engines(export_dir, backend, shapes=shapes if not cpu else None,
+                              batch=f"1-{batch}" if not cpu else None,
                               cuda_graph=cuda_graph, models=models, build_missing=True)
             for eng in es.engines().values():
                 if isinstance(eng, OrtCpuEngine):
                     eng.threads = kw.get("threads")
                     eng.spinning = kw.get("spinning", False)
+                elif backend == "openvino-cpu":
+                    eng.threads = kw.get("threads")
             with es:
                 scale = es.manifest.latent_scale
                 for name, eng in es.engines().items():
@@ -107,7 +113,7 @@ def _copy_cost(backend, eng, feeds, repeat):
     """Seconds (ms) spent moving one UNet step's inputs in and output out through host memory."""
     out_bytes = sum(a.nbytes for a in eng(**feeds).values())
     in_bytes = sum(a.nbytes for a in feeds.values())
-    if backend == "onnxruntime-cpu":
+    if backend in ("onnxruntime-cpu", "openvino-cpu"):
         # No device: the numpy contract costs the copies the runtime makes of inputs and outputs.
         src = np.empty(in_bytes + out_bytes, np.uint8)
         dst = np.empty_like(src)

@@ -5,7 +5,8 @@
         unet = engines.unet_callable()          # unet(x, timestep, context, y=None) -> np.ndarray
 
 Backends: ``tensorrt`` (native TensorRT >= 10), ``onnxruntime-cuda`` (IO binding + CUDA graphs),
-``onnxruntime-trt`` (ONNX Runtime's TensorRT provider), ``onnxruntime-cpu``. Built artefacts live in the
+``onnxruntime-trt`` (ONNX Runtime's TensorRT provider), ``onnxruntime-cpu``, ``openvino-cpu`` (OpenVINO's
+CPU plugin, ``pip install 'ksampler-rt[openvino]'``). Built artefacts live in the
 engine cache (``$KSAMPLER_RT_CACHE``/engines, ``ksampler-rt build`` / ``ksampler-rt engines``).
 See docs/engines.md.
 """

@@ -118,7 +118,8 @@ class Engine:
     def with_weights(self, overrides: dict[str, np.ndarray]) -> "Engine":
         """An engine running this model with some initializers replaced ({ONNX initializer name: array}),
         without re-exporting or rebuilding anything; ``self`` keeps its own weights. Backends that can do it
-        override this (ONNX Runtime: a second session; TensorRT: a refit view of the same plan)."""
+        override this (ONNX Runtime: a second session; OpenVINO: the model recompiled with replaced constants;
+        TensorRT: a refit view of the same plan)."""
         if not overrides:
             return self
         raise EngineError(f"{self.model}: the {self.backend} backend cannot swap weights")

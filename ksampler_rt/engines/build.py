@@ -5,6 +5,9 @@
   (``SessionOptions.optimized_model_filepath``), which is specific to the ONNX Runtime version and the
   hardware it was optimized for, so it is keyed and verified exactly like a plan. Its graph accepts any
   shape the export accepts, so shape profiles are applied at load time and are not part of its key.
+* ``openvino-cpu``: the export converted to OpenVINO IR (``model.xml`` + ``model.bin``, weights kept in
+  the export's precision), keyed by the OpenVINO version and the CPU; the engine compiles it per input
+  shape at run time, so it is not shape-bound either.
 """
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ from .manifest import ExportManifest, ModelEntry, load_manifest
 from .profiles import ProfileRequest, compute_profiles
 from .spec import EngineError, ShapeProfile, parse_range, parse_shapes
 
-BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-trt", "onnxruntime-cpu")
+BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-trt", "onnxruntime-cpu", "openvino-cpu")
 ORT_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-trt")
+# Backends that run the export's own precision (no precision conversion at build time).
+EXPORT_PRECISION_BACKENDS = ORT_BACKENDS + ("openvino-cpu",)
 EXTERNAL_DATA_MIN_BYTES = 1 << 20
 
 
@@ -30,7 +35,7 @@ class BuildOptions:
     batch: tuple | None = None
     tokens: tuple | None = None
     dynamic: bool = False
-    precision: str | None = None  # None = fp16 for tensorrt, the export's precision for ONNX Runtime
+    precision: str | None = None  # None = fp16 for tensorrt, the export's precision for ONNX Runtime / OpenVINO
     refit: bool = False
     weight_streaming: bool = False
     device_id: int = 0
@@ -56,10 +61,11 @@ def profile_request(manifest: ExportManifest, opts: BuildOptions, *, required: b
 
 
 def resolve_precision(manifest: ExportManifest, opts: BuildOptions) -> str:
-    if opts.backend in ORT_BACKENDS:
+    if opts.backend in EXPORT_PRECISION_BACKENDS:
         p = opts.precision or manifest.precision
         if p != manifest.precision:
-            raise EngineError(f"ONNX Runtime runs the export's own precision ({manifest.precision}); to get {p}, "
+            runtime = "OpenVINO" if opts.backend == "openvino-cpu" else "ONNX Runtime"
+            raise EngineError(f"{runtime} runs the export's own precision ({manifest.precision}); to get {p}, "
                               f"re-export with `--precision {p}` or use --backend tensorrt")
         return p
     return opts.precision or "fp16"
@@ -131,6 +137,23 @@ def _build_ort(entry: ModelEntry, backend: str, device_id: int):
     return build
 
 
+def _build_openvino(entry: ModelEntry):
+    def build(tmp: Path) -> dict:
+        from .openvino_backend import import_openvino
+
+        ov = import_openvino()
+        model = ov.Core().read_model(str(entry.path))
+        # compress_to_fp16=False: an fp32 export stays fp32 (save_model's default would halve the weights).
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        del model
+        for f in ("model.xml", "model.bin"):
+            if not (tmp / f).is_file():
+                raise EngineError(f"OpenVINO did not write {f} for {entry.name}")
+        return {"artefact": "model.xml"}
+
+    return build
+
+
 def _build_trt(entry: ModelEntry, profiles, precision, opts: BuildOptions, env: dict, cache: EngineCache):
     def build(tmp: Path) -> dict:
         from .trt_backend import build_plan
@@ -167,6 +190,8 @@ def build_model(manifest: ExportManifest, name: str, opts: BuildOptions, cache: 
 
             import_tensorrt()  # raises the install message
         builder = _build_trt(entry, profiles, precision, opts, env, cache)
+    elif opts.backend == "openvino-cpu":
+        builder = _build_openvino(entry)
     else:
         builder = _build_ort(entry, opts.backend, opts.device_id)
     if log:

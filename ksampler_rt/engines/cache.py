@@ -4,14 +4,15 @@ Layout (root from ``$KSAMPLER_RT_CACHE``, default ``~/.cache/ksampler-rt``)::
 
     <root>/engines/<model>-<backend>-<weights_hash[:12]>-<key[:16]>/
         engine.plan | model.onnx [+ model.onnx.data]   the built artefact(s)
+          | model.xml + model.bin                       (OpenVINO IR)
         entry.json                                      key, key components, sha256 + size per file
     <root>/engines/.tmp-*/                              a build in progress (never loaded)
     <root>/timing/<gpu>-<cc>-trt<version>.cache         TensorRT timing caches
 
 The key is the sha256 of the canonical JSON of its components: the export's ``weights_hash``, the
 model, the backend, the precision, the shape profiles, build options, and the machine (GPU name,
-compute capability, driver, CUDA, TensorRT / ONNX Runtime versions; CPU model and ISA for the CPU
-backend). A build is written into a temp directory, the sidecar last, then renamed into place in one
+compute capability, driver, CUDA, TensorRT / ONNX Runtime / OpenVINO versions; CPU model and ISA for
+the CPU backends). A build is written into a temp directory, the sidecar last, then renamed into place in one
 ``rename`` (atomic on POSIX), so a crash leaves only a ``.tmp-*`` directory that lookups never see
 and ``prune`` removes. Loading re-derives the key from the sidecar's components, checks it against the
 directory name and the caller's expectation, and checks every file's sha256.
@@ -34,7 +35,7 @@ from .spec import EngineError
 CACHE_FORMAT = 1
 SIDECAR = "entry.json"
 ENV_FIELDS = ("gpu", "compute_capability", "driver", "nvidia_driver", "cuda", "tensorrt", "onnxruntime",
-              "cpu", "arch", "isa")
+              "openvino", "cpu", "arch", "isa")
 
 
 class CacheError(EngineError):
@@ -85,6 +86,8 @@ def describe_env(c: dict) -> str:
         parts.append(f"TensorRT {c['tensorrt']}")
     if c.get("onnxruntime"):
         parts.append(f"ONNX Runtime {c['onnxruntime']}")
+    if c.get("openvino"):
+        parts.append(f"OpenVINO {c['openvino']}")
     return ", ".join(parts)
 
 

@@ -18,14 +18,14 @@ def register(subparsers) -> None:
                     "~/.cache/ksampler-rt). An engine already cached for this machine and request is reused.")
     p.add_argument("export_dir", metavar="EXPORT_DIR")
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
-                   help="default: the best available (tensorrt > onnxruntime-cuda > onnxruntime-cpu)")
+                   help="default: the best available (tensorrt > onnxruntime-cuda > openvino-cpu > onnxruntime-cpu)")
     p.add_argument("--shapes", help="image sizes WxH, comma separated (default 512x512; 1024x1024 for SDXL)")
     p.add_argument("--batch", help="batch range MIN-MAX (default 1-4)")
     p.add_argument("--tokens", help="UNet context length range, e.g. 77-231 (default 77)")
     p.add_argument("--dynamic", action="store_true",
                    help="one dynamic profile spanning all --shapes instead of one static profile per size")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "fp8", "int8"),
-                   help="TensorRT: default fp16; ONNX Runtime runs the export's precision")
+                   help="TensorRT: default fp16; ONNX Runtime and OpenVINO run the export's precision")
     p.add_argument("--refit", action="store_true", help="TensorRT: refittable engine (swap weights, e.g. LoRA)")
     p.add_argument("--weight-streaming", action="store_true", help="TensorRT: allow streaming weights from host")
     p.add_argument("--models", help="comma separated subset (unet,clip,clip2,vae_decoder,vae_encoder)")

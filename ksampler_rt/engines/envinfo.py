@@ -1,4 +1,4 @@
-"""The machine a built engine is tied to: GPU, driver, CUDA, TensorRT / ONNX Runtime versions, CPU.
+"""The machine a built engine is tied to: GPU, driver, CUDA, TensorRT / ONNX Runtime / OpenVINO versions, CPU.
 
 Everything here is best effort and cheap; nothing imports torch. GPU facts come from cuda-python,
 then cupy, then ``nvidia-smi``; a value that cannot be read is ``None`` (and so is part of the key).
@@ -123,12 +123,28 @@ def _smi_gpu(device: int) -> dict | None:
             "nvidia_driver": drv or None}
 
 
+def openvino_version() -> str | None:
+    """OpenVINO's full build string (``2026.4.1-22982-...``), None when it is not installed."""
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    try:
+        import openvino
+
+        return openvino.get_version()
+    except Exception:  # a broken install is "not available"
+        return None
+
+
 def environment(backend: str, device: int = 0) -> dict:
     """The part of a cache key that says which machine and software a build is valid for."""
     env: dict = {"backend": backend}
     if backend == "onnxruntime-cpu":
         env.update(cpu_info())
         env["onnxruntime"] = module_version("onnxruntime")
+        return env
+    if backend == "openvino-cpu":
+        env.update(cpu_info())
+        env["openvino"] = openvino_version()
         return env
     g = gpu_info(device) or {"gpu": None, "compute_capability": None, "driver": None, "cuda": None,
                              "nvidia_driver": None}

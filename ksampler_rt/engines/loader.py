@@ -19,7 +19,8 @@ from .envinfo import environment, gpu_info
 from .manifest import ExportManifest, load_manifest
 from .spec import EngineError
 
-AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+# openvino-cpu before onnxruntime-cpu: same fp32 numerics, measured faster on CPUs (docs/engines.md).
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "openvino-cpu", "onnxruntime-cpu")
 
 
 def available_backends() -> dict[str, str | None]:
@@ -51,6 +52,9 @@ def available_backends() -> dict[str, str | None]:
         else:
             out[name] = None
     out["onnxruntime-cpu"] = None if "CPUExecutionProvider" in providers else "onnxruntime is not installed"
+    from .openvino_backend import openvino_unavailable_reason
+
+    out["openvino-cpu"] = openvino_unavailable_reason()
     return out
 
 
@@ -151,7 +155,8 @@ def load_engines(export_dir, backend: str = "auto", shapes=None, *, batch=None, 
 
     ``shapes`` ('512x512,768x768' or [(w, h)]), ``batch`` ('1-4'), ``tokens``, ``dynamic``: the shape
     profiles, as for ``ksampler-rt build``. For ONNX Runtime they only restrict what the engines accept
-    (and pick CUDA-graph buckets); for TensorRT they select the plan. ``build_missing``: build an engine
+    (and pick CUDA-graph buckets), as for OpenVINO (which compiles per input shape on first use); for
+    TensorRT they select the plan. ``build_missing``: build an engine
     that is not cached yet; by default yes for ONNX Runtime (seconds), no for TensorRT (minutes: run
     ``ksampler-rt build`` once), which raises an error saying why nothing usable is cached. ``refit``
     (TensorRT): use the plan built with ``--refit`` (LoRA weights swapped without a rebuild); None = that plan
@@ -198,6 +203,11 @@ def load_engines(export_dir, backend: str = "auto", shapes=None, *, batch=None, 
             from .ort import OrtCpuEngine
 
             eng = OrtCpuEngine(name, entry.inputs, entry.outputs, profiles, path=artefact, threads=threads, **common)
+        elif backend == "openvino-cpu":
+            from .openvino_backend import OpenVinoCpuEngine, model_cache_dir
+
+            eng = OpenVinoCpuEngine(name, entry.inputs, entry.outputs, profiles, path=artefact, threads=threads,
+                                    model_cache=model_cache_dir(cache.root), **common)
         elif backend in ("onnxruntime-cuda", "onnxruntime-trt"):
             from .ort import OrtCudaEngine
 

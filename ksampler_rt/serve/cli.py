@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--temp", default=None, metavar="DIR", help="PreviewImage folder (default: temp beside --output)")
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="where history is persisted (default <output>/.ksampler-rt)")
-    p.add_argument("--backend", default="auto", help="engine backend: auto, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-trt, tensorrt "
+    p.add_argument("--backend", default="auto", help="engine backend: auto, openvino-cpu, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-trt, tensorrt "
                         "(default auto: the best available)")
     p.add_argument("--workers", default="local", choices=("local", "ray"),
                    help="where prompts execute: local (one worker thread in this process) or ray (the Ray Serve "

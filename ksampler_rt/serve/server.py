@@ -829,7 +829,7 @@ class PromptServer:
                        "python_version": sys.version, "pytorch_version": None, "embedded_python": False,
                        "argv": sys.argv},
             "devices": [{"name": f"ksampler-rt ({backend}) on {platform.machine()}",
-                         "type": "cpu" if backend in ("onnxruntime-cpu", "auto") else "cuda", "index": 0,
+                         "type": "cpu" if backend in ("onnxruntime-cpu", "openvino-cpu", "auto") else "cuda", "index": 0,
                          "vram_total": 0, "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}],
         }
 

@@ -88,7 +88,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="output", help="folder for SaveImage (default ./output)")
     p.add_argument("--input", default="input", help="folder LoadImage reads from (default ./input)")
     p.add_argument("--models", default=None, help="model registry folder (default $KSAMPLER_RT_MODELS or the cache)")
-    p.add_argument("--backend", default="auto", help="tensorrt, onnxruntime-cuda, onnxruntime-cpu or auto")
+    p.add_argument("--backend", default="auto", help="tensorrt, onnxruntime-cuda, openvino-cpu, onnxruntime-cpu or auto")
     p.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE", help="override an input, e.g. 3.seed=7")
     p.set_defaults(func=run)
 
