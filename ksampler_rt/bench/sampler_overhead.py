@@ -42,7 +42,9 @@ Full level (the whole KSampler path; JSON key ``full``):
   returns a cached zero array of its input's shape; positive and negative are one
   ``[float32 [1,77,768], {}]`` entry each, the latent ``{"samples": zeros [1,4,H,W]}``. So CFG
   batching, model sampling (c_in, timestep, denoised), prepare_noise, the scheduler and the
-  sampler are all timed. Time per step = one whole call / steps.
+  sampler are all timed. Time per step = one whole call / steps. The noise prefetch threads
+  (``KSAMPLER_RT_NOISE_PREFETCH`` / ``KSAMPLER_RT_BROWNIAN_PREFETCH``) are off: one thread, as the
+  peer, and with a zero-cost UNet there is no engine call for them to overlap.
 * Peer: ComfyUI's own ``nodes.KSampler().sample(model_patcher, 42, steps, 8.0, sampler,
   "normal", pos, neg, latent, denoise=1.0)`` with a real SD1.5 ``BaseModel`` whose
   ``diffusion_model`` returns a cached ``torch.zeros_like(x)``, ``--cpu``, one torch thread,
@@ -421,9 +423,23 @@ def _ours_full_runner(name: str, size: int, steps: int):
     latent = {"samples": np.zeros((1, 4, size, size), np.float32)}
 
     def run():
-        return ksampler(model, SEED, steps, FULL_CFG, name, "normal", pos, neg, latent)
+        # one thread, as the peer: the product's noise prefetch threads (on by default, to overlap
+        # real engine calls) are switched off through their public environment knobs
+        saved = {k: os.environ.get(k) for k in _PREFETCH_ENV}
+        os.environ.update({k: "0" for k in _PREFETCH_ENV})
+        try:
+            return ksampler(model, SEED, steps, FULL_CFG, name, "normal", pos, neg, latent)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     return run
+
+
+_PREFETCH_ENV = ("KSAMPLER_RT_NOISE_PREFETCH", "KSAMPLER_RT_BROWNIAN_PREFETCH")
 
 
 def run_full_level(names, sizes, steps: int, repeats: int, peer: "PeerProcess | None", peer_note: str) -> dict:
@@ -433,8 +449,8 @@ def run_full_level(names, sizes, steps: int, repeats: int, peer: "PeerProcess | 
     print(f"full level: whole KSampler path per step (one call / steps), zero-cost UNet, cfg {FULL_CFG:g}, "
           f"seed {SEED}, normal scheduler, {steps} steps, positive and negative one [1,77,768] entry each, "
           f"{repeats} interleaved repeats (medians)")
-    print(f"  ours: ksampler_rt.runtime.ksampler() + Model(zero-cost UNet, family sd15) + CFG {FULL_CFG:g} "
-          f"(numpy {np.__version__}, python {sys.version.split()[0]})")
+    print(f"  ours: ksampler_rt.runtime.ksampler() + Model(zero-cost UNet, family sd15) + CFG {FULL_CFG:g}, "
+          f"noise prefetch threads off (numpy {np.__version__}, python {sys.version.split()[0]})")
     print(f"  peer: {peer.describe() if peer is not None else peer_note}")
     hdr = f"{'sampler':30s} {'latent':>16s} {'ours-ms':>9s} {'comfyui-ms':>10s} {'ratio':>7s}  target<=0.25"
     print(hdr)
