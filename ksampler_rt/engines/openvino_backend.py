@@ -7,8 +7,9 @@ is faster than parsing the ONNX file and its weights are memory-mapped.
 
 OpenVINO compiles best for static shapes, so the engine keeps the model as read (dynamic dims) and
 compiles one static copy per *input-shape signature* (batch / resolution / token count), lazily on the
-first call with that signature, in a small LRU (``max_compiled``, default 4: each compiled model holds its
-own repacked weights, so the bound is a memory bound too). Each compiled model has one reused
+first call with that signature, in a small LRU (``max_compiled``: default 2, or
+``$KSAMPLER_RT_OV_MAX_COMPILED``; each compiled model holds its own repacked weights, so the bound is a
+memory bound too). Each compiled model has one reused
 ``InferRequest``. Compile settings: ``INFERENCE_NUM_THREADS`` (the same default as ONNX Runtime CPU:
 ``$KSAMPLER_RT_ORT_THREADS`` or the usable cores), ``PERFORMANCE_HINT=LATENCY``, no CPU pinning and
 ``INFERENCE_PRECISION_HINT=f32`` -- an fp32 export computes in fp32 (OpenVINO would otherwise pick bf16 on
@@ -21,6 +22,7 @@ signature costs a model-sized blob on disk and the process holds ~40 % more memo
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -32,8 +34,24 @@ from .ort import default_cpu_threads, export_onnx_path
 from .spec import EngineError, TensorSpec
 
 INSTALL = "pip install 'ksampler-rt[openvino]'"
-DEFAULT_MAX_COMPILED = 4
 MODEL_CACHE_ENV = "KSAMPLER_RT_OV_MODEL_CACHE"
+MAX_COMPILED_ENV = "KSAMPLER_RT_OV_MAX_COMPILED"
+
+
+def default_max_compiled() -> int:
+    """Compiled shape signatures kept per engine: ``$KSAMPLER_RT_OV_MAX_COMPILED``, else 2. Each holds its own
+    repacked copy of the weights (an fp32 SD1.5 UNet: ~3.4 GB), so this bounds memory; a sampling run uses
+    one signature per model, a second covers e.g. a batch change without recompiling back and forth."""
+    env = os.environ.get(MAX_COMPILED_ENV, "").strip()
+    if not env:
+        return 2
+    try:
+        value = int(env)
+    except ValueError:
+        raise EngineError(f"${MAX_COMPILED_ENV}: received {env!r}, expected a positive integer") from None
+    if value < 1:
+        raise EngineError(f"${MAX_COMPILED_ENV}: received {value}, expected a positive integer")
+    return value
 
 
 def import_openvino():
@@ -42,6 +60,9 @@ def import_openvino():
     except ImportError as exc:
         raise EngineError(f"the openvino-cpu backend needs OpenVINO: openvino is not installed ({INSTALL})") \
             from exc
+    except Exception as exc:  # noqa: BLE001 -- a broken install (missing shared library, ...)
+        raise EngineError(f"the openvino-cpu backend needs OpenVINO: openvino does not load "
+                          f"({type(exc).__name__}: {exc}); reinstall it ({INSTALL})") from exc
     return openvino
 
 
@@ -51,6 +72,13 @@ def openvino_unavailable_reason() -> str | None:
 
     if importlib.util.find_spec("openvino") is None:
         return f"openvino is not installed ({INSTALL})"
+    return _probe_cpu_device()
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_cpu_device() -> str | None:
+    # cached: importing openvino and creating a Core costs ~0.3 s and ~70 MB the first time, and
+    # available_backends() runs for every backend pick and every /system_stats
     try:
         import openvino
 
@@ -110,6 +138,8 @@ def override_constants(model, overrides: dict[str, np.ndarray], where: str) -> l
     for node in model.get_ordered_ops():
         if node.get_type_name() == "Constant":
             for n in node.output(0).get_names():
+                if n in consts and n in overrides:
+                    raise EngineError(f"{where}: weight {n!r} names two constants; cannot override it")
                 consts[n] = node
     missing = sorted(set(overrides) - set(consts))
     if missing:
@@ -146,12 +176,12 @@ class OpenVinoCpuEngine(Engine):
     backend = "openvino-cpu"
 
     def __init__(self, model, inputs, outputs, profiles=None, *, path, threads: int | None = None,
-                 max_compiled: int = DEFAULT_MAX_COMPILED, model_cache: str | None = None,
+                 max_compiled: int | None = None, model_cache: str | None = None,
                  overrides: dict | None = None, **kw):
         super().__init__(model, inputs, outputs, profiles, source=str(path), **kw)
         self.path = Path(path)
         self.threads = threads
-        self.max_compiled = max(1, int(max_compiled))
+        self.max_compiled = max(1, int(max_compiled if max_compiled is not None else default_max_compiled()))
         self.model_cache = model_cache
         self.overrides = dict(overrides or {})
         self.core = None
@@ -181,19 +211,21 @@ class OpenVinoCpuEngine(Engine):
     def _load(self):
         ov = import_openvino()
         self.core = ov.Core()
-        model = self._read(self.path)
+        read_from = self.path
+        model = self._read(read_from)
         if self.overrides:
             missing = override_constants(model, self.overrides, str(self.path))
             if missing and self.export_dir:
                 raw = export_onnx_path(self.export_dir, self.model)
                 if raw.resolve() != self.path.resolve():
+                    read_from = raw
                     model = self._read(raw)
                     missing = override_constants(model, self.overrides, str(raw))
             if missing:
                 raise EngineError(f"{self.model}: {self.path.name} has no weight(s) {missing[:8]}")
         ins, outs = model_specs(model, self.inputs, self.outputs)
-        check_io_matches(self.model, self.inputs, ins, "inputs", str(self.path))
-        check_io_matches(self.model, self.outputs, outs, "outputs", str(self.path))
+        check_io_matches(self.model, self.inputs, ins, "inputs", str(read_from))
+        check_io_matches(self.model, self.outputs, outs, "outputs", str(read_from))
         self._in_ports = {s.name: i for i, s in enumerate(ins)}
         self._out_names = [s.name for s in outs]
         self.ov_model = model
@@ -251,6 +283,7 @@ class OpenVinoCpuEngine(Engine):
         if c is not None:
             self._compiled.move_to_end(key)
             return c
+        # evict before compiling: peak memory stays at max_compiled copies of the weights
         while len(self._compiled) >= self.max_compiled:
             self._compiled.popitem(last=False)
         c = self._compile(key)

@@ -48,7 +48,10 @@ class Model:
         return latent / self.latent_scale
 
     def apply_model(self, x: np.ndarray, sigma: np.ndarray, context: np.ndarray, **kwargs) -> np.ndarray:
-        """Denoised prediction D(x, sigma) for every row of ``x`` (sigma: float32 [N])."""
+        """Denoised prediction D(x, sigma) for every row of ``x`` (sigma: float32 [N]).
+
+        Always a new array (never the UNet's output buffer): the CFG denoiser hands views of it to the
+        samplers, some of which keep them across steps."""
         ms = self.model_sampling
         x_in = ms.calculate_input(sigma, x)
         timestep = ms.timestep(sigma)

@@ -310,3 +310,17 @@ def test_model_cache_when_enabled(ov, tiny_export, cache_root, monkeypatch):
     assert es.unet.config()["CACHE_DIR"] == str(cache_root / "openvino")
     es.unet_callable()(np.zeros((1, 4, 8, 8), np.float32), 1.0, np.zeros((1, 77, 32), np.float32))
     assert any((cache_root / "openvino").iterdir())
+
+
+def test_max_compiled_setting(monkeypatch):
+    """Pure logic, runs without openvino: the LRU bound's default and its environment override."""
+    from ksampler_rt.engines.openvino_backend import default_max_compiled
+
+    monkeypatch.delenv("KSAMPLER_RT_OV_MAX_COMPILED", raising=False)
+    assert default_max_compiled() == 2
+    monkeypatch.setenv("KSAMPLER_RT_OV_MAX_COMPILED", "5")
+    assert default_max_compiled() == 5
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv("KSAMPLER_RT_OV_MAX_COMPILED", bad)
+        with pytest.raises(EngineError, match=r"KSAMPLER_RT_OV_MAX_COMPILED: received .*expected a positive integer"):
+            default_max_compiled()

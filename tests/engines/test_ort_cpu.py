@@ -128,6 +128,7 @@ def test_auto_picks_an_available_backend(tiny_export, cache_root):
     es = load_engines(tiny_export, backend="auto", models=["unet"])
     from ksampler_rt.engines.loader import AUTO_ORDER
 
+    assert AUTO_ORDER == ("tensorrt", "onnxruntime-cuda", "openvino-cpu", "onnxruntime-cpu")
     best = next(b for b in AUTO_ORDER if avail[b] is None)
     assert es.backend == best
 
