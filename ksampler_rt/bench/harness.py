@@ -526,7 +526,7 @@ def environment(backends, cfg: BenchConfig, manifest: dict) -> dict:
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "gpu": gpu_info(0) if any(b in GPU_BACKENDS for b in backends) else None,
-        "versions": {m: module_version(m) for m in ("ksampler_rt", "numpy", "onnxruntime", "tensorrt", "torch",
+        "versions": {m: module_version(m) for m in ("ksampler_rt", "numpy", "onnxruntime", "openvino", "tensorrt", "torch",
                                                      "diffusers", "transformers")},
         "threads": cfg.threads or _default_threads(),
         "backends": list(backends),
