@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .runtime.host_memory import tune_host_allocator
+
+    tune_host_allocator()  # steady per-step host time (see its docstring); $KSAMPLER_RT_MALLOC_TUNING=0 skips
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:

@@ -85,6 +85,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
+from ksampler_rt.runtime.host_memory import allocator_env, tune_host_allocator  # noqa: E402
 from ksampler_rt.runtime.model_sampling import ModelSamplingDiscrete  # noqa: E402
 from ksampler_rt.runtime.noise import NoiseSource, default_kernel, prepare_noise  # noqa: E402
 from ksampler_rt.runtime.samplers import SAMPLER_NAMES, SAMPLERS  # noqa: E402
@@ -305,7 +306,7 @@ class PeerProcess:
     cannot start, does not get ComfyUI imported, dies or times out."""
 
     def __init__(self, python: str, comfyui: str, script: str = PEER_SCRIPT,
-                 start_timeout: float = PEER_START_TIMEOUT_S):
+                 start_timeout: float = PEER_START_TIMEOUT_S, env: dict | None = None):
         self.marker = peer_marker()
         self.log = tempfile.TemporaryFile("w+b")
         self.dead = None  # reason, once it can no longer answer
@@ -314,7 +315,8 @@ class PeerProcess:
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=self.log, text=True, encoding="utf-8",
-                                         errors="replace", bufsize=1)
+                                         errors="replace", bufsize=1,
+                                         env=None if env is None else {**os.environ, **env})
         except OSError as e:
             self.log.close()
             raise PeerUnavailable(f"cannot start {python}: {type(e).__name__}: {e}") from None
@@ -555,6 +557,12 @@ def main(argv=None) -> dict:
                          "overlap; both: ours with prefetch on and off, side by side; sampler level only)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
+    # The product's commands set glibc's malloc thresholds (ksampler_rt.runtime.host_memory); so does this
+    # benchmark, for our side and for the in-process torch peer, and the full-level ComfyUI subprocess gets
+    # the same policy through glibc's environment variables: both sides run under one allocator policy.
+    args.allocator_tuned = tune_host_allocator()
+    print(f"host allocator: glibc malloc thresholds "
+          f"{'set (mmap 32 MB, trim 128 MB) on both sides' if args.allocator_tuned else 'left at their defaults'}")
 
     names = (args.samplers.split(",") if args.samplers else
              list(QUICK_SAMPLERS) if args.quick else [n for n in SAMPLER_NAMES if n in SAMPLERS])
@@ -593,7 +601,8 @@ def _run_full(args, names, sizes, repeats) -> dict:
         peer_note = "peer unavailable: no --comfyui PATH given"
     else:
         try:
-            peer = PeerProcess(args.comfyui_python, args.comfyui, script=args.peer_script)
+            peer = PeerProcess(args.comfyui_python, args.comfyui, script=args.peer_script,
+                               env=allocator_env() if args.allocator_tuned else None)
             peer_note = peer.describe()
         except PeerUnavailable as e:
             peer_note = f"peer unavailable: {e}"
