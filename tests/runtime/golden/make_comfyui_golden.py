@@ -45,13 +45,12 @@ families that use torchvision.transforms at run time only) can be imported.
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 
@@ -63,39 +62,21 @@ B_C = [0.01, -0.02, 0.015, -0.005]
 
 # ----------------------------------------------------------------------------- setup
 def import_comfy(comfy_path: str):
-    """Import ComfyUI from ``comfy_path`` in --cpu mode with one torch thread."""
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path.insert(0, os.path.abspath(comfy_path))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        for k in [k for k in sys.modules if k.startswith("torchvision")]:
-            del sys.modules[k]
-        tv = types.ModuleType("torchvision")
-        tvt = types.ModuleType("torchvision.transforms")
-        tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-        tvt.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms", None)
-        tv.transforms = tvt
-        sys.modules["torchvision"] = tv
-        sys.modules["torchvision.transforms"] = tvt
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    import torch
-    torch.set_num_threads(1)
-    import comfy.model_management
-    import comfy.samplers
-    import comfy.sample
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models
-    import comfy.utils
+    """Import ComfyUI from ``comfy_path`` in --cpu mode with one torch thread.
+
+    The import itself (argument parsing, --cpu, torchvision stub) is the sampler benchmark's ComfyUI peer's,
+    ``ksampler_rt/bench/comfyui_peer.py``, loaded by path: that file needs only torch and ComfyUI, so it runs
+    in ComfyUI's own venv, where ksampler_rt is not installed."""
+    peer_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "ksampler_rt", "bench",
+                             "comfyui_peer.py")
+    spec = importlib.util.spec_from_file_location("_comfyui_peer", os.path.abspath(peer_path))
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    C = peer.import_comfy(comfy_path)
+    import comfy.sample  # noqa: F401
     import latent_preview
-    import nodes
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    return types.SimpleNamespace(torch=torch, comfy=comfy, nodes=nodes, latent_preview=latent_preview)
+    C.latent_preview = latent_preview
+    return C
 
 
 def make_unet_class(torch):
@@ -287,7 +268,7 @@ def sampler_cases(sampler_names, scheduler_names):
 
 # ----------------------------------------------------------------------------- runners
 def run_schedulers(C, model, out):
-    torch, comfy = C.torch, C.comfy
+    comfy = C.comfy
     data, meta = {}, []
     for sch in comfy.samplers.KSampler.SCHEDULERS:
         for sampler in ("euler", "dpm_2"):
