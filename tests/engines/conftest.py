@@ -9,6 +9,39 @@ import pytest
 pytest.importorskip("onnx")
 
 
+def random_feeds(engine, rng, b=2, h=8, w=8):
+    """Random inputs of the engine's dtypes: latents (b, 4, h, w), pixels (b, 3, 8h, 8w), 77 tokens."""
+    import numpy as np
+
+    out = {}
+    for s in engine.inputs:
+        if s.dtype == "int64":
+            out[s.name] = rng.integers(0, 60, size=(b, 77)).astype(np.int64)
+            continue
+        shape = []
+        for k, d in enumerate(s.shape):
+            if isinstance(d, int):
+                shape.append(d)
+            elif k == 0:
+                shape.append(b)
+            elif d == "tokens":
+                shape.append(77)
+            elif d == "height":
+                shape.append(h)
+            elif d == "width":
+                shape.append(w)
+            else:
+                shape.append(h * 8)
+        out[s.name] = rng.standard_normal(shape).astype(s.dtype)
+    return out
+
+
+@pytest.fixture
+def feeds_for():
+    """:func:`random_feeds`, for the engine tests of every backend."""
+    return random_feeds
+
+
 def _has_gpu_ort() -> bool:
     import onnxruntime as ort
 

@@ -22,33 +22,8 @@ def ov():
     return pytest.importorskip("openvino")
 
 
-def feeds_for(engine, rng, b=2, h=8, w=8):
-    """Random inputs of the right dtypes: latents (b, 4, h, w), pixels (b, 3, 8h, 8w), 77 tokens."""
-    out = {}
-    for s in engine.inputs:
-        if s.dtype == "int64":
-            out[s.name] = rng.integers(0, 60, size=(b, 77)).astype(np.int64)
-            continue
-        shape = []
-        for k, d in enumerate(s.shape):
-            if isinstance(d, int):
-                shape.append(d)
-            elif k == 0:
-                shape.append(b)
-            elif d == "tokens":
-                shape.append(77)
-            elif d == "height":
-                shape.append(h)
-            elif d == "width":
-                shape.append(w)
-            else:
-                shape.append(h * 8)
-        out[s.name] = rng.standard_normal(shape).astype(s.dtype)
-    return out
-
-
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_every_model_matches_onnxruntime_cpu(ov, family, tiny_export, tiny_export_xl, cache_root):
+def test_every_model_matches_onnxruntime_cpu(ov, family, tiny_export, tiny_export_xl, cache_root, feeds_for):
     export = tiny_export if family == "sd15" else tiny_export_xl
     rng = np.random.default_rng(0)
     with load_engines(export, "openvino-cpu") as es, load_engines(export, "onnxruntime-cpu") as ref:

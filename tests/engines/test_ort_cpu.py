@@ -6,39 +6,15 @@ from ksampler_rt.engines import EngineError, SpecError, load_engines
 from ksampler_rt.engines.ort import OrtCpuEngine, check_providers
 
 
-def rand_feeds(engine, rng, h=8, w=8, b=2):
-    out = {}
-    for s in engine.inputs:
-        if s.dtype == "int64":
-            out[s.name] = rng.integers(0, 60, size=(b, 77)).astype(np.int64)
-            continue
-        shape = []
-        for k, d in enumerate(s.shape):
-            if isinstance(d, int):
-                shape.append(d)
-            elif k == 0:
-                shape.append(b)
-            elif d == "tokens":
-                shape.append(77)
-            elif d in ("height",):
-                shape.append(h)
-            elif d in ("width",):
-                shape.append(w)
-            else:
-                shape.append(h * 8)
-        out[s.name] = rng.standard_normal(shape).astype(s.dtype)
-    return out
-
-
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_outputs_match_plain_inference_session(family, tiny_export, tiny_export_xl, cache_root):
+def test_outputs_match_plain_inference_session(family, tiny_export, tiny_export_xl, cache_root, feeds_for):
     export = tiny_export if family == "sd15" else tiny_export_xl
     rng = np.random.default_rng(0)
     with load_engines(export, backend="onnxruntime-cpu") as es:
         assert (es.clip2 is None) == (family == "sd15")
         for name, eng in es.engines().items():
             assert eng.source.endswith("model.onnx") and "engines" in eng.source  # ran from the cache
-            feeds = rand_feeds(eng, rng)
+            feeds = feeds_for(eng, rng)
             got = eng(**feeds)
             plain = ort.InferenceSession(str(export / f"{name}.onnx"), providers=["CPUExecutionProvider"])
             ref = plain.run(None, feeds)
@@ -47,14 +23,14 @@ def test_outputs_match_plain_inference_session(family, tiny_export, tiny_export_
                 np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
-def test_matches_onnx_reference_evaluator(tiny_export, cache_root):
+def test_matches_onnx_reference_evaluator(tiny_export, cache_root, feeds_for):
     from onnx.reference import ReferenceEvaluator
 
     rng = np.random.default_rng(1)
     es = load_engines(tiny_export, backend="onnxruntime-cpu", models=["unet", "vae_decoder"])
     for name in ("unet", "vae_decoder"):
         eng = getattr(es, name)
-        feeds = rand_feeds(eng, rng, b=1)
+        feeds = feeds_for(eng, rng, b=1)
         ref = ReferenceEvaluator(str(tiny_export / f"{name}.onnx")).run(None, feeds)
         np.testing.assert_allclose(eng(**feeds)[eng.output_names[0]], ref[0], rtol=1e-4, atol=1e-4)
     es.release()
