@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime.host_memory import tune_host_allocator
 
     tune_host_allocator()  # steady per-step host time (see its docstring); $KSAMPLER_RT_MALLOC_TUNING=0 skips
+    if args.command in ("run", "serve", "demo", "bench"):
+        from .runtime import noise_jit
+
+        noise_jit.warm_up_in_background()  # compiled noise kernels load while engines load
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:

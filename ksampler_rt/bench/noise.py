@@ -2,19 +2,35 @@
 
 Prints prepare_noise vs torch.randn for [1,4,64,64] and [1,4,128,128] (median of repeats, one
 thread) and the Brownian-tree query time vs torchsde for a dpmpp_2m_sde-like query sequence.
+Ours runs on the compiled kernels (numba, extra ``[jit]``) when present and on the numpy reference
+path, side by side. torch's peer is ``torch.randn`` on a generator of its own (the kernel alone,
+the strict comparison) and with ``torch.manual_seed`` as ComfyUI's prepare_noise calls it.
 torch/torchsde are optional peers, imported only here.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 import warnings
 
 import numpy as np
 
+from ksampler_rt.runtime import noise_jit
 from ksampler_rt.runtime.brownian import BrownianTree
 from ksampler_rt.runtime.noise import default_kernel, prepare_noise
+
+
+@contextlib.contextmanager
+def _numpy_path():
+    """Run runtime/noise.py on its numpy reference path (compiled kernels reported unavailable)."""
+    saved = noise_jit.available
+    noise_jit.available = lambda: False
+    try:
+        yield
+    finally:
+        noise_jit.available = saved
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -54,22 +70,32 @@ def main(argv=None) -> None:
     except ImportError:
         torch = None
         print("torch not installed: skipping the torch.randn peer")
-    print(f"randn kernel: {default_kernel()}")
+    print(f"randn kernel: {default_kernel()}; compiled kernels: "
+          f"{'yes' if noise_jit.available() else 'no (' + noise_jit.disable_reason() + ')'}")
     for shape in [(1, 4, 64, 64), (1, 4, 128, 128)]:
         lat = np.zeros(shape, np.float32)
-        ours = _median_ms(lambda: prepare_noise(lat, 42), args.repeats)
-        line = f"prepare_noise {list(shape)}: numpy {ours:.3f} ms"
+        ours = {}
+        if noise_jit.available():
+            ours["compiled"] = _median_ms(lambda: prepare_noise(lat, 42), args.repeats)
+        with _numpy_path():
+            ours["numpy"] = _median_ms(lambda: prepare_noise(lat, 42), args.repeats)
+        line = f"prepare_noise {list(shape)}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ours.items())
         if torch is not None:
-            ref = _median_ms(lambda: torch.randn(shape, generator=torch.manual_seed(42)),
-                             args.repeats)
-            line += f" | torch.randn {ref:.3f} ms | ratio {ours / ref:.2f}x"
+            gen = torch.Generator()
+            own = _median_ms(lambda: torch.randn(shape, generator=gen.manual_seed(42)), args.repeats)
+            comfy = _median_ms(lambda: torch.randn(shape, generator=torch.manual_seed(42)),
+                               args.repeats)
+            line += (f" | torch.randn own generator {own:.3f} ms, with torch.manual_seed "
+                     f"{comfy:.3f} ms | ratio " + ", ".join(
+                         f"{k} {v / own:.2f}x / {v / comfy:.2f}x" for k, v in ours.items()))
         print(line)
 
     sig = _karras(args.steps)
     shape = (1, 4, 64, 64)
     t0, t1 = float(sig[-1]), float(sig[0])
     med, tot = _tree_queries(lambda: BrownianTree(t0, t1, shape, 42), sig)
-    line = (f"BrownianTree {list(shape)}, {args.steps - 1} decreasing queries: numpy median "
+    path = "compiled" if noise_jit.available() else "numpy"
+    line = (f"BrownianTree {list(shape)}, {args.steps - 1} decreasing queries: ours ({path}) median "
             f"{med:.2f} ms/query (total {tot:.1f} ms)")
     try:
         import torchsde

@@ -34,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import noise_jit
 from .noise import _check_kernel, _check_seed, randn_many
 
 __all__ = ["BrownianTree"]
@@ -50,10 +51,15 @@ def _seed_word0(entropy: int, spawn_key: tuple, pool_size: int) -> int:
 
     numpy's generate_state is wrapped in ``np.errstate`` and costs ~50 us; word 0 of its output
     is a three-operation hash of ``pool[0]`` (numpy/random/bit_generator.pyx), done here in
-    Python ints. Checked against numpy in tests/runtime/test_brownian.py.
+    Python ints. The pool itself comes from the compiled port of SeedSequence's mixing when
+    available (building a SeedSequence costs ~30 us). Checked against numpy in
+    tests/runtime/test_brownian.py.
     """
-    ss = np.random.SeedSequence(entropy=entropy, spawn_key=spawn_key, pool_size=pool_size)
-    d = ((int(ss.pool[0]) ^ _SS_INIT_B) * _SS_HASH0) & 0xFFFFFFFF
+    if noise_jit.available() and pool_size >= len(noise_jit._uint32_words(entropy)):
+        pool0 = int(noise_jit.seed_sequence_pool(entropy, spawn_key, pool_size)[0])
+    else:
+        pool0 = int(np.random.SeedSequence(entropy=entropy, spawn_key=spawn_key, pool_size=pool_size).pool[0])
+    d = ((pool0 ^ _SS_INIT_B) * _SS_HASH0) & 0xFFFFFFFF
     return d ^ (d >> 16)
 
 
@@ -205,6 +211,7 @@ class BrownianTree:
             noises = randn_many([p.w_seed for p in order], self.shape, self.kernel,
                                 max_chunk=1 << 17)
             self.n_randn += len(order)
+            jit = noise_jit.available()
             for p, z in zip(order, noises):
                 w = known.get(p)
                 if w is None:
@@ -213,11 +220,14 @@ class BrownianTree:
                 l_diff = p.midway - p.start
                 r_diff = p.end - p.midway
                 var = l_diff * r_diff * h_rec
-                w_left = np.multiply(w, _F32(l_diff))
-                w_left *= _F32(h_rec)
-                z *= _F32(math.sqrt(var))  # z is this call's own row of noise
-                w_left += z
-                w_right = np.subtract(w, w_left)
+                if jit:
+                    w_left, w_right = noise_jit.brownian_bridge(w, z, l_diff, h_rec, math.sqrt(var))
+                else:
+                    w_left = np.multiply(w, _F32(l_diff))
+                    w_left *= _F32(h_rec)
+                    z *= _F32(math.sqrt(var))  # z is this call's own row of noise
+                    w_left += z
+                    w_right = np.subtract(w, w_left)
                 known[p.left] = w_left
                 known[p.right] = w_right
                 self._store(p.left, w_left)

@@ -124,12 +124,20 @@ def test_tree_errors():
         NoiseSource(-1)
 
 
-def test_seed_word0_matches_numpy_seedsequence():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_seed_word0_matches_numpy_seedsequence(compiled, monkeypatch):
+    from ksampler_rt.runtime import noise_jit
     from ksampler_rt.runtime.brownian import _seed_word0
 
+    if compiled and not noise_jit.available():
+        pytest.skip(noise_jit.disable_reason())
+    if not compiled:
+        monkeypatch.setattr(noise_jit, "available", lambda: False)
     rng = np.random.default_rng(0)
-    for _ in range(300):
+    for i in range(300):
         e = int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2))
+        if i % 5 == 0:
+            e >>= int(rng.integers(0, 64))  # 0, 1 or 2 entropy words
         key = (int(rng.integers(0, 2**40)), int(rng.integers(0, 60)))
         ss = np.random.SeedSequence(entropy=e, spawn_key=key, pool_size=24)
         assert _seed_word0(e, key, 24) == int(ss.generate_state(4)[0])

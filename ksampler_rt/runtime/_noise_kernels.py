@@ -1,0 +1,248 @@
+"""numba kernels of :mod:`.noise_jit` (imported only through it; see there).
+
+Defined at module level so numba's on-disk cache (``cache=True``) finds them again in the next
+process. Importing this module imports numba.
+"""
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
+
+from . import noise as ref
+
+_N = 624          # mt19937 state words
+_M = 397
+_BLOCKS = 256     # Box-Muller blocks of 16 per chunk: the scratch stays in L1/L2
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """float32 fused multiply-add, one rounding (vfmadd on x86-64 with FMA3)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]),
+                                            "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+f32, i32, u32 = np.float32, np.int32, np.uint32
+P0, P1, P2, P3, P4, P5, P6, P7, P8 = (f32(p) for p in ref._LOG_P)
+Q1, Q2 = f32(ref._LOG_Q1), f32(ref._LOG_Q2)
+ONE, HALF, M2, ZERO = f32(1.0), f32(0.5), f32(-2.0), f32(0.0)
+MU = f32(-(2.0**-24))
+SQRTHF = f32(ref._SQRTHF)
+THETA = f32(ref._K_THETA)   # 2pi_f32 * 2**-24: 2pi_f32 * (k * 2**-24) == k * THETA exactly
+FOPI = f32(ref._FOPI)
+D1, D2, D3 = f32(ref._MDP1), f32(ref._MDP2), f32(ref._MDP3)
+C0, C1, C2 = (f32(v) for v in ref._COSCOF)
+S0, S1, S2 = (f32(v) for v in ref._SINCOF)
+I1, I2, I4, I23, I127 = (i32(v) for v in (1, 2, 4, 23, 127))
+INOT1 = i32(~1)
+MANT_MASK = i32(0x807FFFFF - (1 << 32))
+HALF_EXP = i32(0x3F000000)
+U24 = u32(0xFFFFFF)
+
+@numba.njit(inline="always")
+def radius(k1):
+    """sqrt(-2 * log256_ps(u1)) for u1 = 1 - k1 * 2**-24 (always a normal float in (0, 1])."""
+    u1 = f32(k1) * MU + ONE                     # exact
+    bits = f32(u1).view(np.int32)
+    e = f32(i32((bits >> I23) - I127)) + ONE
+    m = i32((bits & MANT_MASK) | HALF_EXP).view(np.float32)
+    small = m < SQRTHF
+    xm = m - ONE
+    xm = xm + (m if small else ZERO)
+    e = e - (ONE if small else ZERO)
+    z = xm * xm
+    y = fma32(P0, xm, P1)
+    y = fma32(y, xm, P2)
+    y = fma32(y, xm, P3)
+    y = fma32(y, xm, P4)
+    y = fma32(y, xm, P5)
+    y = fma32(y, xm, P6)
+    y = fma32(y, xm, P7)
+    y = fma32(y, xm, P8)
+    y = y * xm
+    y = fma32(y, z, e * Q1)
+    y = y - z * HALF
+    xm = xm + y
+    return np.sqrt(fma32(e, Q2, xm) * M2)
+
+@numba.njit(inline="always")
+def sincos(k2):
+    """sincos256_ps(2pi_f32 * u2) for u2 = k2 * 2**-24."""
+    x = f32(k2) * THETA
+    j = i32(x * FOPI)                           # truncation, as cvttps2dq
+    j = (j + I1) & INOT1
+    y = f32(j)
+    xr = fma32(y, D1, x)
+    xr = fma32(y, D2, xr)
+    xr = fma32(y, D3, xr)
+    z = xr * xr
+    yc = fma32(fma32(C0, z, C1), z, C2)
+    yc = fma32(yc * z, z, -(z * HALF))
+    yc = yc + ONE
+    ys = fma32(fma32(S0, z, S1), z, S2)
+    ys = fma32(ys * z, xr, xr)
+    swap = (j & I2) != 0
+    s = yc if swap else ys
+    c = ys if swap else yc
+    s = -s if (j & I4) != 0 else s
+    c = -c if ((j + I2) & I4) != 0 else c
+    return s, c
+
+@numba.njit(nogil=True, boundscheck=False, cache=True)
+def fill_blocks(words, w0, nb, out, o0, k1, k2, r, s, c):
+    """Box-Muller of nb blocks of 16 words (words[w0:]) into out[o0:] (<= _BLOCKS blocks).
+
+    Per block: u1 from words 0..7, u2 from words 8..15; out 0..7 = r cos, 8..15 = r sin.
+    De-interleaved into flat scratch so LLVM vectorises each loop 8 lanes wide.
+    """
+    for b in range(nb):
+        for i in range(8):
+            k1[b * 8 + i] = i32(words[w0 + b * 16 + i] & U24)
+            k2[b * 8 + i] = i32(words[w0 + b * 16 + 8 + i] & U24)
+    h = nb * 8
+    for q in range(h):
+        r[q] = radius(k1[q])
+    for q in range(h):
+        sq, cq = sincos(k2[q])
+        s[q] = sq * r[q]
+        c[q] = cq * r[q]
+    for b in range(nb):
+        for i in range(8):
+            out[o0 + b * 16 + i] = c[b * 8 + i]
+            out[o0 + b * 16 + 8 + i] = s[b * 8 + i]
+
+@numba.njit(nogil=True, boundscheck=False, cache=True)
+def mt_seed(st, seed):
+    """numpy ``MT19937._legacy_seeding`` / torch ``mt19937(seed)``: init_genrand; pos = 624."""
+    x = np.uint64(seed) & np.uint64(0xFFFFFFFF)
+    for i in range(_N):
+        st[i] = u32(x)
+        x = (np.uint64(1812433253) * (x ^ (x >> np.uint64(30))) + np.uint64(i + 1)) \
+            & np.uint64(0xFFFFFFFF)
+    st[_N] = u32(_N)
+
+@numba.njit(nogil=True, boundscheck=False, inline="always")
+def mt_twist(st):
+    for i in range(_N - _M):
+        y = (st[i] & u32(0x80000000)) | (st[i + 1] & u32(0x7FFFFFFF))
+        st[i] = st[i + _M] ^ (y >> u32(1)) ^ (u32(0) - (y & u32(1))) & u32(0x9908B0DF)
+    for i in range(_N - _M, _N - 1):
+        y = (st[i] & u32(0x80000000)) | (st[i + 1] & u32(0x7FFFFFFF))
+        st[i] = st[i + _M - _N] ^ (y >> u32(1)) ^ (u32(0) - (y & u32(1))) & u32(0x9908B0DF)
+    y = (st[_N - 1] & u32(0x80000000)) | (st[0] & u32(0x7FFFFFFF))
+    st[_N - 1] = st[_M - 1] ^ (y >> u32(1)) ^ (u32(0) - (y & u32(1))) & u32(0x9908B0DF)
+    st[_N] = u32(0)
+
+@numba.njit(nogil=True, boundscheck=False, cache=True)
+def mt_words(st, out, n):
+    """The next n tempered words of the generator in ``st`` (key[624] + pos) into out[:n]."""
+    done = 0
+    while done < n:
+        pos = np.int64(st[_N])
+        if pos >= _N:
+            mt_twist(st)
+            pos = 0
+        cnt = min(_N - pos, n - done)
+        for i in range(cnt):
+            y = st[pos + i]
+            y ^= y >> u32(11)
+            y ^= (y << u32(7)) & u32(0x9D2C5680)
+            y ^= (y << u32(15)) & u32(0xEFC60000)
+            y ^= y >> u32(18)
+            out[done + i] = y
+        done += cnt
+        st[_N] = u32(pos + cnt)
+
+@numba.njit(nogil=True, boundscheck=False, cache=True)
+def randn_state(st, n, out):
+    """torch ``normal_fill`` (n >= 16) drawing from the mt19937 state ``st`` into out[:n]."""
+    words = np.empty(_BLOCKS * 16, np.uint32)
+    k1 = np.empty(_BLOCKS * 8, np.int32)
+    k2 = np.empty(_BLOCKS * 8, np.int32)
+    r = np.empty(_BLOCKS * 8, np.float32)
+    s = np.empty(_BLOCKS * 8, np.float32)
+    c = np.empty(_BLOCKS * 8, np.float32)
+    nb = n // 16
+    for b0 in range(0, nb, _BLOCKS):
+        m = min(_BLOCKS, nb - b0)
+        mt_words(st, words, m * 16)
+        fill_blocks(words, 0, m, out, b0 * 16, k1, k2, r, s, c)
+    rest = n - nb * 16
+    if rest:
+        # torch draws all n uniforms first, then 16 fresh ones whose block overwrites the
+        # last 16 outputs
+        mt_words(st, words, rest)
+        mt_words(st, words, 16)
+        tail = np.empty(16, np.float32)
+        fill_blocks(words, 0, 1, tail, 0, k1, k2, r, s, c)
+        for i in range(16):
+            out[n - 16 + i] = tail[i]
+
+@numba.njit(nogil=True, boundscheck=False, cache=True)
+def randn_seeds(seeds, n, out):
+    """out[i, :n] = randn(n) of a generator seeded with seeds[i] (uint32)."""
+    st = np.empty(_N + 1, np.uint32)
+    for i in range(seeds.shape[0]):
+        mt_seed(st, seeds[i])
+        randn_state(st, n, out[i])
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True)
+def bridge(w, z, l_diff, h_rec, z_scale, left, right):
+    """Brownian bridge split of a parent value w (torchsde, float32 as torch evaluates it):
+    left = (w * l_diff) * h_rec + z * z_scale, right = w - left. No contraction into FMAs."""
+    for i in range(w.shape[0]):
+        a = (w[i] * l_diff) * h_rec + z[i] * z_scale
+        left[i] = a
+        right[i] = w[i] - a
+
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_SS_INIT_A = np.uint64(0x43B0D7E5)
+_SS_MULT_A = np.uint64(0x931E8875)
+_SS_MIX_L = np.uint64(0xCA01F9DD)
+_SS_MIX_R = np.uint64(0x4973F715)
+_SS_SHIFT = np.uint64(16)
+
+
+@numba.njit(inline="always")
+def _hashmix(value, hash_const):
+    value = (value ^ hash_const) & _MASK32
+    hash_const = (hash_const * _SS_MULT_A) & _MASK32
+    value = (value * hash_const) & _MASK32
+    return value ^ (value >> _SS_SHIFT), hash_const
+
+
+@numba.njit(inline="always")
+def _mix(x, y):
+    r = (_SS_MIX_L * x - _SS_MIX_R * y) & _MASK32
+    return r ^ (r >> _SS_SHIFT)
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True)
+def seed_sequence_pool(entropy, pool):
+    """numpy ``SeedSequence.mix_entropy``: the pool (len(pool) words) of an assembled entropy
+    array (uint64 holding uint32 words), as numpy/random/bit_generator.pyx computes it."""
+    n = pool.shape[0]
+    hc = _SS_INIT_A
+    for i in range(n):
+        v = entropy[i] if i < entropy.shape[0] else np.uint64(0)
+        pool[i], hc = _hashmix(v, hc)
+    for i_src in range(n):
+        for i_dst in range(n):
+            if i_src != i_dst:
+                h, hc = _hashmix(pool[i_src], hc)
+                pool[i_dst] = _mix(pool[i_dst], h)
+    for i_src in range(n, entropy.shape[0]):
+        for i_dst in range(n):
+            h, hc = _hashmix(entropy[i_src], hc)
+            pool[i_dst] = _mix(pool[i_dst], h)

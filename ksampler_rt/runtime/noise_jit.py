@@ -1,0 +1,224 @@
+"""Optional compiled kernels (numba) for the hot path of :mod:`.noise`: torch's CPU ``randn``.
+
+The numpy implementation in :mod:`.noise` is the reference and stays the fallback. It needs about
+60 array passes per draw: float32 FMAs are emulated in float64 and every operation is its own numpy
+loop. With numba installed (extra ``[jit]``), the same computation runs as a few fused loops:
+
+* mt19937 (seeding, twist, tempering) works directly on the state of a numpy ``MT19937`` bit
+  generator, so the generator objects of :mod:`.noise` (their ``state``, ``random_raw``) stay the
+  one source of truth and both paths can be mixed on one stream;
+* the AVX2 Box-Muller (``log256_ps`` / ``sincos256_ps`` of ATen's ``avx_mathfun.h``) is written
+  with real float32 FMAs (``llvm.fma.f32``) at the contraction points GCC emits for torch's
+  ``NormalFill16`` (see ``_log256_ps`` / ``_sincos256_ps`` in :mod:`.noise`). An FMA is one
+  correctly rounded operation, so this is bit-identical to torch's kernel by construction. LLVM
+  gets no fast-math flags: it may neither contract nor reassociate anything else.
+
+Only the ``"avx2"`` kernel is compiled (the ``"default"`` kernel emulates glibc's ``logf`` /
+``sinf`` / ``cosf``, which numpy's float64 functions do well enough). Every kernel is checked
+against the numpy reference on first use (:func:`available`); on any mismatch or if numba is
+missing, :mod:`.noise` silently keeps the numpy path. ``KSAMPLER_RT_JIT=0`` turns the kernels
+off. The exhaustive check over all 2**24 inputs of each half of the kernel is in the tests.
+
+Compiled code is cached on disk by numba (``cache=True``; ``NUMBA_CACHE_DIR`` moves it), so only
+the first process on a machine pays the compilation (a few seconds).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numpy as np
+
+__all__ = [
+    "available", "brownian_bridge", "disable_reason", "randn_from_bitgen", "randn_seeds", "seed_sequence_pool",
+    "warm_up_in_background",
+]
+
+_ENV = "KSAMPLER_RT_JIT"
+
+_lock = threading.Lock()
+_state: dict = {"checked": False, "ok": False, "why": ""}
+
+
+def disable_reason() -> str:
+    """Why the compiled kernels are not used ("" when they are)."""
+    available()
+    return _state["why"]
+
+
+def available() -> bool:
+    """True when numba is importable, not turned off, and the kernels passed the self-check."""
+    if _state["checked"]:
+        return _state["ok"]
+    with _lock:
+        if _state["checked"]:
+            return _state["ok"]
+        ok, why = _enable()
+        _state.update(checked=True, ok=ok, why=why)
+        return ok
+
+
+def warm_up_in_background() -> None:
+    """Import numba and load (or compile) the kernels in a daemon thread, so the first sampling
+    run of a process does not wait for it (about 1.5 s with a warm cache). Idempotent."""
+    if _state["checked"] or _state.get("warming"):
+        return
+    _state["warming"] = True
+    threading.Thread(target=available, name="ksrt-jit-warm-up", daemon=True).start()
+
+
+def _enable():
+    if os.environ.get(_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False, f"{_ENV}=0"
+    try:
+        _compile()
+    except ImportError:
+        return False, "numba not installed (pip install 'ksampler-rt[jit]')"
+    except Exception as e:  # noqa: BLE001 - a numba/llvm failure must not break sampling
+        return False, f"numba compilation failed: {type(e).__name__}: {e}"
+    try:
+        _self_check()
+    except AssertionError as e:  # pragma: no cover - would mean a wrong compilation
+        return False, f"self-check failed: {e}"
+    return True, ""
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels (compiled lazily: importing this module never imports numba)
+# ---------------------------------------------------------------------------------------------
+_K: dict = {}
+
+_N = 624          # mt19937 state words
+_BLOCKS = 256     # Box-Muller blocks of 16 per chunk (as in _noise_kernels)
+
+
+def _compile() -> None:
+    if _K:
+        return
+    from . import _noise_kernels as k
+
+    _K.update(randn_state=k.randn_state, randn_seeds=k.randn_seeds, mt_words=k.mt_words,
+              mt_seed=k.mt_seed, fill_blocks=k.fill_blocks, bridge=k.bridge,
+              seed_sequence_pool=k.seed_sequence_pool)
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy MT19937 state access
+# ---------------------------------------------------------------------------------------------
+def _state_view(bg: np.random.MT19937) -> np.ndarray:
+    """uint32[625] view of numpy's ``mt19937_state {uint32_t key[624]; int pos;}`` of ``bg``.
+
+    The view aliases the bit generator's memory: keep ``bg`` alive while it is used. The layout is
+    verified against ``bg.state`` / ``random_raw`` by :func:`_self_check` before any use.
+    """
+    buf = (ctypes.c_uint32 * (_N + 1)).from_address(bg.ctypes.state_address)
+    return np.frombuffer(buf, dtype=np.uint32)
+
+
+def _self_check() -> None:
+    from . import noise as ref
+
+    # state layout and mt19937 stream, across a twist boundary, against numpy's own generator
+    a, b = np.random.MT19937(0), np.random.MT19937(0)
+    a._legacy_seeding(12345)
+    b._legacy_seeding(12345)
+    st = _state_view(a)
+    assert np.array_equal(st[:_N], b.state["state"]["key"]), "state layout (key)"
+    assert int(st[_N]) == int(b.state["state"]["pos"]), "state layout (pos)"
+    got = np.empty(1000, np.uint32)
+    _K["mt_words"](st, got, 1000)
+    assert np.array_equal(got, b.random_raw(1000).astype(np.uint32)), "mt19937 words"
+    assert np.array_equal(a.random_raw(7), b.random_raw(7)), "mt19937 state after words"
+    seeded = np.empty(_N + 1, np.uint32)
+    _K["mt_seed"](seeded, np.uint64(4294967295))
+    b._legacy_seeding(4294967295)
+    assert np.array_equal(seeded[:_N], b.state["state"]["key"]), "mt19937 seeding"
+    # Box-Muller on every 24-bit boundary value and a spread of others, against the numpy kernel
+    k = np.concatenate([np.arange(0, 4096), np.arange(2**24 - 4096, 2**24),
+                        np.linspace(0, 2**24 - 1, 8192).astype(np.int64)]).astype(np.uint32)
+    words = np.empty((k.size // 8) * 16, np.uint32).reshape(-1, 2, 8)
+    words[:, 0, :] = k.reshape(-1, 8)
+    words[:, 1, :] = k[::-1].reshape(-1, 8)
+    words = words.reshape(-1)
+    want = np.empty(words.size, np.float32)
+    ref._fill_blocks_avx2(words.reshape(-1, 16), want.reshape(-1, 16))
+    got = np.empty(words.size, np.float32)
+    for b0 in range(0, words.size // 16, _BLOCKS):
+        m = min(_BLOCKS, words.size // 16 - b0)
+        _fill_words(words[b0 * 16:(b0 + m) * 16], got[b0 * 16:(b0 + m) * 16])
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), "Box-Muller kernel"
+    # Brownian bridge: float32 operations in torch's order, no FMA contraction
+    w, z = want[:4096].copy(), want[4096:8192].copy()
+    left, right = brownian_bridge(w, z, 0.3, 1.7, 0.55)
+    ref_left = w * np.float32(0.3)
+    ref_left *= np.float32(1.7)
+    ref_left += z * np.float32(0.55)
+    assert np.array_equal(left, ref_left) and np.array_equal(right, w - ref_left), "Brownian bridge"
+    for entropy, key in ((42, ()), (2**64 - 1, (5, 3)), (0, (2**40 + 7, 41))):
+        ss = np.random.SeedSequence(entropy, spawn_key=key, pool_size=24)
+        assert np.array_equal(seed_sequence_pool(entropy, key, 24), ss.pool), "SeedSequence pool"
+
+
+def _fill_words(words: np.ndarray, out: np.ndarray) -> None:
+    """Box-Muller of whole blocks of 16 uint32 words (at most _BLOCKS blocks) into ``out``."""
+    h = _BLOCKS * 8
+    scratch = [np.empty(h, np.int32), np.empty(h, np.int32)] + [np.empty(h, np.float32) for _ in range(3)]
+    _K["fill_blocks"](words, 0, words.size // 16, out, 0, *scratch)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points used by .noise (callers check available() first)
+# ---------------------------------------------------------------------------------------------
+def randn_from_bitgen(bg: np.random.MT19937, n: int, out: np.ndarray) -> np.ndarray:
+    """torch ``normal_fill`` (AVX2 kernel, n >= 16) from numpy bit generator ``bg``, advancing it
+    exactly as ``bg.random_raw(n + (16 if n % 16 else 0))`` would. ``out``: float32, C-contiguous."""
+    if not (out.flags.c_contiguous and out.dtype == np.float32 and out.size == n):
+        raise ValueError(f"out: received {out.dtype} {out.shape}, expected a C-contiguous float32 array of {n} elements")
+    _K["randn_state"](_state_view(bg), n, out.reshape(-1))
+    return out
+
+
+def brownian_bridge(w: np.ndarray, z: np.ndarray, l_diff: float, h_rec: float, z_scale: float):
+    """(left, right) = ((w * l) * h + z * s, w - left) in float32 (torch's order), one pass.
+    w, z: C-contiguous float32 of one shape; l, h, s rounded to float32 as torch's scalars are."""
+    left = np.empty_like(w)
+    right = np.empty_like(w)
+    _K["bridge"](w.reshape(-1), z.reshape(-1), np.float32(l_diff), np.float32(h_rec), np.float32(z_scale),
+                 left.reshape(-1), right.reshape(-1))
+    return left, right
+
+
+def _uint32_words(x: int) -> list:
+    """numpy's ``_int_to_uint32_array``: little-endian 32-bit words, [0] for 0."""
+    if x == 0:
+        return [0]
+    words = []
+    while x:
+        words.append(x & 0xFFFFFFFF)
+        x >>= 32
+    return words
+
+
+def seed_sequence_pool(entropy: int, spawn_key: tuple, pool_size: int) -> np.ndarray:
+    """``np.random.SeedSequence(entropy, spawn_key=spawn_key, pool_size=pool_size).pool``
+    (non-negative int entropy and spawn key entries), without building the SeedSequence."""
+    words = _uint32_words(entropy)
+    if spawn_key:
+        words += [0] * (pool_size - len(words))  # numpy pads the run entropy when spawned
+        for k in spawn_key:
+            words += _uint32_words(int(k))
+    pool = np.empty(pool_size, np.uint64)
+    _K["seed_sequence_pool"](np.array(words, dtype=np.uint64), pool)
+    return pool
+
+
+def randn_seeds(seeds: np.ndarray, n: int, out: np.ndarray) -> np.ndarray:
+    """out[i] = torch ``randn(n)`` (AVX2 kernel, n >= 16) of a generator seeded with seeds[i]
+    (low 32 bits). ``out``: float32 [len(seeds), n], C-contiguous."""
+    s = np.asarray(seeds, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
+    if not (out.flags.c_contiguous and out.dtype == np.float32 and out.size == n * len(s)):
+        raise ValueError(f"out: received {out.dtype} {out.shape}, expected a C-contiguous float32 array "
+                         f"of {len(s)} x {n} elements")
+    _K["randn_seeds"](s, n, out.reshape(len(s), -1))
+    return out

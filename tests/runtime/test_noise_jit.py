@@ -1,0 +1,128 @@
+"""The optional numba noise kernels (runtime/noise_jit.py) against torch and the numpy reference."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ksampler_rt.runtime import noise as N
+from ksampler_rt.runtime import noise_jit
+from ksampler_rt.runtime.noise import TorchCPUGenerator, prepare_noise, randn_many
+
+pytest.importorskip("numba")
+torch = pytest.importorskip("torch")
+
+AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def test_available_with_numba():
+    assert noise_jit.available(), noise_jit.disable_reason()
+    assert noise_jit.disable_reason() == ""
+
+
+@pytest.fixture
+def numpy_only(monkeypatch):
+    """The numpy reference path of runtime/noise.py (kernels reported unavailable)."""
+    monkeypatch.setattr(noise_jit, "available", lambda: False)
+
+
+@pytest.mark.skipif(not AVX2, reason="torch on this CPU does not use the AVX2 kernel")
+@pytest.mark.parametrize("seed", [0, 7, 2**32 + 5, 2**64 - 1])
+def test_jit_randn_bit_exact_vs_torch(seed):
+    """Consecutive draws of every size class on one generator, scalar (< 16) draws in between:
+    crosses mt19937 twists, the n % 16 tail rule and the cached double normal."""
+    g = TorchCPUGenerator(seed, kernel="avx2")
+    tg = torch.Generator().manual_seed(seed)
+    for shape in [(16,), (17,), (3,), (1, 4, 64, 64), (5,), (1, 4, 3, 5), (2, 4, 9, 7), (1, 4, 128, 128),
+                  (31,), (624,), (1000,)]:
+        ours = g.randn(shape)
+        ref = torch.randn(shape, generator=tg).numpy()
+        assert ours.shape == ref.shape and ours.dtype == np.float32
+        assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), shape
+
+
+@pytest.mark.skipif(not AVX2, reason="torch on this CPU does not use the AVX2 kernel")
+def test_jit_randn_many_vs_torch():
+    seeds = [3, 2**40 + 1, 2**64 - 1, 11]
+    for shape in [(2, 3, 7), (4, 64), (1, 4, 16, 16)]:
+        many = randn_many(seeds, shape, kernel="avx2", workers=2, max_chunk=64)
+        for s, m in zip(seeds, many):
+            ref = torch.randn(shape, generator=torch.Generator().manual_seed(s)).numpy()
+            assert np.array_equal(m, ref), (s, shape)
+
+
+def test_jit_and_numpy_paths_identical(monkeypatch):
+    """Same values and the same generator state (mixing both paths on one stream)."""
+    seeds = [1, 99, 2**33 + 2]
+    shapes = [(1, 4, 24, 24), (37,), (2, 5, 16), (4,)]
+    jit_vals = [TorchCPUGenerator(s, kernel="avx2").randn(sh) for s in seeds for sh in shapes]
+    jit_many = randn_many(seeds, (3, 40), kernel="avx2")
+    g = TorchCPUGenerator(5, kernel="avx2")
+    g.randn((100,))
+    jit_state = g.get_state()
+    jit_next = g.randn((50,))
+    monkeypatch.setattr(noise_jit, "available", lambda: False)
+    np_vals = [TorchCPUGenerator(s, kernel="avx2").randn(sh) for s in seeds for sh in shapes]
+    assert all(np.array_equal(a, b) for a, b in zip(jit_vals, np_vals))
+    assert np.array_equal(jit_many, randn_many(seeds, (3, 40), kernel="avx2"))
+    h = TorchCPUGenerator(5, kernel="avx2")
+    h.randn((100,))
+    st = h.get_state()
+    assert np.array_equal(st["mt_key"], jit_state["mt_key"]) and st["mt_pos"] == jit_state["mt_pos"]
+    assert np.array_equal(h.randn((50,)), jit_next)
+    monkeypatch.undo()
+    # a state saved on the numpy path continues on the compiled one
+    resumed = TorchCPUGenerator.from_state(pickle.loads(pickle.dumps(st)))
+    assert np.array_equal(resumed.randn((50,)), jit_next)
+
+
+@pytest.mark.skipif(not AVX2, reason="torch on this CPU does not use the AVX2 kernel")
+def test_numpy_path_still_bit_exact(numpy_only):
+    for seed in (0, 2**64 - 1):
+        tg = torch.Generator().manual_seed(seed)
+        g = TorchCPUGenerator(seed, kernel="avx2")
+        for shape in [(1, 4, 32, 32), (1, 4, 3, 5)]:
+            assert np.array_equal(g.randn(shape), torch.randn(shape, generator=tg).numpy())
+    lat = np.zeros((2, 4, 8, 8), np.float32)
+    ref = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(42)).numpy()
+    assert np.array_equal(prepare_noise(lat, 42, kernel="avx2"), ref)
+
+
+def test_box_muller_kernel_exhaustive():
+    """u1 and u2 are 24-bit uniforms: the compiled Box-Muller equals the numpy kernel (itself
+    checked against the float64 reference and torch in test_noise.py) on every possible input."""
+    noise_jit.available()
+    k = np.arange(2**24, dtype=np.uint32)
+    rev = k[::-1].copy()
+    chunk = noise_jit._BLOCKS * 8
+    for c0 in range(0, 2**24, 1 << 21):
+        words = np.empty((1 << 18, 2, 8), np.uint32)
+        words[:, 0, :] = k[c0:c0 + (1 << 21)].reshape(-1, 8)
+        words[:, 1, :] = rev[c0:c0 + (1 << 21)].reshape(-1, 8)
+        flat = words.reshape(-1)
+        want = np.empty(flat.size, np.float32)
+        N._fill_blocks_avx2(flat.reshape(-1, 16), want.reshape(-1, 16))
+        got = np.empty(flat.size, np.float32)
+        for w0 in range(0, flat.size, chunk * 2):
+            noise_jit._fill_words(flat[w0:w0 + chunk * 2], got[w0:w0 + chunk * 2])
+        bad = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))
+        assert bad.size == 0, (c0, bad[:5])
+
+
+def test_out_argument_checked():
+    bg = np.random.MT19937(0)
+    with pytest.raises(ValueError, match="out: received"):
+        noise_jit.randn_from_bitgen(bg, 32, np.empty(31, np.float32))
+    with pytest.raises(ValueError, match="out: received"):
+        noise_jit.randn_seeds([1, 2], 32, np.empty((2, 64), np.float32)[:, ::2])
+
+
+def test_env_switch_off_keeps_numba_unimported():
+    code = ("import sys, numpy as np; from ksampler_rt.runtime import noise_jit, prepare_noise; "
+            "prepare_noise(np.zeros((1, 4, 8, 8), np.float32), 1); "
+            "print(noise_jit.available(), 'numba' in sys.modules, noise_jit.disable_reason())")
+    env = dict(os.environ, KSAMPLER_RT_JIT="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "KSAMPLER_RT_JIT=0"]
