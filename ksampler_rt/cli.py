@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_host_allocator()  # steady per-step host time (see its docstring); $KSAMPLER_RT_MALLOC_TUNING=0 skips
     if args.command in ("run", "serve", "demo", "bench"):
-        from .runtime import noise_jit
+        from .runtime import jit
 
-        noise_jit.warm_up_in_background()  # compiled noise kernels load while engines load
+        jit.warm_up_in_background()  # compiled noise kernels load while engines load
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:

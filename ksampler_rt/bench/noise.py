@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from ksampler_rt.runtime import noise_jit
+from ksampler_rt.runtime import jit
 from ksampler_rt.runtime.brownian import BrownianTree
 from ksampler_rt.runtime.noise import default_kernel, prepare_noise
 
@@ -25,12 +25,12 @@ from ksampler_rt.runtime.noise import default_kernel, prepare_noise
 @contextlib.contextmanager
 def _numpy_path():
     """Run runtime/noise.py on its numpy reference path (compiled kernels reported unavailable)."""
-    saved = noise_jit.available
-    noise_jit.available = lambda: False
+    saved = jit.available
+    jit.available = lambda: False
     try:
         yield
     finally:
-        noise_jit.available = saved
+        jit.available = saved
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -71,11 +71,11 @@ def main(argv=None) -> None:
         torch = None
         print("torch not installed: skipping the torch.randn peer")
     print(f"randn kernel: {default_kernel()}; compiled kernels: "
-          f"{'yes' if noise_jit.available() else 'no (' + noise_jit.disable_reason() + ')'}")
+          f"{'yes' if jit.available() else 'no (' + jit.disable_reason() + ')'}")
     for shape in [(1, 4, 64, 64), (1, 4, 128, 128)]:
         lat = np.zeros(shape, np.float32)
         ours = {}
-        if noise_jit.available():
+        if jit.available():
             ours["compiled"] = _median_ms(lambda: prepare_noise(lat, 42), args.repeats)
         with _numpy_path():
             ours["numpy"] = _median_ms(lambda: prepare_noise(lat, 42), args.repeats)
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     shape = (1, 4, 64, 64)
     t0, t1 = float(sig[-1]), float(sig[0])
     med, tot = _tree_queries(lambda: BrownianTree(t0, t1, shape, 42), sig)
-    path = "compiled" if noise_jit.available() else "numpy"
+    path = "compiled" if jit.available() else "numpy"
     line = (f"BrownianTree {list(shape)}, {args.steps - 1} decreasing queries: ours ({path}) median "
             f"{med:.2f} ms/query (total {tot:.1f} ms)")
     try:

@@ -34,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import noise_jit
+from . import jit
 from .noise import _check_kernel, _check_seed, randn_many
 
 __all__ = ["BrownianTree"]
@@ -55,8 +55,8 @@ def _seed_word0(entropy: int, spawn_key: tuple, pool_size: int) -> int:
     available (building a SeedSequence costs ~30 us). Checked against numpy in
     tests/runtime/test_brownian.py.
     """
-    if noise_jit.available() and pool_size >= len(noise_jit._uint32_words(entropy)):
-        pool0 = int(noise_jit.seed_sequence_pool(entropy, spawn_key, pool_size)[0])
+    if jit.available() and pool_size >= len(jit._uint32_words(entropy)):
+        pool0 = int(jit.seed_sequence_pool(entropy, spawn_key, pool_size)[0])
     else:
         pool0 = int(np.random.SeedSequence(entropy=entropy, spawn_key=spawn_key, pool_size=pool_size).pool[0])
     d = ((pool0 ^ _SS_INIT_B) * _SS_HASH0) & 0xFFFFFFFF
@@ -211,7 +211,7 @@ class BrownianTree:
             noises = randn_many([p.w_seed for p in order], self.shape, self.kernel,
                                 max_chunk=1 << 17)
             self.n_randn += len(order)
-            jit = noise_jit.available()
+            compiled = jit.available()
             for p, z in zip(order, noises):
                 w = known.get(p)
                 if w is None:
@@ -220,8 +220,8 @@ class BrownianTree:
                 l_diff = p.midway - p.start
                 r_diff = p.end - p.midway
                 var = l_diff * r_diff * h_rec
-                if jit:
-                    w_left, w_right = noise_jit.brownian_bridge(w, z, l_diff, h_rec, math.sqrt(var))
+                if compiled:
+                    w_left, w_right = jit.brownian_bridge(w, z, l_diff, h_rec, math.sqrt(var))
                 else:
                     w_left = np.multiply(w, _F32(l_diff))
                     w_left *= _F32(h_rec)

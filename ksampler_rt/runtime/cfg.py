@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import jit
 from .model import Model, UNetOutputError
 
 COND, UNCOND = 0, 1
@@ -89,6 +90,11 @@ class CFGDenoiser:
         self.ranged = any(e.sigma_start is not None or e.sigma_end is not None for e in self.entries)
         self._plans: dict[tuple[int, ...], tuple[list[_Call], dict[int, int]]] = {}
         self._everything = self._plan_for(tuple(range(len(self.entries))))
+        # The common case -- one call over [uncond, cond] of an eps model -- has a compiled head
+        # (runtime/jit.py: both rows' denoised values and the guidance in one pass, same floats).
+        calls, counts = self._everything
+        self._fusable = (not self.ranged and len(calls) == 1 and sorted(calls[0].kinds) == [COND, UNCOND]
+                         and self.model_sampling.prediction == "eps")
 
     # -- layout, once per sampling run -----------------------------------------------------
     def _entries(self, conditioning: list, kind: int, latent_hw: tuple[int, int]) -> list[_Entry]:
@@ -183,11 +189,34 @@ class CFGDenoiser:
 
     def with_uncond(self, x: np.ndarray, sigma) -> tuple[np.ndarray, np.ndarray]:
         """(CFG result, uncond denoised); uncond is zeros when cfg == 1 skipped it (as ComfyUI)."""
+        if self._fusable and jit.available():
+            return self._with_uncond_compiled(x, sigma)
         preds = self._predictions(x, sigma)
         # a list with no entry active at this sigma contributes zeros, as in ComfyUI
         cond = preds[COND] if COND in preds else np.zeros_like(x)
         uncond = preds[UNCOND] if UNCOND in preds else np.zeros_like(cond)
-        return uncond + (cond - uncond) * np.float32(self.cfg), uncond
+        guided = cond - uncond  # in place from here: the same floats as uncond + (cond - uncond) * cfg
+        guided *= np.float32(self.cfg)
+        guided += uncond
+        return guided, uncond
+
+    def _with_uncond_compiled(self, x: np.ndarray, sigma) -> tuple[np.ndarray, np.ndarray]:
+        """with_uncond for the one-call [uncond, cond] eps case, same values as the numpy path."""
+        call = self._everything[0][0]
+        s = np.float32(sigma)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        x_scaled = self.model_sampling.calculate_input(s, x)  # both row groups see the same c_in * x
+        x_in = np.concatenate([x_scaled, x_scaled])
+        kwargs = {} if call.y is None else {"y": call.y}
+        try:
+            out = self.inner.unet_output(x_in, np.full(x_in.shape[0], s, dtype=np.float32), call.context,
+                                         check_finite=False, **kwargs)
+            return jit.cfg_eps(x, np.ascontiguousarray(out), s, self.cfg, uncond_first=call.kinds[0] == UNCOND)
+        except jit.NonFiniteOutput as exc:
+            raise UNetOutputError(f"{self._where(sigma)}: the UNet returned {exc.count} non-finite values "
+                                  "(NaN or inf)") from None
+        except UNetOutputError as exc:
+            raise UNetOutputError(f"{self._where(sigma)}: {exc}") from exc
 
     def __call__(self, x: np.ndarray, sigma) -> np.ndarray:
         return self.with_uncond(x, sigma)[0]

@@ -53,18 +53,23 @@ class Model:
         Always a new array (never the UNet's output buffer): the CFG denoiser hands views of it to the
         samplers, some of which keep them across steps."""
         ms = self.model_sampling
-        x_in = ms.calculate_input(sigma, x)
-        timestep = ms.timestep(sigma)
-        out = self.unet(x_in, timestep, context, **kwargs)
-        out = np.asarray(out)
-        if out.shape != x.shape:
-            raise UNetOutputError(f"the UNet returned shape {out.shape}, expected {x.shape} (the shape of its input)")
+        out = self.unet_output(ms.calculate_input(sigma, x), sigma, context, **kwargs)
+        return ms.calculate_denoised(sigma, out, x)
+
+    def unet_output(self, x_in: np.ndarray, sigma: np.ndarray, context: np.ndarray, *,
+                    check_finite: bool = True, **kwargs) -> np.ndarray:
+        """The UNet's raw prediction (float32, x_in's shape) for an already c_in-scaled batch, at
+        ComfyUI's nearest-index timestep of ``sigma``; raises :class:`UNetOutputError` on a wrong
+        shape or (with ``check_finite``) on NaN / inf."""
+        out = np.asarray(self.unet(x_in, self.model_sampling.timestep(sigma), context, **kwargs))
+        if out.shape != x_in.shape:
+            raise UNetOutputError(f"the UNet returned shape {out.shape}, expected {x_in.shape} (the shape of its input)")
         if out.dtype != np.float32:
             out = out.astype(np.float32)
-        if not np.isfinite(out).all():
+        if check_finite and not np.isfinite(out).all():
             bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
             raise UNetOutputError(f"the UNet returned {bad} non-finite values (NaN or inf)")
-        return ms.calculate_denoised(sigma, out, x)
+        return out
 
     def __repr__(self) -> str:
         return f"Model(family={self.family.name!r}, prediction={self.family.prediction!r}, unet={self.unet!r})"

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import noise_jit
+from . import jit
 
 __all__ = [
     "TorchCPUGenerator",
@@ -623,8 +623,8 @@ class TorchCPUGenerator:
         shape = _check_shape(shape)
         n = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if n >= 16:
-            if self.kernel == "avx2" and noise_jit.available():
-                return noise_jit.randn_from_bitgen(self._bg, n, np.empty(shape, _F32))
+            if self.kernel == "avx2" and jit.available():
+                return jit.randn_from_bitgen(self._bg, n, np.empty(shape, _F32))
             raw = self._random_u32(n + (16 if n % 16 else 0))
             return _normal_fill_raw(raw, n, self.kernel).reshape(shape)
         vals = [self._normal_double() for _ in range(n)]  # < 16 elements
@@ -691,8 +691,8 @@ def _pool(workers: int):
 
 
 def _randn_chunk(seeds, n: int, kernel: str, out: np.ndarray) -> None:
-    if kernel == "avx2" and out.flags.c_contiguous and noise_jit.available():
-        noise_jit.randn_seeds(np.asarray(seeds, dtype=np.uint64), n, out)
+    if kernel == "avx2" and out.flags.c_contiguous and jit.available():
+        jit.randn_seeds(np.asarray(seeds, dtype=np.uint64), n, out)
         return
     tail = n % 16 != 0
     m = n + (16 if tail else 0)

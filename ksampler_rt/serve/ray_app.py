@@ -197,13 +197,13 @@ class KSamplerReplica:
     """One replica: a Pipeline with loaded engines, executing prompts and streaming their events."""
 
     def __init__(self, config: dict | None = None):
-        from ..runtime import noise_jit
+        from ..runtime import jit
         from ..runtime.host_memory import tune_host_allocator
         from ..workflow.pipeline import Pipeline
         from .worker import LocalWorker
 
         tune_host_allocator()  # a replica is a process of its own, not started by the ksampler-rt command
-        noise_jit.warm_up_in_background()
+        jit.warm_up_in_background()
 
         self.config = RayAppConfig(**(config or {}))
         c = self.config

@@ -126,13 +126,13 @@ def test_tree_errors():
 
 @pytest.mark.parametrize("compiled", [True, False])
 def test_seed_word0_matches_numpy_seedsequence(compiled, monkeypatch):
-    from ksampler_rt.runtime import noise_jit
+    from ksampler_rt.runtime import jit
     from ksampler_rt.runtime.brownian import _seed_word0
 
-    if compiled and not noise_jit.available():
-        pytest.skip(noise_jit.disable_reason())
+    if compiled and not jit.available():
+        pytest.skip(jit.disable_reason())
     if not compiled:
-        monkeypatch.setattr(noise_jit, "available", lambda: False)
+        monkeypatch.setattr(jit, "available", lambda: False)
     rng = np.random.default_rng(0)
     for i in range(300):
         e = int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2))

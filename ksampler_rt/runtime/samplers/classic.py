@@ -16,7 +16,7 @@ from scipy import integrate
 
 from .common import (
     F32, ei_h_phi_1, ei_h_phi_2, exp, expm1, f32, get_ancestral_step, half_log_snr_to_sigma, lerp, log, notify,
-    offset_first_sigma_for_snr, sigma_to_half_log_snr, sqrt, to_d, torch_linspace,
+    offset_first_sigma_for_snr, schedule_cached, sigma_to_half_log_snr, sqrt, to_d, torch_linspace,
 )
 from .registry import SamplerSpec
 
@@ -192,12 +192,18 @@ def linear_multistep_coeff(order: int, t: np.ndarray, i: int, j: int) -> float:
     return integrate.quad(basis, t[i], t[i + 1], epsrel=1e-4)[0]
 
 
+@schedule_cached()
+def lms_coefficients(t: np.ndarray, order: int) -> list:
+    """Every step's Adams-Bashforth weights (newest slope first; none for a step to sigma 0)."""
+    return [[linear_multistep_coeff(min(i + 1, order), t, i, j) for j in range(min(i + 1, order))]
+            if t[i + 1] != 0 else [] for i in range(len(t) - 1)]
+
+
 def sample_lms(model, x, sigmas, noise, callback=None, order=4):
     """Linear multistep (order 4) on the Karras ODE; the last step returns D.
     The coefficients depend on the schedule only, so they are all computed before the first model call."""
     t = np.asarray(sigmas, dtype=F32)
-    coeffs = [[linear_multistep_coeff(min(i + 1, order), t, i, j) for j in range(min(i + 1, order))]
-              if t[i + 1] != 0 else [] for i in range(len(t) - 1)]
+    coeffs = lms_coefficients(t, order)
     ds = []
     for i in range(len(sigmas) - 1):
         sigma = f32(sigmas[i])

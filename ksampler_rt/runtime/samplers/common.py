@@ -7,11 +7,62 @@ are a square / a square root in torch, so they are written that way here.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
 F32 = np.float32
+
+
+def _cache_key(arg):
+    if isinstance(arg, np.ndarray):
+        return ("ndarray", arg.dtype.str, arg.shape, arg.tobytes())
+    return (type(arg).__name__, arg)
+
+
+def _read_only(value):
+    """Make the arrays in a cached result read-only (a caller writing into one would corrupt the cache)."""
+    if isinstance(value, np.ndarray):
+        value.setflags(write=False)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _read_only(v)
+    elif dataclasses.is_dataclass(value):
+        for field in dataclasses.fields(value):
+            _read_only(getattr(value, field.name))
+    return value
+
+
+def schedule_cached(maxsize: int = 256):
+    """Memoise a pure function of the sigma schedule (arrays keyed by dtype, shape and bytes; other
+    arguments by type and value). Coefficient tables that depend on nothing but the schedule are
+    then computed once per distinct schedule, not once per run: a server repeating the same steps,
+    scheduler and denoise pays them once. Results are returned read-only and shared."""
+    def decorate(fn):
+        cache: OrderedDict = OrderedDict()
+        lock = threading.Lock()
+
+        @functools.wraps(fn)
+        def cached(*args):
+            key = tuple(_cache_key(a) for a in args)
+            with lock:
+                if key in cache:
+                    cache.move_to_end(key)
+                    return cache[key]
+            value = _read_only(fn(*args))
+            with lock:
+                cache[key] = value
+                while len(cache) > maxsize:
+                    cache.popitem(last=False)
+            return value
+
+        cached.cache_clear = cache.clear
+        return cached
+    return decorate
 
 
 def f32(value) -> np.float32:

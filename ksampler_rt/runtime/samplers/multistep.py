@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import F32, get_ancestral_step, to_d
+from .common import F32, get_ancestral_step, schedule_cached, to_d
 from .registry import SamplerSpec
 
 
@@ -93,13 +93,20 @@ def _ipndm_v_coeffs(sigmas: np.ndarray, i: int, order: int) -> tuple:
             -temp2 * ratio * h1 / h2)
 
 
+@schedule_cached()
+def _ipndm_v_table(sigmas: np.ndarray, max_order: int) -> list:
+    """Every step's variable-step weights (None for a step to sigma 0)."""
+    n = len(sigmas) - 1
+    return [_ipndm_v_coeffs(sigmas, i, min(max_order, i + 1)) if sigmas[i + 1] != 0 else None for i in range(n)]
+
+
 def sample_ipndm_v(model, x, sigmas, noise=None, callback=None, max_order=4):
     """iPNDM with weights re-derived for non-uniform steps (order up to 4).
 
     Reference: ComfyUI ``sample_ipndm_v``; Zhang & Chen 2022 (arXiv:2204.13902)."""
     sigmas = np.asarray(sigmas, dtype=F32)
     n = len(sigmas) - 1
-    coeffs = [_ipndm_v_coeffs(sigmas, i, min(max_order, i + 1)) if sigmas[i + 1] != 0 else None for i in range(n)]
+    coeffs = _ipndm_v_table(sigmas, max_order)
     history: list = []
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -134,6 +141,7 @@ def _linspace_f32(start, end, n: int) -> np.ndarray:
     return np.where(np.arange(n) < half, start + step * idx, end - step * (F32(n - 1) - idx)).astype(F32)
 
 
+@schedule_cached()
 def deis_coefficients(sigmas: np.ndarray, max_order: int = 3, n_points: int = 10000) -> list:
     """The 'tab' DEIS table: for each step with order >= 2, the integrals over [t_i, t_{i+1}] of
     the VP exponential-integrator weight times each Lagrange basis polynomial through the

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .common import F32, half_log_snr_to_sigma, sigma_to_half_log_snr
+from .common import F32, half_log_snr_to_sigma, schedule_cached, sigma_to_half_log_snr
 from .registry import SamplerSpec
 
 
@@ -189,6 +189,7 @@ def _exponential_coeffs(s, t, order: int, tau: float) -> np.ndarray:
     return np.tril(np.exp(log_coeff) * signs) @ terms
 
 
+@schedule_cached(maxsize=1024)
 def sa_b_coeffs(sigma_next, lambdas, lam_s, lam_t, tau: float) -> np.ndarray:
     """b_i of the stochastic Adams step from lam_s to lam_t (SA-Solver eqs. 15 and 18): the
     integrals of the Lagrange basis through ``lambdas``, weighted by alpha_t.

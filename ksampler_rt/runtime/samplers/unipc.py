@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import F32
+from .common import F32, schedule_cached
 from .registry import SamplerSpec
 
 
@@ -105,6 +105,7 @@ def _dot(weights, tensors):
     return acc
 
 
+@schedule_cached()
 def unipc_plan(t: np.ndarray, variant: str = "bh1") -> list:
     """One _Update per step k = 1..steps: the order ramps up over the first steps and drops
     near the end (ComfyUI ``UniPC.sample`` with method='multistep', lower_order_final=True)."""

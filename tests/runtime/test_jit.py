@@ -1,4 +1,4 @@
-"""The optional numba noise kernels (runtime/noise_jit.py) against torch and the numpy reference."""
+"""The optional numba noise kernels (runtime/jit.py) against torch and the numpy reference."""
 import os
 import pickle
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ksampler_rt.runtime import noise as N
-from ksampler_rt.runtime import noise_jit
+from ksampler_rt.runtime import jit
 from ksampler_rt.runtime.noise import TorchCPUGenerator, prepare_noise, randn_many
 
 pytest.importorskip("numba")
@@ -18,14 +18,14 @@ AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def test_available_with_numba():
-    assert noise_jit.available(), noise_jit.disable_reason()
-    assert noise_jit.disable_reason() == ""
+    assert jit.available(), jit.disable_reason()
+    assert jit.disable_reason() == ""
 
 
 @pytest.fixture
 def numpy_only(monkeypatch):
     """The numpy reference path of runtime/noise.py (kernels reported unavailable)."""
-    monkeypatch.setattr(noise_jit, "available", lambda: False)
+    monkeypatch.setattr(jit, "available", lambda: False)
 
 
 @pytest.mark.skipif(not AVX2, reason="torch on this CPU does not use the AVX2 kernel")
@@ -63,7 +63,7 @@ def test_jit_and_numpy_paths_identical(monkeypatch):
     g.randn((100,))
     jit_state = g.get_state()
     jit_next = g.randn((50,))
-    monkeypatch.setattr(noise_jit, "available", lambda: False)
+    monkeypatch.setattr(jit, "available", lambda: False)
     np_vals = [TorchCPUGenerator(s, kernel="avx2").randn(sh) for s in seeds for sh in shapes]
     assert all(np.array_equal(a, b) for a, b in zip(jit_vals, np_vals))
     assert np.array_equal(jit_many, randn_many(seeds, (3, 40), kernel="avx2"))
@@ -93,10 +93,10 @@ def test_numpy_path_still_bit_exact(numpy_only):
 def test_box_muller_kernel_exhaustive():
     """u1 and u2 are 24-bit uniforms: the compiled Box-Muller equals the numpy kernel (itself
     checked against the float64 reference and torch in test_noise.py) on every possible input."""
-    noise_jit.available()
+    jit.available()
     k = np.arange(2**24, dtype=np.uint32)
     rev = k[::-1].copy()
-    chunk = noise_jit._BLOCKS * 8
+    chunk = jit._BLOCKS * 8
     for c0 in range(0, 2**24, 1 << 21):
         words = np.empty((1 << 18, 2, 8), np.uint32)
         words[:, 0, :] = k[c0:c0 + (1 << 21)].reshape(-1, 8)
@@ -106,7 +106,7 @@ def test_box_muller_kernel_exhaustive():
         N._fill_blocks_avx2(flat.reshape(-1, 16), want.reshape(-1, 16))
         got = np.empty(flat.size, np.float32)
         for w0 in range(0, flat.size, chunk * 2):
-            noise_jit._fill_words(flat[w0:w0 + chunk * 2], got[w0:w0 + chunk * 2])
+            jit._fill_words(flat[w0:w0 + chunk * 2], got[w0:w0 + chunk * 2])
         bad = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))
         assert bad.size == 0, (c0, bad[:5])
 
@@ -114,15 +114,62 @@ def test_box_muller_kernel_exhaustive():
 def test_out_argument_checked():
     bg = np.random.MT19937(0)
     with pytest.raises(ValueError, match="out: received"):
-        noise_jit.randn_from_bitgen(bg, 32, np.empty(31, np.float32))
+        jit.randn_from_bitgen(bg, 32, np.empty(31, np.float32))
     with pytest.raises(ValueError, match="out: received"):
-        noise_jit.randn_seeds([1, 2], 32, np.empty((2, 64), np.float32)[:, ::2])
+        jit.randn_seeds([1, 2], 32, np.empty((2, 64), np.float32)[:, ::2])
 
 
 def test_env_switch_off_keeps_numba_unimported():
-    code = ("import sys, numpy as np; from ksampler_rt.runtime import noise_jit, prepare_noise; "
+    code = ("import sys, numpy as np; from ksampler_rt.runtime import jit, prepare_noise; "
             "prepare_noise(np.zeros((1, 4, 8, 8), np.float32), 1); "
-            "print(noise_jit.available(), 'numba' in sys.modules, noise_jit.disable_reason())")
+            "print(jit.available(), 'numba' in sys.modules, jit.disable_reason())")
     env = dict(os.environ, KSAMPLER_RT_JIT="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "KSAMPLER_RT_JIT=0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled CFG head (runtime/cfg.py) against the numpy path
+# ---------------------------------------------------------------------------------------------
+from ksampler_rt.runtime import Model, ksampler  # noqa: E402
+from ksampler_rt.runtime.cfg import CFGDenoiser  # noqa: E402
+from ksampler_rt.runtime.model import UNetOutputError  # noqa: E402
+
+
+def _conditioning(value, tokens=77, width=768):
+    rng = np.random.default_rng(int(value * 10) + 30)
+    return [[rng.standard_normal((1, tokens, width)).astype(np.float32), {}]]
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "uni_pc",
+                                  "dpmpp_2m_cfg_pp", "lms", "ipndm"])
+def test_ksampler_compiled_and_numpy_paths_identical(name, analytic_unet_cls, monkeypatch):
+    model = Model(analytic_unet_cls(), "sd15")
+    latent = {"samples": np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)}
+    args = (model, 7, 6, 7.5, name, "karras", _conditioning(1.0), _conditioning(-1.0), latent)
+    fused_calls = []
+    real = jit.cfg_eps
+    monkeypatch.setattr(jit, "cfg_eps", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    compiled = ksampler(*args, denoise=0.9)["samples"]
+    assert fused_calls, "the compiled CFG head was not used"
+    monkeypatch.setattr(jit, "available", lambda: False)
+    reference = ksampler(*args, denoise=0.9)["samples"]
+    assert np.array_equal(compiled, reference)
+
+
+def test_compiled_head_uncond_order_and_errors(analytic_unet_cls):
+    model = Model(analytic_unet_cls(), "sd15")
+    x = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    sigma = np.float32(3.25)
+    d = CFGDenoiser(model, _conditioning(1.0), _conditioning(-1.0), 6.0, 1, (8, 8))
+    assert d._fusable
+    guided, uncond = d.with_uncond(x, sigma)
+    preds = d._predictions(x, sigma)  # the numpy path's per-kind denoised values
+    assert np.array_equal(uncond, preds[1])
+    assert np.array_equal(guided, preds[1] + (preds[0] - preds[1]) * np.float32(6.0))
+    bad = Model(lambda x, t, c, **k: np.where(np.arange(x.size).reshape(x.shape) == 5, np.inf, 0).astype(np.float32),
+                "sd15")
+    sigmas = np.array([14.6, 7.0, 0.0], np.float32)
+    d = CFGDenoiser(bad, _conditioning(1.0), _conditioning(-1.0), 5.0, 1, (8, 8), sigmas=sigmas)
+    with pytest.raises(UNetOutputError, match=r"step 2 of 2 \(sigma=7\): the UNet returned 1 non-finite"):
+        d(x, sigmas[1])

@@ -1,23 +1,27 @@
-"""Optional compiled kernels (numba) for the hot path of :mod:`.noise`: torch's CPU ``randn``.
+"""Optional compiled kernels (numba, extra ``[jit]``) for the runtime's hottest host loops.
 
-The numpy implementation in :mod:`.noise` is the reference and stays the fallback. It needs about
-60 array passes per draw: float32 FMAs are emulated in float64 and every operation is its own numpy
-loop. With numba installed (extra ``[jit]``), the same computation runs as a few fused loops:
+The numpy code stays the reference and the fallback; every kernel here computes the same float32
+operations in the same order, fused into one or a few loops, so results are bit-identical:
 
-* mt19937 (seeding, twist, tempering) works directly on the state of a numpy ``MT19937`` bit
-  generator, so the generator objects of :mod:`.noise` (their ``state``, ``random_raw``) stay the
-  one source of truth and both paths can be mixed on one stream;
-* the AVX2 Box-Muller (``log256_ps`` / ``sincos256_ps`` of ATen's ``avx_mathfun.h``) is written
-  with real float32 FMAs (``llvm.fma.f32``) at the contraction points GCC emits for torch's
-  ``NormalFill16`` (see ``_log256_ps`` / ``_sincos256_ps`` in :mod:`.noise`). An FMA is one
-  correctly rounded operation, so this is bit-identical to torch's kernel by construction. LLVM
-  gets no fast-math flags: it may neither contract nor reassociate anything else.
+* torch's CPU ``randn`` (:mod:`.noise`). In numpy it needs about 60 array passes per draw (float32
+  FMAs emulated in float64, one numpy loop per operation). Here:
+  - mt19937 (seeding, twist, tempering) works directly on the state of a numpy ``MT19937`` bit
+    generator, so the generator objects of :mod:`.noise` (their ``state``, ``random_raw``) stay
+    the one source of truth and both paths can be mixed on one stream;
+  - the AVX2 Box-Muller (``log256_ps`` / ``sincos256_ps`` of ATen's ``avx_mathfun.h``) is
+    written with real float32 FMAs (``llvm.fma.f32``) at the contraction points GCC emits for
+    torch's ``NormalFill16`` (see ``_log256_ps`` / ``_sincos256_ps`` in :mod:`.noise`). An FMA
+    is one correctly rounded operation, so this is bit-identical to torch's kernel by
+    construction. LLVM gets no fast-math flags: it may neither contract nor reassociate
+    anything else. Only the ``"avx2"`` kernel is compiled;
+* the Brownian tree's bridge and numpy's ``SeedSequence`` pool mixing (:mod:`.brownian`);
+* the CFG head of an eps model (:mod:`.cfg`): both rows' denoised values, the guidance
+  combination and the UNet output's finiteness check in one pass.
 
-Only the ``"avx2"`` kernel is compiled (the ``"default"`` kernel emulates glibc's ``logf`` /
-``sinf`` / ``cosf``, which numpy's float64 functions do well enough). Every kernel is checked
-against the numpy reference on first use (:func:`available`); on any mismatch or if numba is
-missing, :mod:`.noise` silently keeps the numpy path. ``KSAMPLER_RT_JIT=0`` turns the kernels
-off. The exhaustive check over all 2**24 inputs of each half of the kernel is in the tests.
+Every kernel is checked against the numpy code on first use (:func:`available`); on any mismatch
+or if numba is missing, the runtime silently keeps the numpy path (:func:`disable_reason` says
+why). ``KSAMPLER_RT_JIT=0`` turns the kernels off. The exhaustive checks (all 2**24 inputs of
+each half of the Box-Muller kernel) are in the tests.
 
 Compiled code is cached on disk by numba (``cache=True``; ``NUMBA_CACHE_DIR`` moves it), so only
 the first process on a machine pays the compilation (a few seconds).
@@ -32,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "available", "brownian_bridge", "disable_reason", "randn_from_bitgen", "randn_seeds", "seed_sequence_pool",
+    "cfg_eps", "NonFiniteOutput",
     "warm_up_in_background",
 ]
 
@@ -90,17 +95,17 @@ def _enable():
 _K: dict = {}
 
 _N = 624          # mt19937 state words
-_BLOCKS = 256     # Box-Muller blocks of 16 per chunk (as in _noise_kernels)
+_BLOCKS = 256     # Box-Muller blocks of 16 per chunk (as in _jit_kernels)
 
 
 def _compile() -> None:
     if _K:
         return
-    from . import _noise_kernels as k
+    from . import _jit_kernels as k
 
     _K.update(randn_state=k.randn_state, randn_seeds=k.randn_seeds, mt_words=k.mt_words,
               mt_seed=k.mt_seed, fill_blocks=k.fill_blocks, bridge=k.bridge,
-              seed_sequence_pool=k.seed_sequence_pool)
+              seed_sequence_pool=k.seed_sequence_pool, cfg_eps=k.cfg_eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +163,19 @@ def _self_check() -> None:
     for entropy, key in ((42, ()), (2**64 - 1, (5, 3)), (0, (2**40 + 7, 41))):
         ss = np.random.SeedSequence(entropy, spawn_key=key, pool_size=24)
         assert np.array_equal(seed_sequence_pool(entropy, key, 24), ss.pool), "SeedSequence pool"
+    # CFG head against the numpy expressions of model_sampling / cfg
+    x = want[:2048].reshape(2, 1, 32, 32).copy()
+    out = want[2048:6144].reshape(4, 1, 32, 32).copy()
+    sigma, cfg = np.float32(2.5), np.float32(7.5)
+    res, unc = cfg_eps(x, out, sigma, cfg, uncond_first=True)
+    d = x[None] - out.reshape(2, 2, 1, 32, 32) * sigma
+    assert np.array_equal(unc, d[0]) and np.array_equal(res, d[0] + (d[1] - d[0]) * cfg), "CFG head"
+    out[3, 0, 5, 7] = np.inf
+    try:
+        cfg_eps(x, out, sigma, cfg, uncond_first=False)
+        raise AssertionError("CFG head: non-finite output not reported")
+    except NonFiniteOutput as e:
+        assert e.count == 1, "CFG head: non-finite count"
 
 
 def _fill_words(words: np.ndarray, out: np.ndarray) -> None:
@@ -211,6 +229,34 @@ def seed_sequence_pool(entropy: int, spawn_key: tuple, pool_size: int) -> np.nda
     pool = np.empty(pool_size, np.uint64)
     _K["seed_sequence_pool"](np.array(words, dtype=np.uint64), pool)
     return pool
+
+
+class NonFiniteOutput(ValueError):
+    """The UNet output handed to :func:`cfg_eps` holds ``count`` NaN or inf values."""
+
+    def __init__(self, count: int):
+        super().__init__(f"{count} non-finite values (NaN or inf)")
+        self.count = count
+
+
+def cfg_eps(x: np.ndarray, out: np.ndarray, sigma, cfg, uncond_first: bool):
+    """CFG of an eps model from one UNet call over [uncond rows, cond rows] (or cond first).
+
+    For each row pair: ``d = x - out * sigma`` (ComfyUI's ``calculate_denoised``), then
+    ``uncond + (cond - uncond) * cfg``. Returns (guided, uncond denoised), fresh float32 arrays of
+    x's shape; raises :class:`NonFiniteOutput` if ``out`` holds NaN or inf. x: [B, ...] float32,
+    out: [2B, ...] float32, both C-contiguous."""
+    if not (x.flags.c_contiguous and out.flags.c_contiguous and x.dtype == np.float32
+            and out.dtype == np.float32 and out.size == 2 * x.size):
+        raise ValueError(f"x, out: received {x.dtype} {x.shape} and {out.dtype} {out.shape}, expected "
+                         "C-contiguous float32 arrays, out with twice x's rows")
+    guided = np.empty_like(x)
+    uncond = np.empty_like(x)
+    finite = _K["cfg_eps"](x.reshape(-1), out.reshape(-1), np.float32(sigma), np.float32(cfg),
+                           bool(uncond_first), guided.reshape(-1), uncond.reshape(-1))
+    if not finite:
+        raise NonFiniteOutput(int(out.size - np.count_nonzero(np.isfinite(out))))
+    return guided, uncond
 
 
 def randn_seeds(seeds: np.ndarray, n: int, out: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""numba kernels of :mod:`.noise_jit` (imported only through it; see there).
+"""numba kernels of :mod:`.jit` (imported only through it; see there).
 
 Defined at module level so numba's on-disk cache (``cache=True``) finds them again in the next
 process. Importing this module imports numba.
@@ -246,3 +246,25 @@ def seed_sequence_pool(entropy, pool):
         for i_dst in range(n):
             h, hc = _hashmix(entropy[i_src], hc)
             pool[i_dst] = _mix(pool[i_dst], h)
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True)
+def cfg_eps(x, out, sigma, cfg, uncond_first, guided, uncond):
+    """One pass of: d_u = x - out_u * sigma, d_c = x - out_c * sigma, guided = d_u + (d_c - d_u) * cfg.
+    Returns False if out holds a NaN or inf (v - v != 0 exactly then; an AND reduction keeps the
+    loop vectorised, a count would not)."""
+    n = x.shape[0]
+    ou = 0 if uncond_first else n
+    oc = n - ou
+    eus = out[ou:ou + n]
+    ecs = out[oc:oc + n]
+    finite = True
+    for i in range(n):
+        eu = eus[i]
+        ec = ecs[i]
+        finite &= (eu - eu == 0) & (ec - ec == 0)
+        du = x[i] - eu * sigma
+        dc = x[i] - ec * sigma
+        uncond[i] = du
+        guided[i] = du + (dc - du) * cfg
+    return finite
