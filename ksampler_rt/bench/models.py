@@ -13,7 +13,7 @@
   (exported into the cache on first use).
 
 Built folders and exports live under ``$KSAMPLER_RT_CACHE`` (default ``~/.cache/ksampler-rt``):
-``bench/<name>-r<recipe>`` and ``exports/bench-<name>-r<recipe>``. Same recipe -> same weights
+``bench/<name>-r<recipe>`` and ``exports/bench-<name>-r<recipe>-e<exporter revision>``. Same recipe -> same weights
 (every tensor is drawn from its own seeded generator, as the tiny fixtures).
 """
 from __future__ import annotations
@@ -127,7 +127,9 @@ def ensure_source(name: str, log: Callable[[str], None] = print) -> Path:
 
 
 def _export_into_cache(source: Path, key: str, log: Callable[[str], None]) -> Path:
-    export_dir = cache_root() / "exports" / key
+    from ..export.manifest import EXPORTER_REVISION
+
+    export_dir = cache_root() / "exports" / f"{key}-e{EXPORTER_REVISION}"  # a new exporter re-exports
     if (export_dir / "manifest.json").is_file():
         return export_dir
     from ..export.onnx_export import export_model

@@ -6,8 +6,9 @@ import os
 
 FORMAT = "ksampler-rt-export"
 FORMAT_VERSION = 1
-# What this exporter writes inside format 1; bumped when models gain outputs (2: every CLIP hidden layer).
-EXPORTER_REVISION = 2
+# What this exporter writes inside format 1; bumped when the graphs change (2: every CLIP hidden layer;
+# 3: the all-zero attention masks of torch's SDPA export are dropped).
+EXPORTER_REVISION = 3
 MANIFEST_NAME = "manifest.json"
 
 REQUIRED_KEYS = ("format", "format_version", "family", "prediction", "latent_channels", "latent_scale",

@@ -91,11 +91,87 @@ def torch_export(spec: ModelSpec, path: str, opset: int, exporter: str = "torchs
                                   do_constant_folding=False, export_params=True)
 
 
+def _is_zero_tensor(name: str, producers: dict) -> bool:
+    """Whether ``name`` is ConstantOfShape(value 0), possibly times something (a float zero times a
+    finite scale is zero): the empty attention mask torch's SDPA export materialises."""
+    from onnx import numpy_helper
+
+    node = producers.get(name)
+    if node is None:
+        return False
+    if node.op_type == "Mul":
+        return any(_is_zero_tensor(i, producers) for i in node.input)
+    if node.op_type != "ConstantOfShape":
+        return False
+    for attr in node.attribute:
+        if attr.name == "value":
+            return not numpy_helper.to_array(attr.t).any()
+    return True  # ConstantOfShape's default value is a float zero
+
+
+def _names_used(graph) -> set:
+    """Every tensor name a node of ``graph`` reads, subgraphs (If / Loop bodies) included."""
+    import onnx
+
+    used = set()
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subgraphs:
+                used |= _names_used(sub)
+    return used
+
+
+def drop_zero_bias_adds(model) -> int:
+    """Bypass every ``Add(x, zeros)`` whose zeros come from ConstantOfShape(0) (x + 0 == x; only a
+    -0.0 turns into +0.0, which attention scores cannot tell apart), then prune what fed them.
+
+    torch's SDPA export adds such an all-zero mask of [batch*heads, L, S] to every attention's scores;
+    ONNX Runtime computes and adds it each call (7 % of a half-width SD1.5 UNet call at 32x32 latents
+    on a 2-core CPU). The export's validation runs on the result, so a broadcasting Add this would
+    wrongly drop fails there. Returns the number of Adds bypassed."""
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    rename, dropped = {}, []
+    for node in graph.node:
+        if node.op_type != "Add" or node.output[0] in outputs:
+            continue
+        a, b = node.input
+        if _is_zero_tensor(b, producers):
+            rename[node.output[0]] = a
+        elif _is_zero_tensor(a, producers):
+            rename[node.output[0]] = b
+        else:
+            continue
+        dropped.append(node)
+    if not dropped:
+        return 0
+    for node in dropped:
+        graph.node.remove(node)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[k] = name
+    while True:  # prune nodes whose outputs nothing uses any more (the masks and their shape maths)
+        used = _names_used(graph) | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    return len(dropped)
+
+
 def finalize_onnx(scratch_path: str, final_path: str, spec: ModelSpec):
-    """Re-save into the output dir (one external-data file if > 2 GB), name the dims, build initializer_map."""
+    """Re-save into the output dir (one external-data file if > 2 GB), name the dims, drop the
+    zero attention masks, build initializer_map."""
     import onnx
 
     model = onnx.load(scratch_path, load_external_data=True)
+    drop_zero_bias_adds(model)
     # symbolic names on graph I/O, so consumers (TensorRT profiles) see B/h/w/T
     for vi, spec_io in zip(list(model.graph.input) + list(model.graph.output), spec.inputs + spec.outputs):
         for d, s in zip(vi.type.tensor_type.shape.dim, spec_io["shape"]):

@@ -173,3 +173,15 @@ def test_compiled_head_uncond_order_and_errors(analytic_unet_cls):
     d = CFGDenoiser(bad, _conditioning(1.0), _conditioning(-1.0), 5.0, 1, (8, 8), sigmas=sigmas)
     with pytest.raises(UNetOutputError, match=r"step 2 of 2 \(sigma=7\): the UNet returned 1 non-finite"):
         d(x, sigmas[1])
+
+
+def test_self_check_failure_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(jit, "_state", {"checked": False, "ok": False, "why": ""})
+    monkeypatch.setattr(jit, "_self_check", lambda: jit._expect(False, "Box-Muller kernel"))
+    with pytest.warns(RuntimeWarning, match="self-check failed: Box-Muller kernel"):
+        assert not jit.available()
+    assert jit.disable_reason() == "self-check failed: Box-Muller kernel"
+    # the numpy path still gives torch's values
+    g = TorchCPUGenerator(3, kernel="avx2")
+    assert np.array_equal(g.randn((40,)), torch.randn((40,), generator=torch.Generator().manual_seed(3)).numpy()) \
+        or not AVX2
