@@ -84,10 +84,11 @@ def engine_call_s(export_dir, backend: str, latent_hw: int, width: int, threads:
     """Best time of one UNet engine call (batch 2, 77 tokens) on ``backend``."""
     from ..engines import load_engines
 
-    x = np.random.default_rng(0).standard_normal((2, 4, latent_hw, latent_hw)).astype(np.float32)
-    t = np.full((2,), 500.0, np.float32)
-    ctx = np.random.default_rng(1).standard_normal((2, 77, width)).astype(np.float32)
     with load_engines(export_dir, backend, models=["unet"], threads=threads, build_missing=True) as engines:
+        channels = int(engines.manifest.data.get("latent_channels", 4))
+        x = np.random.default_rng(0).standard_normal((2, channels, latent_hw, latent_hw)).astype(np.float32)
+        t = np.full((2,), 500.0, np.float32)
+        ctx = np.random.default_rng(1).standard_normal((2, 77, width)).astype(np.float32)
         unet = engines.unet_callable()
         return _best_s(lambda: unet(x, t, ctx), repeats)
 
@@ -102,6 +103,9 @@ def main(argv=None) -> None:
     from .models import resolve_model
 
     model = resolve_model(args.model, log=lambda m: None)
+    if model.source_dir is None:
+        raise SystemExit(f"--model {args.model}: no diffusers folder to count the UNet's work with; pass the "
+                         "diffusers folder (or an export whose manifest names one)")
     peaks = peak_gflops(args.threads)
     peak = max(peaks.values())
     print(f"fp32 peak with {args.threads} threads: " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items())

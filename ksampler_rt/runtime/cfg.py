@@ -93,8 +93,10 @@ class CFGDenoiser:
         # The common case -- one call over [uncond, cond] of an eps model -- has a compiled head
         # (runtime/jit.py: both rows' denoised values and the guidance in one pass, same floats).
         calls, counts = self._everything
+        # Only for Model itself: a subclass or wrapper that overrides apply_model keeps its override.
         self._fusable = (not self.ranged and len(calls) == 1 and sorted(calls[0].kinds) == [COND, UNCOND]
-                         and self.model_sampling.prediction == "eps")
+                         and self.model_sampling.prediction == "eps"
+                         and getattr(type(model), "apply_model", None) is Model.apply_model)
 
     # -- layout, once per sampling run -----------------------------------------------------
     def _entries(self, conditioning: list, kind: int, latent_hw: tuple[int, int]) -> list[_Entry]:

@@ -19,8 +19,8 @@ operations in the same order, fused into one or a few loops, so results are bit-
   combination and the UNet output's finiteness check in one pass.
 
 Every kernel is checked against the numpy code on first use (:func:`available`); on any mismatch
-or if numba is missing, the runtime silently keeps the numpy path (:func:`disable_reason` says
-why). ``KSAMPLER_RT_JIT=0`` turns the kernels off. The exhaustive checks (all 2**24 inputs of
+or if numba is missing, the runtime keeps the numpy path (:func:`disable_reason` says why; a failed
+compilation or check also warns once). ``KSAMPLER_RT_JIT=0`` turns the kernels off. The exhaustive checks (all 2**24 inputs of
 each half of the Box-Muller kernel) are in the tests.
 
 Compiled code is cached on disk by numba (``cache=True``; ``NUMBA_CACHE_DIR`` moves it), so only
@@ -36,8 +36,14 @@ import warnings
 import numpy as np
 
 __all__ = [
-    "available", "brownian_bridge", "disable_reason", "randn_from_bitgen", "randn_seeds", "seed_sequence_pool",
-    "cfg_eps", "NonFiniteOutput",
+    "NonFiniteOutput",
+    "available",
+    "brownian_bridge",
+    "cfg_eps",
+    "disable_reason",
+    "randn_from_bitgen",
+    "randn_seeds",
+    "seed_sequence_pool",
     "warm_up_in_background",
 ]
 
@@ -82,14 +88,13 @@ def _enable():
         return False, f"{_ENV}=0"
     try:
         _compile()
+        _self_check()  # calls every kernel once: numba compiles (or loads) them here
     except ImportError:
         return False, "numba not installed (pip install 'ksampler-rt[jit]')"
+    except _SelfCheckFailed as e:
+        return False, f"self-check failed: {e}"
     except Exception as e:  # noqa: BLE001 - a numba/llvm failure must not break sampling
         return False, f"numba compilation failed: {type(e).__name__}: {e}"
-    try:
-        _self_check()
-    except _SelfCheckFailed as e:  # pragma: no cover - would mean a wrong compilation
-        return False, f"self-check failed: {e}"
     return True, ""
 
 
@@ -149,6 +154,14 @@ def _self_check() -> None:
     _K["mt_words"](st, got, 1000)
     _expect(np.array_equal(got, b.random_raw(1000).astype(np.uint32)), "mt19937 words")
     _expect(np.array_equal(a.random_raw(7), b.random_raw(7)), "mt19937 state after words")
+    for n in (37, 4096):  # the whole draw, tail rule included, against the numpy path
+        a._legacy_seeding(7)
+        b._legacy_seeding(7)
+        got = randn_from_bitgen(a, n, np.empty(n, np.float32))
+        want = ref._normal_fill_raw(b.random_raw(n + (16 if n % 16 else 0)), n, "avx2")
+        _expect(np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"randn({n})")
+        rows = randn_seeds(np.array([7, 2**32 + 7], np.uint64), n, np.empty((2, n), np.float32))
+        _expect(np.array_equal(rows[0], want) and np.array_equal(rows[1], want), f"randn({n}) per seed")
     seeded = np.empty(_N + 1, np.uint32)
     _K["mt_seed"](seeded, np.uint64(4294967295))
     b._legacy_seeding(4294967295)
@@ -205,6 +218,8 @@ def _fill_words(words: np.ndarray, out: np.ndarray) -> None:
 def randn_from_bitgen(bg: np.random.MT19937, n: int, out: np.ndarray) -> np.ndarray:
     """torch ``normal_fill`` (AVX2 kernel, n >= 16) from numpy bit generator ``bg``, advancing it
     exactly as ``bg.random_raw(n + (16 if n % 16 else 0))`` would. ``out``: float32, C-contiguous."""
+    if n < 16:
+        raise ValueError(f"n: received {n}, expected >= 16 (smaller draws take torch's scalar path)")
     if not (out.flags.c_contiguous and out.dtype == np.float32 and out.size == n):
         raise ValueError(f"out: received {out.dtype} {out.shape}, expected a C-contiguous float32 array of {n} elements")
     _K["randn_state"](_state_view(bg), n, out.reshape(-1))
@@ -276,6 +291,8 @@ def cfg_eps(x: np.ndarray, out: np.ndarray, sigma, cfg, uncond_first: bool):
 def randn_seeds(seeds: np.ndarray, n: int, out: np.ndarray) -> np.ndarray:
     """out[i] = torch ``randn(n)`` (AVX2 kernel, n >= 16) of a generator seeded with seeds[i]
     (low 32 bits). ``out``: float32 [len(seeds), n], C-contiguous."""
+    if n < 16:
+        raise ValueError(f"n: received {n}, expected >= 16 (smaller draws take torch's scalar path)")
     s = np.asarray(seeds, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
     if not (out.flags.c_contiguous and out.dtype == np.float32 and out.size == n * len(s)):
         raise ValueError(f"out: received {out.dtype} {out.shape}, expected a C-contiguous float32 array "

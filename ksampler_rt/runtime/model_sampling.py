@@ -104,9 +104,13 @@ class ModelSamplingDiscrete:
 
     # -- prediction types ------------------------------------------------------------------
     def calculate_input(self, sigma, x: np.ndarray) -> np.ndarray:
-        """c_in * x: the scaled latent the UNet sees."""
+        """c_in * x: the scaled latent the UNet sees.
+
+        ``** 0.5`` is written as ``np.sqrt``: numpy's float32 arrays take a sqrt fast path for it but
+        0-d arrays go through powf, which is 1 ulp off for some sigmas; this way one sigma gives the
+        same c_in whether it comes as a scalar or as a row of a batch."""
         sigma = _sigma_column(sigma, x.ndim)
-        return x / (sigma ** 2 + np.float32(self.sigma_data ** 2)) ** np.float32(0.5)
+        return x / np.sqrt(sigma ** 2 + np.float32(self.sigma_data ** 2))
 
     def calculate_denoised(self, sigma, model_output: np.ndarray, x: np.ndarray) -> np.ndarray:
         sigma = _sigma_column(sigma, model_output.ndim)
@@ -114,7 +118,7 @@ class ModelSamplingDiscrete:
             return x - model_output * sigma
         sd = np.float32(self.sigma_data)
         return (x * sd ** 2 / (sigma ** 2 + sd ** 2)
-                - model_output * sigma * sd / (sigma ** 2 + sd ** 2) ** np.float32(0.5))
+                - model_output * sigma * sd / np.sqrt(sigma ** 2 + sd ** 2))
 
     def noise_scaling(self, sigma, noise: np.ndarray, latent: np.ndarray, max_denoise: bool = False) -> np.ndarray:
         sigma = _sigma_column(sigma, noise.ndim)

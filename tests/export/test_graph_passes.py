@@ -77,3 +77,24 @@ def test_default_constant_of_shape_value_is_zero():
         if node.op_type == "ConstantOfShape":
             del node.attribute[:]
     assert drop_zero_bias_adds(model) == 1
+
+
+def test_mask_times_runtime_tensor_kept():
+    """0 * x is not 0 when x may be inf/NaN at run time: only finite graph constants qualify."""
+    model = _model()
+    for node in model.graph.node:
+        if node.op_type == "Mul" and node.output[0] == "mask":
+            node.input[1] = "x"  # a runtime input instead of the constant 0.125
+    assert drop_zero_bias_adds(model) == 0
+
+
+def test_add_read_inside_a_subgraph_kept():
+    model = _model()
+    then = helper.make_graph([helper.make_node("Identity", ["masked"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["scores"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "flag"))
+    model.graph.node.append(helper.make_node("If", ["flag"], ["branch"], then_branch=then, else_branch=other))
+    assert drop_zero_bias_adds(model) == 0
+    assert "masked" in {o for n in model.graph.node for o in n.output}

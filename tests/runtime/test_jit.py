@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from ksampler_rt.runtime import noise as N
 from ksampler_rt.runtime import jit
+from ksampler_rt.runtime import noise as N
 from ksampler_rt.runtime.noise import TorchCPUGenerator, prepare_noise, randn_many
 
 pytest.importorskip("numba")
@@ -131,9 +131,9 @@ def test_env_switch_off_keeps_numba_unimported():
 # ---------------------------------------------------------------------------------------------
 # the compiled CFG head (runtime/cfg.py) against the numpy path
 # ---------------------------------------------------------------------------------------------
-from ksampler_rt.runtime import Model, ksampler  # noqa: E402
-from ksampler_rt.runtime.cfg import CFGDenoiser  # noqa: E402
-from ksampler_rt.runtime.model import UNetOutputError  # noqa: E402
+from ksampler_rt.runtime import Model, ksampler
+from ksampler_rt.runtime.cfg import CFGDenoiser
+from ksampler_rt.runtime.model import UNetOutputError
 
 
 def _conditioning(value, tokens=77, width=768):
@@ -185,3 +185,48 @@ def test_self_check_failure_falls_back_with_a_warning(monkeypatch):
     g = TorchCPUGenerator(3, kernel="avx2")
     assert np.array_equal(g.randn((40,)), torch.randn((40,), generator=torch.Generator().manual_seed(3)).numpy()) \
         or not AVX2
+
+
+def test_compiled_head_equals_numpy_path_over_many_sigmas(analytic_unet_cls, monkeypatch):
+    """One sigma as a scalar (compiled head) or as rows of a batch (numpy path) gives the same c_in:
+    a sweep over the whole sigma range, 1-ulp differences of a scalar power included."""
+    model = Model(analytic_unet_cls(), "sd15")
+    x = np.random.default_rng(4).standard_normal((2, 4, 2, 2)).astype(np.float32)
+    d = CFGDenoiser(model, _conditioning(1.0, tokens=4, width=8), _conditioning(-1.0, tokens=4, width=8), 6.5, 2,
+                    (2, 2))
+    sigmas = np.geomspace(0.0292, 14.61, 3000).astype(np.float32)
+    compiled = [d.with_uncond(x, s) for s in sigmas]
+    monkeypatch.setattr(jit, "available", lambda: False)
+    for s, (g, u) in zip(sigmas, compiled):
+        gn, un = d.with_uncond(x, s)
+        assert np.array_equal(g, gn) and np.array_equal(u, un), s
+
+
+def test_subclass_overriding_apply_model_keeps_its_override(analytic_unet_cls):
+    class Scaled(Model):
+        def apply_model(self, x, sigma, context, **kwargs):
+            return super().apply_model(x, sigma, context, **kwargs) * np.float32(0.5)
+
+    d = CFGDenoiser(Scaled(analytic_unet_cls(), "sd15"), _conditioning(1.0), _conditioning(-1.0), 6.0, 1, (8, 8))
+    assert not d._fusable
+    x = np.ones((1, 4, 8, 8), np.float32)
+    plain = CFGDenoiser(Model(analytic_unet_cls(), "sd15"), _conditioning(1.0), _conditioning(-1.0), 6.0, 1, (8, 8))
+    assert np.array_equal(d(x, np.float32(2.0)), plain(x, np.float32(2.0)) * np.float32(0.5))
+
+
+def test_small_draws_refused_by_the_kernels():
+    with pytest.raises(ValueError, match="n: received 15, expected >= 16"):
+        jit.randn_from_bitgen(np.random.MT19937(0), 15, np.empty(15, np.float32))
+    with pytest.raises(ValueError, match="n: received 3"):
+        jit.randn_seeds([1], 3, np.empty((1, 3), np.float32))
+
+
+def test_compile_error_falls_back_with_a_warning(monkeypatch):
+    def broken():
+        raise RuntimeError("LLVM ERROR: simulated")
+
+    monkeypatch.setattr(jit, "_state", {"checked": False, "ok": False, "why": ""})
+    monkeypatch.setattr(jit, "_self_check", broken)
+    with pytest.warns(RuntimeWarning, match="numba compilation failed: RuntimeError: LLVM ERROR"):
+        assert not jit.available()
+    assert jit.available() is False  # decided once, not retried on every call
