@@ -55,7 +55,7 @@ def _seed_word0(entropy: int, spawn_key: tuple, pool_size: int) -> int:
     available (building a SeedSequence costs ~30 us). Checked against numpy in
     tests/runtime/test_brownian.py.
     """
-    if jit.available() and pool_size >= len(jit._uint32_words(entropy)):
+    if jit.available():
         pool0 = int(jit.seed_sequence_pool(entropy, spawn_key, pool_size)[0])
     else:
         pool0 = int(np.random.SeedSequence(entropy=entropy, spawn_key=spawn_key, pool_size=pool_size).pool[0])
