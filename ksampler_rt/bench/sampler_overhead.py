@@ -570,7 +570,7 @@ def main(argv=None) -> dict:
     if unknown:
         ap.error(f"--samplers: unknown or unregistered {unknown}; known: {', '.join(SAMPLERS)}")
     sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes else [64] if args.quick else [64, 128])
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 7)
     # The full level runs first: the sampler level loads torch (its peer) into this process, which
     # measurably slows our side of a full-level run that comes after it.
     full = _run_full(args, names, sizes, repeats) if args.level in ("full", "both") else None

@@ -32,6 +32,9 @@ def fma32(typingctx, a, b, c):
 
 
 f32, i32, u32 = np.float32, np.int32, np.uint32
+# numba widens int32/uint32 arithmetic to 64 bits; every integer step below is cast back to 32
+# bits so that LLVM keeps the lanes 32 wide (AVX2 has no int64 -> float conversion: a widened
+# lane index made the sincos loop partly scalar, and the mt19937 loops half as wide).
 P0, P1, P2, P3, P4, P5, P6, P7, P8 = (f32(p) for p in ref._LOG_P)
 Q1, Q2 = f32(ref._LOG_Q1), f32(ref._LOG_Q2)
 ONE, HALF, M2, ZERO = f32(1.0), f32(0.5), f32(-2.0), f32(0.0)
@@ -42,7 +45,7 @@ FOPI = f32(ref._FOPI)
 D1, D2, D3 = f32(ref._MDP1), f32(ref._MDP2), f32(ref._MDP3)
 C0, C1, C2 = (f32(v) for v in ref._COSCOF)
 S0, S1, S2 = (f32(v) for v in ref._SINCOF)
-I1, I2, I4, I23, I127 = (i32(v) for v in (1, 2, 4, 23, 127))
+I0, I1, I2, I4, I23, I127 = (i32(v) for v in (0, 1, 2, 4, 23, 127))
 INOT1 = i32(~1)
 MANT_MASK = i32(0x807FFFFF - (1 << 32))
 HALF_EXP = i32(0x3F000000)
@@ -53,8 +56,8 @@ def radius(k1):
     """sqrt(-2 * log256_ps(u1)) for u1 = 1 - k1 * 2**-24 (always a normal float in (0, 1])."""
     u1 = f32(k1) * MU + ONE                     # exact
     bits = f32(u1).view(np.int32)
-    e = f32(i32((bits >> I23) - I127)) + ONE
-    m = i32((bits & MANT_MASK) | HALF_EXP).view(np.float32)
+    e = f32(i32(i32(bits >> I23) - I127)) + ONE
+    m = i32(i32(bits & MANT_MASK) | HALF_EXP).view(np.float32)
     small = m < SQRTHF
     xm = m - ONE
     xm = xm + (m if small else ZERO)
@@ -79,7 +82,7 @@ def sincos(k2):
     """sincos256_ps(2pi_f32 * u2) for u2 = k2 * 2**-24."""
     x = f32(k2) * THETA
     j = i32(x * FOPI)                           # truncation, as cvttps2dq
-    j = (j + I1) & INOT1
+    j = i32(i32(j + I1) & INOT1)
     y = f32(j)
     xr = fma32(y, D1, x)
     xr = fma32(y, D2, xr)
@@ -90,11 +93,11 @@ def sincos(k2):
     yc = yc + ONE
     ys = fma32(fma32(S0, z, S1), z, S2)
     ys = fma32(ys * z, xr, xr)
-    swap = (j & I2) != 0
+    swap = i32(j & I2) != I0
     s = yc if swap else ys
     c = ys if swap else yc
-    s = -s if (j & I4) != 0 else s
-    c = -c if ((j + I2) & I4) != 0 else c
+    s = -s if i32(j & I4) != I0 else s
+    c = -c if i32(i32(j + I2) & I4) != I0 else c
     return s, c
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
@@ -110,11 +113,10 @@ def fill_blocks(words, w0, nb, out, o0, k1, k2, r, s, c):
             k2[b * 8 + i] = i32(words[w0 + b * 16 + 8 + i] & U24)
     h = nb * 8
     for q in range(h):
-        r[q] = radius(k1[q])
-    for q in range(h):
+        rq = radius(k1[q])
         sq, cq = sincos(k2[q])
-        s[q] = sq * r[q]
-        c[q] = cq * r[q]
+        s[q] = sq * rq
+        c[q] = cq * rq
     for b in range(nb):
         for i in range(8):
             out[o0 + b * 16 + i] = c[b * 8 + i]
@@ -130,17 +132,26 @@ def mt_seed(st, seed):
             & np.uint64(0xFFFFFFFF)
     st[_N] = u32(_N)
 
+_UPPER, _LOWER, _MATRIX_A = u32(0x80000000), u32(0x7FFFFFFF), u32(0x9908B0DF)
+_U0, _U1, _S7, _S11, _S15, _S18 = (u32(v) for v in (0, 1, 7, 11, 15, 18))
+_TEMPER_B, _TEMPER_C = u32(0x9D2C5680), u32(0xEFC60000)
+
+
+@numba.njit(inline="always")
+def _twisted(word, next_word, far_word):
+    y = u32(u32(word & _UPPER) | u32(next_word & _LOWER))
+    return u32(u32(far_word ^ u32(y >> _U1)) ^ u32(u32(_U0 - u32(y & _U1)) & _MATRIX_A))
+
+
 @numba.njit(nogil=True, boundscheck=False, inline="always")
 def mt_twist(st):
     for i in range(_N - _M):
-        y = (st[i] & u32(0x80000000)) | (st[i + 1] & u32(0x7FFFFFFF))
-        st[i] = st[i + _M] ^ (y >> u32(1)) ^ (u32(0) - (y & u32(1))) & u32(0x9908B0DF)
+        st[i] = _twisted(st[i], st[i + 1], st[i + _M])
     for i in range(_N - _M, _N - 1):
-        y = (st[i] & u32(0x80000000)) | (st[i + 1] & u32(0x7FFFFFFF))
-        st[i] = st[i + _M - _N] ^ (y >> u32(1)) ^ (u32(0) - (y & u32(1))) & u32(0x9908B0DF)
-    y = (st[_N - 1] & u32(0x80000000)) | (st[0] & u32(0x7FFFFFFF))
-    st[_N - 1] = st[_M - 1] ^ (y >> u32(1)) ^ (u32(0) - (y & u32(1))) & u32(0x9908B0DF)
-    st[_N] = u32(0)
+        st[i] = _twisted(st[i], st[i + 1], st[i + _M - _N])
+    st[_N - 1] = _twisted(st[_N - 1], st[0], st[_M - 1])
+    st[_N] = _U0
+
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
 def mt_words(st, out, n):
@@ -152,15 +163,17 @@ def mt_words(st, out, n):
             mt_twist(st)
             pos = 0
         cnt = min(_N - pos, n - done)
+        key = st[pos:pos + cnt]
+        dst = out[done:done + cnt]
         for i in range(cnt):
-            y = st[pos + i]
-            y ^= y >> u32(11)
-            y ^= (y << u32(7)) & u32(0x9D2C5680)
-            y ^= (y << u32(15)) & u32(0xEFC60000)
-            y ^= y >> u32(18)
-            out[done + i] = y
+            y = key[i]
+            y = u32(y ^ u32(y >> _S11))
+            y = u32(y ^ u32(u32(y << _S7) & _TEMPER_B))
+            y = u32(y ^ u32(u32(y << _S15) & _TEMPER_C))
+            dst[i] = u32(y ^ u32(y >> _S18))
         done += cnt
         st[_N] = u32(pos + cnt)
+
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
 def randn_state(st, n, out):
@@ -205,6 +218,35 @@ def bridge(w, z, l_diff, h_rec, z_scale, left, right):
         left[i] = a
         right[i] = w[i] - a
 
+
+@numba.njit(nogil=True, boundscheck=False, cache=True)
+def bridge_seeded(seed, w, l_diff, h_rec, z_scale, left, right):
+    """:func:`bridge` with z = randn(n) of a generator seeded with ``seed`` (n = w.size >= 16),
+    drawn chunk by chunk and used at once: the noise never leaves the L1/L2-sized scratch."""
+    n = w.shape[0]
+    st = np.empty(_N + 1, np.uint32)
+    mt_seed(st, seed)
+    words = np.empty(_BLOCKS * 16, np.uint32)
+    z = np.empty(_BLOCKS * 16, np.float32)
+    k1 = np.empty(_BLOCKS * 8, np.int32)
+    k2 = np.empty(_BLOCKS * 8, np.int32)
+    r = np.empty(_BLOCKS * 8, np.float32)
+    s = np.empty(_BLOCKS * 8, np.float32)
+    c = np.empty(_BLOCKS * 8, np.float32)
+    nb = n // 16
+    for b0 in range(0, nb, _BLOCKS):
+        m = min(_BLOCKS, nb - b0)
+        mt_words(st, words, m * 16)
+        fill_blocks(words, 0, m, z, 0, k1, k2, r, s, c)
+        o, e = b0 * 16, (b0 + m) * 16
+        bridge(w[o:e], z[:m * 16], l_diff, h_rec, z_scale, left[o:e], right[o:e])
+    rest = n - nb * 16
+    if rest:
+        # torch's tail rule (see randn_state): a fresh block overwrites the last 16 outputs
+        mt_words(st, words, rest)
+        mt_words(st, words, 16)
+        fill_blocks(words, 0, 1, z, 0, k1, k2, r, s, c)
+        bridge(w[n - 16:], z[:16], l_diff, h_rec, z_scale, left[n - 16:], right[n - 16:])
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SS_INIT_A = np.uint64(0x43B0D7E5)

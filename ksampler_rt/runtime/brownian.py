@@ -22,8 +22,12 @@ brownian_interval.py). Behaviour reproduced here:
   their increments are summed left to right in float32.
 
 torchsde's LRU cache (45 entries) only changes speed, never values; here both children of a
-node are computed and cached together (saving one randn per node) and the noise of all nodes a
-query needs is generated in one vectorised batch.
+node are computed and cached together (saving one randn per node). With the compiled kernels
+each parent's noise is drawn and used chunk by chunk, never stored; otherwise the noise of all
+nodes a query needs is generated in one vectorised batch. The cache is bounded in bytes
+(``cache_bytes``, 64 MiB): once it is full, evicted arrays are recycled by the allocator instead
+of every split touching fresh pages (at [1,4,128,128] an unbounded cache cost ~1800 page
+faults per query).
 """
 from __future__ import annotations
 
@@ -87,8 +91,8 @@ class BrownianTree:
     """
 
     def __init__(self, t0: float, t1: float, shape, entropy: int, *, tol: float = 1e-6,
-                 pool_size: int = 24, cache_size: Optional[int] = 512,
-                 kernel: Optional[str] = None):
+                 pool_size: int = 24, cache_size: Optional[int] = None,
+                 cache_bytes: int = 64 << 20, kernel: Optional[str] = None):
         try:
             t0 = float(t0)
             t1 = float(t1)
@@ -104,7 +108,10 @@ class BrownianTree:
         self.tol = float(tol)
         self.pool_size = int(pool_size)
         self.ndigits = -int(math.log10(tol))
-        self.cache_size = cache_size
+        if cache_size is None:  # a byte budget, but never fewer entries than a query's path needs
+            item_bytes = 4 * max(1, math.prod(self.shape))
+            cache_size = max(64, int(cache_bytes) // item_bytes)
+        self.cache_size = int(cache_size)
         self.t0 = t0
         self.t1 = t1
         self.root = _Node(self._round(t0), self._round(t1), None, None)
@@ -184,9 +191,8 @@ class BrownianTree:
     def _store(self, node: _Node, w: np.ndarray) -> None:
         self._cache[node] = w
         self._cache.move_to_end(node)
-        if self.cache_size is not None:
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
     def _values(self, nodes: list) -> list:
         # All parents whose noise is needed, top-down, without duplicates.
@@ -208,8 +214,10 @@ class BrownianTree:
                     seen.add(p)
                     order.append(p)
         if order:
-            noises = randn_many([p.w_seed for p in order], self.shape, self.kernel,
-                                max_chunk=1 << 17)
+            # compiled: each parent's noise is drawn and used chunk by chunk (never stored)
+            fused = self.kernel == "avx2" and int(np.prod(self.shape)) >= 16 and jit.available()
+            noises = (None,) * len(order) if fused else randn_many(
+                [p.w_seed for p in order], self.shape, self.kernel, max_chunk=1 << 17)
             self.n_randn += len(order)
             compiled = jit.available()
             for p, z in zip(order, noises):
@@ -220,7 +228,9 @@ class BrownianTree:
                 l_diff = p.midway - p.start
                 r_diff = p.end - p.midway
                 var = l_diff * r_diff * h_rec
-                if compiled:
+                if fused:
+                    w_left, w_right = jit.brownian_bridge_seeded(p.w_seed, w, l_diff, h_rec, math.sqrt(var))
+                elif compiled:
                     w_left, w_right = jit.brownian_bridge(w, z, l_diff, h_rec, math.sqrt(var))
                 else:
                     w_left = np.multiply(w, _F32(l_diff))

@@ -207,8 +207,10 @@ class CFGDenoiser:
         call = self._everything[0][0]
         s = np.float32(sigma)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        x_scaled = self.model_sampling.calculate_input(s, x)  # both row groups see the same c_in * x
-        x_in = np.concatenate([x_scaled, x_scaled])
+        b = x.shape[0]
+        x_in = np.empty((2 * b,) + x.shape[1:], np.float32)
+        self.model_sampling.calculate_input(s, x, out=x_in[:b])  # both row groups see the same c_in * x
+        x_in[b:] = x_in[:b]
         kwargs = {} if call.y is None else {"y": call.y}
         try:
             out = self.inner.unet_output(x_in, np.full(x_in.shape[0], s, dtype=np.float32), call.context,

@@ -39,6 +39,7 @@ __all__ = [
     "NonFiniteOutput",
     "available",
     "brownian_bridge",
+    "brownian_bridge_seeded",
     "cfg_eps",
     "disable_reason",
     "randn_from_bitgen",
@@ -114,7 +115,7 @@ def _compile() -> None:
 
     _K.update(randn_state=k.randn_state, randn_seeds=k.randn_seeds, mt_words=k.mt_words,
               mt_seed=k.mt_seed, fill_blocks=k.fill_blocks, bridge=k.bridge,
-              seed_sequence_pool=k.seed_sequence_pool, cfg_eps=k.cfg_eps)
+              bridge_seeded=k.bridge_seeded, seed_sequence_pool=k.seed_sequence_pool, cfg_eps=k.cfg_eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +188,12 @@ def _self_check() -> None:
     ref_left *= np.float32(1.7)
     ref_left += z * np.float32(0.55)
     _expect(np.array_equal(left, ref_left) and np.array_equal(right, w - ref_left), "Brownian bridge")
+    for n in (37, 4096 + 16 * _BLOCKS):  # tail rule; more than one chunk
+        w = np.linspace(-2, 2, n, dtype=np.float32)
+        z = randn_seeds(np.array([99], np.uint64), n, np.empty((1, n), np.float32))[0]
+        split = brownian_bridge(w, z, 0.3, 1.7, 0.55)
+        fused = brownian_bridge_seeded(2**32 + 99, w, 0.3, 1.7, 0.55)
+        _expect(all(np.array_equal(g, e) for g, e in zip(fused, split)), f"seeded Brownian bridge ({n})")
     for entropy, key in ((42, ()), (2**64 - 1, (5, 3)), (0, (2**40 + 7, 41))):
         ss = np.random.SeedSequence(entropy, spawn_key=key, pool_size=24)
         _expect(np.array_equal(seed_sequence_pool(entropy, key, 24), ss.pool), "SeedSequence pool")
@@ -233,6 +240,21 @@ def brownian_bridge(w: np.ndarray, z: np.ndarray, l_diff: float, h_rec: float, z
     right = np.empty_like(w)
     _K["bridge"](w.reshape(-1), z.reshape(-1), np.float32(l_diff), np.float32(h_rec), np.float32(z_scale),
                  left.reshape(-1), right.reshape(-1))
+    return left, right
+
+
+def brownian_bridge_seeded(seed: int, w: np.ndarray, l_diff: float, h_rec: float, z_scale: float):
+    """:func:`brownian_bridge` with z = torch ``randn(w.size)`` (AVX2 kernel) of a generator seeded
+    with ``seed`` (low 32 bits): the same values as :func:`randn_seeds` then :func:`brownian_bridge`,
+    with the noise drawn and used chunk by chunk instead of stored. w: C-contiguous float32, >= 16
+    elements."""
+    if w.size < 16 or not (w.flags.c_contiguous and w.dtype == np.float32):
+        raise ValueError(f"w: received {w.dtype} {w.shape}, expected a C-contiguous float32 array "
+                         "of at least 16 elements")
+    left = np.empty_like(w)
+    right = np.empty_like(w)
+    _K["bridge_seeded"](np.uint64(int(seed) & 0xFFFFFFFF), w.reshape(-1), np.float32(l_diff),
+                        np.float32(h_rec), np.float32(z_scale), left.reshape(-1), right.reshape(-1))
     return left, right
 
 

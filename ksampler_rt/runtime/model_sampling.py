@@ -103,14 +103,14 @@ class ModelSamplingDiscrete:
         return float(self.sigma(np.float32((1.0 - percent) * 999.0)))
 
     # -- prediction types ------------------------------------------------------------------
-    def calculate_input(self, sigma, x: np.ndarray) -> np.ndarray:
-        """c_in * x: the scaled latent the UNet sees.
+    def calculate_input(self, sigma, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """c_in * x: the scaled latent the UNet sees (written into ``out`` when given).
 
         ``** 0.5`` is written as ``np.sqrt``: numpy's float32 arrays take a sqrt fast path for it but
         0-d arrays go through powf, which is 1 ulp off for some sigmas; this way one sigma gives the
         same c_in whether it comes as a scalar or as a row of a batch."""
         sigma = _sigma_column(sigma, x.ndim)
-        return x / np.sqrt(sigma ** 2 + np.float32(self.sigma_data ** 2))
+        return np.divide(x, np.sqrt(sigma ** 2 + np.float32(self.sigma_data ** 2)), out=out)
 
     def calculate_denoised(self, sigma, model_output: np.ndarray, x: np.ndarray) -> np.ndarray:
         sigma = _sigma_column(sigma, model_output.ndim)

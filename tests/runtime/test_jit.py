@@ -230,3 +230,41 @@ def test_compile_error_falls_back_with_a_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match="numba compilation failed: RuntimeError: LLVM ERROR"):
         assert not jit.available()
     assert jit.available() is False  # decided once, not retried on every call
+
+
+@pytest.mark.skipif(not AVX2, reason="torch on this CPU does not use the AVX2 kernel")
+@pytest.mark.parametrize("shape", [(1, 4, 5, 7), (1, 4, 40, 40)])  # n % 16 tail; several chunks
+def test_brownian_tree_fused_bridge_vs_torchsde(shape, monkeypatch):
+    """The compiled tree draws each node's noise chunk by chunk inside the bridge
+    (brownian_bridge_seeded): same increments as torchsde's tree and as the numpy path."""
+    torchsde = pytest.importorskip("torchsde")
+    from ksampler_rt.runtime.brownian import BrownianTree
+
+    t0, t1 = 0.0291675, 14.614642
+    pts = [14.614642, 6.1, 2.2, 0.7, 0.0291675]
+    qs = [(pts[i + 1], pts[i]) for i in range(len(pts) - 1)]
+    assert jit.available()  # (its self-check calls the kernel too)
+    fused = []
+    real = jit.brownian_bridge_seeded
+    monkeypatch.setattr(jit, "brownian_bridge_seeded", lambda *a: fused.append(1) or real(*a))
+    tree = BrownianTree(t0, t1, shape, 1234, kernel="avx2")
+    compiled = [tree(a, b) for a, b in qs]
+    assert len(fused) == tree.n_randn - 1  # every split (all but the root draw) took the fused kernel
+    oracle = torchsde.BrownianTree(torch.tensor(t0), torch.zeros(shape), torch.tensor(t1), entropy=1234)
+    for (a, b), got in zip(qs, compiled):
+        want = oracle(torch.tensor(a), torch.tensor(b)).numpy()
+        assert np.array_equal(got, want), (a, b)
+    monkeypatch.setattr(jit, "available", lambda: False)
+    numpy_tree = BrownianTree(t0, t1, shape, 1234, kernel="avx2")
+    assert all(np.array_equal(numpy_tree(a, b), c) for (a, b), c in zip(qs, compiled))
+
+
+def test_brownian_tree_cache_bounded_in_bytes():
+    from ksampler_rt.runtime.brownian import BrownianTree
+
+    assert BrownianTree(0.1, 10.0, (1, 4, 128, 128), 1).cache_size == 256   # 64 MiB / 256 KiB
+    assert BrownianTree(0.1, 10.0, (8, 4, 128, 128), 1).cache_size == 64    # never below 64
+    small = BrownianTree(0.1, 10.0, (1, 4, 8, 8), 1, cache_size=3)
+    for a, b in ((9.0, 10.0), (5.0, 9.0), (1.0, 5.0)):
+        small(a, b)
+    assert len(small._cache) <= 3

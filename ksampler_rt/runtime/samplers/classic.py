@@ -16,7 +16,7 @@ from scipy import integrate
 
 from .common import (
     F32, ei_h_phi_1, ei_h_phi_2, exp, expm1, f32, get_ancestral_step, half_log_snr_to_sigma, lerp, log, notify,
-    offset_first_sigma_for_snr, schedule_cached, sigma_to_half_log_snr, sqrt, to_d, torch_linspace,
+    offset_first_sigma_for_snr, schedule_cached, sigma_to_half_log_snr, sqrt, times, to_d, torch_linspace,
 )
 from .registry import SamplerSpec
 
@@ -46,7 +46,7 @@ def sample_euler_ancestral(model, x, sigmas, noise, callback=None, eta=1.0, s_no
             x = denoised
         else:
             d = to_d(x, sigma, denoised)
-            x = x + d * (sigma_down - sigma) + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = x + d * (sigma_down - sigma) + times(noise_sampler(sigma, sigma_next), s_noise, sigma_up)
     return x
 
 
@@ -68,7 +68,7 @@ def sample_euler_ancestral_cfg_pp(model, x, sigmas, noise, callback=None, eta=1.
         sigma_down = alpha_t * sigma_down
         x = alpha_t * denoised + sigma_down * d
         if eta > 0 and s_noise > 0:
-            x = x + alpha_t * noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = x + times(noise_sampler(sigma, sigma_next), alpha_t, s_noise, sigma_up)
     return x
 
 
@@ -170,7 +170,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, noise, callback=None, eta=1.0, s_no
             x = x + d * (sigma_down - sigma)
         else:
             x = _dpm_2_step(model, x, sigma, sigma_down, d)
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = x + times(noise_sampler(sigma, sigma_next), s_noise, sigma_up)
     return x
 
 
@@ -437,7 +437,7 @@ def _seeds_2_phi2(model, x, sigmas, noise, callback, eta, s_noise, r=1.0):
         x_2 = sigma_s_1 / sigma * exp(-r * h * eta) * x - alpha_s_1 * ei_h_phi_1(-r * h_eta) * denoised
         if inject_noise:
             sde_noise = sqrt(-expm1(-2 * r * h * eta)) * noise_sampler(sigma, sigma_s_1)
-            x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
+            x_2 = x_2 + times(sde_noise, sigma_s_1, s_noise)
         denoised_2 = model(x_2, sigma_s_1)
 
         b2 = ei_h_phi_2(-h_eta) / r
@@ -447,7 +447,7 @@ def _seeds_2_phi2(model, x, sigmas, noise, callback, eta, s_noise, r=1.0):
             segment_factor = (r - 1) * h * eta
             sde_noise = sde_noise * exp(segment_factor)
             sde_noise = sde_noise + sqrt(-expm1(segment_factor * 2)) * noise_sampler(sigma_s_1, sigma_next)
-            x = x + sde_noise * sigma_next * s_noise
+            x = x + times(sde_noise, sigma_next, s_noise)
     return x
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .common import (
     brownian_bounds, exp, expm1, f32, get_ancestral_step, half_log_snr_to_sigma, notify, offset_first_sigma_for_snr,
-    sigma_to_half_log_snr, sqrt, to_d,
+    sigma_to_half_log_snr, sqrt, times, to_d,
 )
 from .registry import SamplerSpec
 
@@ -43,7 +43,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, noise, callback=None, eta=1.0, s
             denoised_2 = model(x_2, sigma_fn(s))
             x = _dpmpp_1(x, t, t_next, denoised_2)
         if sigma_next > 0:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = x + times(noise_sampler(sigma, sigma_next), s_noise, sigma_up)
     return x
 
 
@@ -68,7 +68,7 @@ def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, noise, callback=None, eta
             denoised_2, uncond_denoised_2 = model.with_uncond(x_2, sigma_fn(s))
             x = (sigma_fn(t_next) / sigma_fn(t)) * (x + (denoised - uncond_denoised_2)) - expm1(-h) * denoised_2
         if sigma_next > 0:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = x + times(noise_sampler(sigma, sigma_next), s_noise, sigma_up)
     return x
 
 
@@ -102,7 +102,7 @@ def sample_dpmpp_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.
         h_ = t_fn(sd) - lambda_s
         x_2 = (alpha_s_1 / alpha_s) * exp(-h_) * x - alpha_s_1 * expm1(-h_) * denoised
         if eta > 0 and s_noise > 0:
-            x_2 = x_2 + alpha_s_1 * noise_sampler(sigma, sigma_s_1) * s_noise * su
+            x_2 = x_2 + times(noise_sampler(sigma, sigma_s_1), alpha_s_1, s_noise, su)
         denoised_2 = model(x_2, sigma_s_1)
 
         # Step 2
@@ -111,7 +111,7 @@ def sample_dpmpp_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (alpha_t / alpha_s) * exp(-h_) * x - alpha_t * expm1(-h_) * denoised_d
         if eta > 0 and s_noise > 0:
-            x = x + alpha_t * noise_sampler(sigma, sigma_next) * s_noise * su
+            x = x + times(noise_sampler(sigma, sigma_next), alpha_t, s_noise, su)
     return x
 
 
@@ -159,7 +159,7 @@ def sample_dpmpp_2m_cfg_pp(model, x, sigmas, noise, callback=None):
 
 def _sde_noise_term(noise_sampler, sigma, sigma_next, h, eta, s_noise):
     """The SDE's fresh noise for a step: n * sigma_t * sqrt(1 - exp(-2 h eta)) * s_noise."""
-    return noise_sampler(sigma, sigma_next) * sigma_next * sqrt(-expm1(-2 * h * eta)) * s_noise
+    return times(noise_sampler(sigma, sigma_next), sigma_next, sqrt(-expm1(-2 * h * eta)), s_noise)
 
 
 def sample_dpmpp_2m_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0, solver_type="midpoint"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import F32, get_ancestral_step, schedule_cached, to_d
+from .common import F32, get_ancestral_step, nan_to_zero, schedule_cached, times, to_d
 from .registry import SamplerSpec
 
 
@@ -234,14 +234,14 @@ def res_multistep(model, x, sigmas, noise, callback=None, eta=1.0, cfg_pp=False,
             c2 = (t_prev - t_old) / h
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 phi1, phi2 = _phi1(-h), _phi2(-h)
-                b1 = np.nan_to_num(phi1 - phi2 / c2, nan=0.0)
-                b2 = np.nan_to_num(phi2 / c2, nan=0.0)
+                b1 = nan_to_zero(phi1 - phi2 / c2)
+                b2 = nan_to_zero(phi2 / c2)
             if cfg_pp:
                 x = x + (denoised - guide)
             x = np.exp(-h) * x + h * (b1 * guide + b2 * old_denoised)
         # ComfyUI draws here even when sigma_up == 0; with eta == 0 every draw is multiplied by 0.
         if sigma_next > 0 and eta > 0:
-            x = x + noise_sampler(sigma, sigma_next) * F32(s_noise) * sigma_up
+            x = x + times(noise_sampler(sigma, sigma_next), F32(s_noise), sigma_up)
         old_denoised, old_sigma_down = guide, sigma_down
     return x
 

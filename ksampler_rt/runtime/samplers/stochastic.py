@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .common import F32, half_log_snr_to_sigma, schedule_cached, sigma_to_half_log_snr
+from .common import F32, half_log_snr_to_sigma, schedule_cached, sigma_to_half_log_snr, nan_to_zero, times
 from .registry import SamplerSpec
 
 
@@ -43,51 +43,75 @@ def _er_sde_noise_scaler(x):
     return x * (np.exp(x ** F32(0.3)) + F32(10.0))
 
 
-def sample_er_sde(model, x, sigmas, noise, callback=None, s_noise=1.0, max_stage=3):
-    """Extended Reverse-Time SDE solver, VP ER-SDE-Solver-3: an Euler stage plus up to two
-    Taylor stages from the denoised history, with the stage integrals taken by a 200-point sum.
-
-    Reference: ComfyUI ``sample_er_sde``; Cui et al., "Elucidating the solution space of extended
-    reverse-time SDE for diffusion models" (arXiv:2309.06169)."""
-    sigmas = np.asarray(sigmas, dtype=F32)
-    noise_sampler = noise.default(x)
+@schedule_cached()
+def _er_sde_plan(sigmas: np.ndarray, max_stage: int) -> list:
+    """The scalar coefficients of every ER-SDE step (they depend on the schedule only), computed
+    with the same float32 operations as ComfyUI's loop: per step (r_alpha * r, alpha_t * (1 - r),
+    stage-2 divisor and weight, stage-3 divisor and weight, alpha_t, noise std), None for the last
+    step to sigma = 0."""
     n_points = F32(200.0)
     point_index = np.arange(200, dtype=F32)
     with np.errstate(over="ignore"):
         lambdas = np.exp(-_half_log_snr(sigmas).astype(np.float64)).astype(F32)  # er_lambda = sigma/alpha
     ns = _er_sde_noise_scaler
+    plan = []
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if sigma_next == 0:
+            plan.append(None)
+            continue
+        stage = min(max_stage, i + 1)
+        lam_s, lam_t = lambdas[i], lambdas[i + 1]
+        alpha_s, alpha_t = sigma / lam_s, sigma_next / lam_t
+        r_alpha = alpha_t / alpha_s
+        r = ns(lam_t) / ns(lam_s)
+        d2 = w2 = d3 = w3 = None
+        if stage >= 2:
+            dt = lam_t - lam_s
+            step = -dt / n_points
+            lam_pos = lam_t + point_index * step
+            scaled = ns(lam_pos)
+            s = np.sum(1 / scaled, dtype=F32) * step
+            d2, w2 = lam_s - lambdas[i - 1], alpha_t * (dt + s * ns(lam_t))
+            if stage >= 3:
+                s_u = np.sum((lam_pos - lam_s) / scaled, dtype=F32) * step
+                d3, w3 = (lam_s - lambdas[i - 2]) / 2, alpha_t * ((dt ** 2) / 2 + s_u * ns(lam_t))
+        with np.errstate(invalid="ignore"):
+            std = nan_to_zero(np.sqrt(lam_t ** 2 - lam_s ** 2 * r ** 2))
+        plan.append((r_alpha * r, alpha_t * (1 - r), d2, w2, d3, w3, alpha_t, std))
+    return plan
+
+
+def sample_er_sde(model, x, sigmas, noise, callback=None, s_noise=1.0, max_stage=3):
+    """Extended Reverse-Time SDE solver, VP ER-SDE-Solver-3: an Euler stage plus up to two
+    Taylor stages from the denoised history, with the stage integrals taken by a 200-point sum
+    (all scalar coefficients in :func:`_er_sde_plan`).
+
+    Reference: ComfyUI ``sample_er_sde``; Cui et al., "Elucidating the solution space of extended
+    reverse-time SDE for diffusion models" (arXiv:2309.06169)."""
+    sigmas = np.asarray(sigmas, dtype=F32)
+    noise_sampler = noise.default(x)
+    plan = _er_sde_plan(sigmas, int(max_stage))
     old_denoised = old_denoised_d = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
         if callback is not None:
             callback(i, x, denoised)
-        stage = min(max_stage, i + 1)
-        if sigma_next == 0:
+        if plan[i] is None:
             x = denoised
         else:
-            lam_s, lam_t = lambdas[i], lambdas[i + 1]
-            alpha_s, alpha_t = sigma / lam_s, sigma_next / lam_t
-            r_alpha = alpha_t / alpha_s
-            r = ns(lam_t) / ns(lam_s)
-            x = r_alpha * r * x + alpha_t * (1 - r) * denoised  # stage 1: Euler
-            if stage >= 2:
-                dt = lam_t - lam_s
-                step = -dt / n_points
-                lam_pos = lam_t + point_index * step
-                scaled = ns(lam_pos)
-                s = np.sum(1 / scaled, dtype=F32) * step
-                denoised_d = (denoised - old_denoised) / (lam_s - lambdas[i - 1])
-                x = x + alpha_t * (dt + s * ns(lam_t)) * denoised_d
-                if stage >= 3:
-                    s_u = np.sum((lam_pos - lam_s) / scaled, dtype=F32) * step
-                    denoised_u = (denoised_d - old_denoised_d) / ((lam_s - lambdas[i - 2]) / 2)
-                    x = x + alpha_t * ((dt ** 2) / 2 + s_u * ns(lam_t)) * denoised_u
+            x_weight, d_weight, d2, w2, d3, w3, alpha_t, std = plan[i]
+            x = x_weight * x + d_weight * denoised  # stage 1: Euler
+            if d2 is not None:
+                denoised_d = (denoised - old_denoised) / d2
+                x = x + w2 * denoised_d
+                if d3 is not None:
+                    denoised_u = (denoised_d - old_denoised_d) / d3
+                    x = x + w3 * denoised_u
                 old_denoised_d = denoised_d
             if s_noise > 0:
-                with np.errstate(invalid="ignore"):
-                    std = np.nan_to_num(np.sqrt(lam_t ** 2 - lam_s ** 2 * r ** 2), nan=0.0)
-                x = x + alpha_t * noise_sampler(sigma, sigma_next) * F32(s_noise) * std
+                x = x + times(noise_sampler(sigma, sigma_next), alpha_t, F32(s_noise), std)
         old_denoised = denoised
     return x
 
@@ -150,7 +174,7 @@ def _seeds(model, x, sigmas, noise, callback, eta, s_noise, rs):
                 f = F32(r_prev - r) * h * eta
                 fresh = _neg_expm1_sqrt(2 * f) * noise_sampler(sigma_prev, sigma_r)
                 w_noise = fresh if w_noise is None else w_noise * np.exp(f) + fresh
-                x_r = x_r + w_noise * sigma_r * s_noise
+                x_r = x_r + times(w_noise, sigma_r, s_noise)
             if k < len(rs):
                 preds.append(model(x_r, sigma_r))
             r_prev, sigma_prev = r, sigma_r
@@ -262,8 +286,8 @@ def sample_sa_solver(model, x, sigmas, noise, callback=None, s_noise=1.0, predic
             h = lambdas[i + 1] - lambdas[i]
             x_pred = sigma_next / sigma * np.exp(F32(-(tau ** 2)) * h) * x + _combine(preds[-p_order:], b)
             if tau > 0 and s_noise > 0:
-                step_noise = (noise_sampler(sigma, sigma_next) * sigma_next
-                              * _neg_expm1_sqrt(F32(-2 * tau ** 2) * h) * F32(s_noise))
+                step_noise = times(noise_sampler(sigma, sigma_next), sigma_next,
+                                   _neg_expm1_sqrt(F32(-2 * tau ** 2) * h), F32(s_noise))
                 x_pred = x_pred + step_noise
     return x
 
