@@ -454,7 +454,8 @@ def run_full_level(names, sizes, steps: int, repeats: int, peer: "PeerProcess | 
     print(f"  ours: ksampler_rt.runtime.ksampler() + Model(zero-cost UNet, family sd15) + CFG {FULL_CFG:g}, "
           f"noise prefetch threads off (numpy {np.__version__}, python {sys.version.split()[0]})")
     print(f"  peer: {peer.describe() if peer is not None else peer_note}")
-    hdr = f"{'sampler':30s} {'latent':>16s} {'ours-ms':>9s} {'comfyui-ms':>10s} {'ratio':>7s}  target<=0.25"
+    hdr = (f"{'sampler':30s} {'latent':>16s} {'ours-ms':>9s} {'comfyui-ms':>10s} {'ratio':>7s}  target<=0.25"
+           f" {'best-ratio':>11s}")
     print(hdr)
     print("-" * len(hdr))
     rows = []
@@ -487,16 +488,23 @@ def run_full_level(names, sizes, steps: int, repeats: int, peer: "PeerProcess | 
             pm = float(np.median(peer_ms)) if peer_ms and len(peer_ms) == repeats else None
             ratio = ours / pm if pm else None
             ok = None if ratio is None else ratio <= 0.25
+            # each side's fastest repeat: the cost without the other tenants' bursts (timeit's rule);
+            # reported beside the medians, which stay the target's figure
+            best_ratio = (min(ours_t) / steps * 1e3) / min(peer_ms) if pm else None
             rows.append({"sampler": name, "latent": shape, "ours_ms_per_step": ours,
                          "comfyui_ms_per_step": pm, "ratio": ratio, "target_met": ok,
+                         "ours_ms_per_step_each": [t / steps * 1e3 for t in ours_t],
+                         "comfyui_ms_per_step_each": peer_ms, "best_ratio": best_ratio,
                          "peer_error": None if pm is not None else err})
             flag = "n/a" if ok is None else ("yes" if ok else "NO")
             note = "" if pm is not None or err is None else f"   (n/a: {err})"
             print(f"{name:30s} {str(shape):>16s} {ours:9.3f} {_fmt(pm):>10s} {_fmt(ratio, '.3f'):>7s}  "
-                  f"{flag:>12s}{note}")
+                  f"{flag:>12s} {_fmt(best_ratio, '.3f'):>11s}{note}")
             sys.stdout.flush()
     met = [r for r in rows if r["target_met"] is not None]
-    summary = f"1/4 target met by {sum(r['target_met'] for r in met)} of {len(met)} rows"
+    best = sum(r["best_ratio"] <= 0.25 for r in met)
+    summary = (f"1/4 target met by {sum(r['target_met'] for r in met)} of {len(met)} rows "
+               f"(medians; {best} of {len(met)} by each side's best repeat)")
     print(f"full level: {summary}")
     return {"steps": steps, "repeats": repeats, "cfg": FULL_CFG, "peer": peer_note,
             "peer_info": ({k: v for k, v in peer.info.items() if k != "samplers"} if peer is not None else None),
