@@ -32,8 +32,8 @@ def fma32(typingctx, a, b, c):
 
 
 f32, i32, u32 = np.float32, np.int32, np.uint32
-# numba widens int32/uint32 arithmetic to 64 bits; every integer step below is cast back to 32
-# bits so that LLVM keeps the lanes 32 wide (AVX2 has no int64 -> float conversion: a widened
+# numba widens int32/uint32 arithmetic to 64 bits; every integer step of the Box-Muller and
+# mt19937 twist / tempering loops is cast back to 32 bits so that LLVM keeps the lanes 32 wide (AVX2 has no int64 -> float conversion: a widened
 # lane index made the sincos loop partly scalar, and the mt19937 loops half as wide).
 P0, P1, P2, P3, P4, P5, P6, P7, P8 = (f32(p) for p in ref._LOG_P)
 Q1, Q2 = f32(ref._LOG_Q1), f32(ref._LOG_Q2)

@@ -23,11 +23,11 @@ brownian_interval.py). Behaviour reproduced here:
 
 torchsde's LRU cache (45 entries) only changes speed, never values; here both children of a
 node are computed and cached together (saving one randn per node). With the compiled kernels
-each parent's noise is drawn and used chunk by chunk, never stored; otherwise the noise of all
-nodes a query needs is generated in one vectorised batch. The cache is bounded in bytes
-(``cache_bytes``, 64 MiB): once it is full, evicted arrays are recycled by the allocator instead
-of every split touching fresh pages (at [1,4,128,128] an unbounded cache cost ~1800 page
-faults per query).
+(AVX2 kernel, at least 16 elements) each parent's noise is drawn and used chunk by chunk, never
+stored; otherwise the noise of all nodes a query needs is generated in one vectorised batch. By
+default the cache is bounded in bytes (``cache_bytes``, 64 MiB, but at least 64 entries): once it
+is full, evicted arrays are recycled by the allocator instead of every split touching fresh pages
+(at [1,4,128,128] the former 512-entry cache cost ~1800 page faults per query).
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ class BrownianTree:
         self.tol = float(tol)
         self.pool_size = int(pool_size)
         self.ndigits = -int(math.log10(tol))
-        if cache_size is None:  # a byte budget, but never fewer entries than a query's path needs
+        if cache_size is None:  # a byte budget; at least 64 entries, so large latents still reuse the path above a query
             item_bytes = 4 * max(1, math.prod(self.shape))
             cache_size = max(64, int(cache_bytes) // item_bytes)
         self.cache_size = int(cache_size)

@@ -188,7 +188,7 @@ def _self_check() -> None:
     ref_left *= np.float32(1.7)
     ref_left += z * np.float32(0.55)
     _expect(np.array_equal(left, ref_left) and np.array_equal(right, w - ref_left), "Brownian bridge")
-    for n in (37, 4096 + 16 * _BLOCKS):  # tail rule; more than one chunk
+    for n in (37, 16 * _BLOCKS + 37):  # tail rule; a full chunk, a shorter one and the tail
         w = np.linspace(-2, 2, n, dtype=np.float32)
         z = randn_seeds(np.array([99], np.uint64), n, np.empty((1, n), np.float32))[0]
         split = brownian_bridge(w, z, 0.3, 1.7, 0.55)

@@ -131,7 +131,7 @@ def times(a: np.ndarray, *factors) -> np.ndarray:
 
 def nan_to_zero(v):
     """``torch.nan_to_num(v, nan=0.0)`` of a float32 scalar: NaN -> 0, +-inf -> the largest finite
-    float32 of its sign (``np.nan_to_num`` does the same in ~90 us a call on a scalar)."""
+    float32 of its sign (what ``np.nan_to_num`` does, without its tens of microseconds per scalar call)."""
     if math.isnan(v):
         return F32(0.0)
     if math.isinf(v):
