@@ -175,15 +175,17 @@ def mt_words(st, out, n):
         st[_N] = u32(pos + cnt)
 
 
+@numba.njit(inline="always")
+def _chunk_scratch():
+    """Scratch of one chunk of _BLOCKS Box-Muller blocks: words, k1, k2, r, s, c (see fill_blocks)."""
+    return (np.empty(_BLOCKS * 16, np.uint32), np.empty(_BLOCKS * 8, np.int32), np.empty(_BLOCKS * 8, np.int32),
+            np.empty(_BLOCKS * 8, np.float32), np.empty(_BLOCKS * 8, np.float32), np.empty(_BLOCKS * 8, np.float32))
+
+
 @numba.njit(nogil=True, boundscheck=False, cache=True)
 def randn_state(st, n, out):
     """torch ``normal_fill`` (n >= 16) drawing from the mt19937 state ``st`` into out[:n]."""
-    words = np.empty(_BLOCKS * 16, np.uint32)
-    k1 = np.empty(_BLOCKS * 8, np.int32)
-    k2 = np.empty(_BLOCKS * 8, np.int32)
-    r = np.empty(_BLOCKS * 8, np.float32)
-    s = np.empty(_BLOCKS * 8, np.float32)
-    c = np.empty(_BLOCKS * 8, np.float32)
+    words, k1, k2, r, s, c = _chunk_scratch()
     nb = n // 16
     for b0 in range(0, nb, _BLOCKS):
         m = min(_BLOCKS, nb - b0)
@@ -226,13 +228,8 @@ def bridge_seeded(seed, w, l_diff, h_rec, z_scale, left, right):
     n = w.shape[0]
     st = np.empty(_N + 1, np.uint32)
     mt_seed(st, seed)
-    words = np.empty(_BLOCKS * 16, np.uint32)
+    words, k1, k2, r, s, c = _chunk_scratch()
     z = np.empty(_BLOCKS * 16, np.float32)
-    k1 = np.empty(_BLOCKS * 8, np.int32)
-    k2 = np.empty(_BLOCKS * 8, np.int32)
-    r = np.empty(_BLOCKS * 8, np.float32)
-    s = np.empty(_BLOCKS * 8, np.float32)
-    c = np.empty(_BLOCKS * 8, np.float32)
     nb = n // 16
     for b0 in range(0, nb, _BLOCKS):
         m = min(_BLOCKS, nb - b0)
