@@ -108,9 +108,9 @@ class BrownianTree:
         self.tol = float(tol)
         self.pool_size = int(pool_size)
         self.ndigits = -int(math.log10(tol))
+        self.size = math.prod(self.shape)  # elements per value
         if cache_size is None:  # a byte budget; at least 64 entries, so large latents still reuse the path above a query
-            item_bytes = 4 * max(1, math.prod(self.shape))
-            cache_size = max(64, int(cache_bytes) // item_bytes)
+            cache_size = max(64, int(cache_bytes) // (4 * max(1, self.size)))
         self.cache_size = int(cache_size)
         self.t0 = t0
         self.t1 = t1
@@ -215,7 +215,7 @@ class BrownianTree:
                     order.append(p)
         if order:
             # compiled: each parent's noise is drawn and used chunk by chunk (never stored)
-            fused = self.kernel == "avx2" and int(np.prod(self.shape)) >= 16 and jit.available()
+            fused = self.kernel == "avx2" and self.size >= 16 and jit.available()
             noises = (None,) * len(order) if fused else randn_many(
                 [p.w_seed for p in order], self.shape, self.kernel, max_chunk=1 << 17)
             self.n_randn += len(order)
