@@ -85,7 +85,7 @@ for line in sys.stdin:
     print(MARKER + json.dumps(rep), flush=True)
 '''
 
-FULL_ARGS = ["--level", "full", "--sizes", "8", "--steps", "3", "--repeats", "2"]
+FULL_ARGS = ["--level", "full", "--sizes", "8", "--steps", "3", "--repeats", "2", "--passes", "1"]
 
 
 def _fake_peer(tmp_path):
@@ -125,10 +125,11 @@ def test_full_level_fake_peer_interleaved(capsys, tmp_path, monkeypatch):
     assert "ComfyUI 0.fake KSampler node" in text and "torch 0.fake" in text and "chatter" not in text
     assert "n/a: exp_heun_2_x0 is not in fake ComfyUI's KSampler.SAMPLERS" in text
     assert "full level: 1/4 target met by 1 of 2 rows" in text
-    # one untimed warm-up of ours, then ours, peer, ours, peer; the peer stops being asked after an error
-    assert order == [("ours", "euler")] + [("ours", "euler"), ("peer", "euler")] * 2 + \
-        [("ours", "dpmpp_2m")] + [("ours", "dpmpp_2m"), ("peer", "dpmpp_2m")] * 2 + \
-        [("ours", "exp_heun_2_x0")] * 2 + [("peer", "exp_heun_2_x0"), ("ours", "exp_heun_2_x0")]
+    # one untimed warm-up of ours per row, then (one pass, as --passes 1 asks) ours, peer, ours, peer
+    # per row; the peer stops being asked after an error
+    assert order == [("ours", "euler"), ("ours", "dpmpp_2m"), ("ours", "exp_heun_2_x0")] + \
+        [("ours", "euler"), ("peer", "euler")] * 2 + [("ours", "dpmpp_2m"), ("peer", "dpmpp_2m")] * 2 + \
+        [("ours", "exp_heun_2_x0"), ("peer", "exp_heun_2_x0"), ("ours", "exp_heun_2_x0")]
     reqs = [json.loads(line) for line in (root / "requests.log").read_text().splitlines()]
     assert reqs[0] == {"sampler": "euler", "size": 8, "steps": 3} and len(reqs) == 5
     data = json.loads(out.read_text())
@@ -140,6 +141,55 @@ def test_full_level_fake_peer_interleaved(capsys, tmp_path, monkeypatch):
     assert rows["dpmpp_2m"]["target_met"] is False and rows["dpmpp_2m"]["ratio"] > 0.25
     assert rows["exp_heun_2_x0"]["comfyui_ms_per_step"] is None and "not in fake" in rows["exp_heun_2_x0"]["peer_error"]
     assert data["full"]["peer_info"]["comfyui"] == "0.fake"
+
+
+def test_full_level_passes_spread_repeats(capsys, tmp_path, monkeypatch):
+    """--passes 2 with 3 repeats: every row gets 2 repeats in the first pass through the table and 1 in
+    the second, each one call of ours followed by one of the peer; medians over all 3."""
+    argv, _ = _fake_peer(tmp_path)
+    order = []
+    real_runner, real_request = sampler_overhead._ours_full_runner, sampler_overhead.PeerProcess.request
+
+    def runner(name, size, steps):
+        run = real_runner(name, size, steps)
+
+        def wrapped():
+            order.append(("ours", name))
+            return run()
+        return wrapped
+
+    def request(self, req, *a, **kw):
+        order.append(("peer", req["sampler"]))
+        return real_request(self, req, *a, **kw)
+
+    monkeypatch.setattr(sampler_overhead, "_ours_full_runner", runner)
+    monkeypatch.setattr(sampler_overhead.PeerProcess, "request", request)
+    res = sampler_overhead.main(["--level", "full", "--sizes", "8", "--steps", "3", "--repeats", "3",
+                                 "--passes", "2"] + argv + ["--samplers", "euler,dpmpp_2m"])
+    text = capsys.readouterr().out
+    pair = lambda n: [("ours", n), ("peer", n)]  # noqa: E731
+    assert order == [("ours", "euler"), ("ours", "dpmpp_2m")] + pair("euler") * 2 + pair("dpmpp_2m") * 2 + \
+        pair("euler") + pair("dpmpp_2m")
+    assert "3 interleaved repeats in 2 passes through the table" in text
+    assert "pass 1 of 2: 2 repeat(s) per row" in text and "pass 2 of 2: 1 repeat(s) per row" in text
+    assert res["full"]["passes"] == 2
+    for row in res["full"]["rows"]:
+        assert len(row["ours_ms_per_step_each"]) == 3 and len(row["comfyui_ms_per_step_each"]) == 3
+        assert row["ours_ms_per_step"] == pytest.approx(float(np.median(row["ours_ms_per_step_each"])))
+
+
+def test_split_repeats():
+    assert sampler_overhead.split_repeats(9, 3) == [3, 3, 3]
+    assert sampler_overhead.split_repeats(7, 3) == [3, 2, 2]
+    assert sampler_overhead.split_repeats(2, 3) == [1, 1]
+    assert sampler_overhead.split_repeats(5, 1) == [5]
+
+
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--passes", "0"]])
+def test_bad_repeats_or_passes(bad, capsys):
+    with pytest.raises(SystemExit):
+        sampler_overhead.main(["--level", "full", "--samplers", "euler", "--sizes", "8"] + bad)
+    assert "received 0, expected an integer >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode,why", [("import_error", "ModuleNotFoundError: psutil"),
