@@ -65,7 +65,7 @@ def cache_root() -> Path:
 
 def _build_half_sd15(out: Path, seed: int = 0) -> None:
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from ..export import tiny

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .ray_app import APP_NAME, ERROR, EVENT, EXECUTED, HELLO, INTERRUPTED, RESULT, RayAppConfig, local_ray_options
+from .ray_app import ERROR, EVENT, EXECUTED, HELLO, INTERRUPTED, RESULT, RayAppConfig, local_ray_options
 from .ray_files import place_file
 from .worker import PromptExecutionError, PromptInterrupted, RunResult
 

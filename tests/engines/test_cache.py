@@ -2,7 +2,6 @@ import json
 import os
 import time
 
-import numpy as np
 import pytest
 
 from ksampler_rt.engines import (BuildOptions, CacheCorruptError, EngineCache, EngineError, ForeignEngineError,

@@ -7,7 +7,6 @@ exporting the tiny model and starting Ray); skipped where ``ray[serve]`` is not 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import signal

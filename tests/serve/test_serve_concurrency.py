@@ -211,7 +211,7 @@ def test_queue_tracks_several_running_prompts():
         q = PromptQueue(max_pending=10)
         for pid in ("a", "b", "c"):
             q.put(QueueItem(q.next_seq(), q.next_seq(), pid, {}, {}, ["9"]))
-        a, b = await q.get(), await q.get()
+        _, b = await q.get(), await q.get()
         assert [i.prompt_id for i in q.running] == ["a", "b"] and q.remaining() == 3
         assert q.contains("a") and q.is_running("b") and not q.is_running("c")
         assert not q.delete("a")  # running prompts are not deleted from the queue

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from ksampler_rt.workflow.tokenizer import ClipTokenizer, WeightedToken, basic_clean, embedding_split
+from ksampler_rt.workflow.tokenizer import ClipTokenizer, basic_clean, embedding_split
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,5 +1,4 @@
 """ComfyUI's prompt-weight parsing, checked against hand-worked cases (comfy/sd1_clip.py)."""
-import pytest
 
 from ksampler_rt.workflow.tokenizer import escape_important, parse_parentheses, token_weights, unescape_important
 
