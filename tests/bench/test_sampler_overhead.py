@@ -98,8 +98,8 @@ def _fake_peer(tmp_path):
     return ["--comfyui", str(root), "--comfyui-python", sys.executable, "--peer-script", str(script)], root
 
 
-def test_full_level_fake_peer_interleaved(capsys, tmp_path, monkeypatch):
-    argv, root = _fake_peer(tmp_path)
+def _record_call_order(monkeypatch) -> list:
+    """The ("ours" | "peer", sampler) of every timed or warm-up call, in the order they happen."""
     order = []
     real_runner, real_request = sampler_overhead._ours_full_runner, sampler_overhead.PeerProcess.request
 
@@ -117,6 +117,12 @@ def test_full_level_fake_peer_interleaved(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sampler_overhead, "_ours_full_runner", runner)
     monkeypatch.setattr(sampler_overhead.PeerProcess, "request", request)
+    return order
+
+
+def test_full_level_fake_peer_interleaved(capsys, tmp_path, monkeypatch):
+    argv, root = _fake_peer(tmp_path)
+    order = _record_call_order(monkeypatch)
     out = tmp_path / "r.json"
     res = sampler_overhead.main(FULL_ARGS + argv + ["--samplers", "euler,dpmpp_2m,exp_heun_2_x0",
                                                     "--out", str(out)])
@@ -147,23 +153,7 @@ def test_full_level_passes_spread_repeats(capsys, tmp_path, monkeypatch):
     """--passes 2 with 3 repeats: every row gets 2 repeats in the first pass through the table and 1 in
     the second, each one call of ours followed by one of the peer; medians over all 3."""
     argv, _ = _fake_peer(tmp_path)
-    order = []
-    real_runner, real_request = sampler_overhead._ours_full_runner, sampler_overhead.PeerProcess.request
-
-    def runner(name, size, steps):
-        run = real_runner(name, size, steps)
-
-        def wrapped():
-            order.append(("ours", name))
-            return run()
-        return wrapped
-
-    def request(self, req, *a, **kw):
-        order.append(("peer", req["sampler"]))
-        return real_request(self, req, *a, **kw)
-
-    monkeypatch.setattr(sampler_overhead, "_ours_full_runner", runner)
-    monkeypatch.setattr(sampler_overhead.PeerProcess, "request", request)
+    order = _record_call_order(monkeypatch)
     res = sampler_overhead.main(["--level", "full", "--sizes", "8", "--steps", "3", "--repeats", "3",
                                  "--passes", "2"] + argv + ["--samplers", "euler,dpmpp_2m"])
     text = capsys.readouterr().out
