@@ -1,8 +1,8 @@
 """Per-step host time of every sampler with a zero-cost denoiser, against ComfyUI, at two levels.
 
 ``python -m ksampler_rt.bench.sampler_overhead [--level sampler|full|both] [--comfyui PATH]
-[--comfyui-python PYTHON] [--samplers a,b] [--quick] [--repeats N] [--steps 20] [--sizes 64,128]
-[--unet-ms MS] [--prefetch auto|on|off|both] [--out FILE.json]``
+[--comfyui-python PYTHON] [--samplers a,b] [--quick] [--repeats N] [--passes N] [--steps 20]
+[--sizes 64,128] [--unet-ms MS] [--prefetch auto|on|off|both] [--out FILE.json]``
 
 ``--level sampler`` (the default) compares the bare sampler loops; ``--level full`` the whole
 KSampler node path; ``--level both`` prints both tables and a summary line per level.
@@ -621,7 +621,7 @@ def main(argv=None) -> dict:
     full = (_run_full(args, names, sizes, args.repeats or (2 if args.quick else 9))
             if args.level in ("full", "both") else None)
     if args.level == "full":  # the existing keys stay, empty
-        result = {"steps": args.steps, "repeats": repeats, "unet_ms": args.unet_ms, "prefetch": None,
+        result = {"steps": args.steps, "repeats": full["repeats"], "unet_ms": args.unet_ms, "prefetch": None,
                   "peer": None, "kernel": default_kernel(), "rows": [], "prepare_noise": None}
     else:
         if full is not None:

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-# Lavin & Gray (2015), section 4.1 (F(2,3)) and 4.2 (F(4,3), interpolation points 0, +-1, +-2, inf).
+# Lavin & Gray (2015): F(2x2, 3x3), and F(4x4, 3x3) with interpolation points 0, +-1, +-2, inf.
 _F2 = (
     [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
     [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
@@ -232,7 +232,11 @@ def probe_unet(latent: int, tile: int, min_channels: int, threads: int, repeats:
     base_bytes = model.SerializeToString()
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    model.graph.initializer.extend(extra)
+    # the replaced convolutions' own weights are dead now: drop them, or the model carries both
+    used = {name for nd in nodes for name in nd.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + extra)
     try:
         wino_bytes = model.SerializeToString()
     except Exception as e:  # noqa: BLE001 - protobuf's 2 GB limit: F(4,3) weights are 4x the direct ones

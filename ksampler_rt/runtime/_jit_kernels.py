@@ -100,7 +100,13 @@ def sincos(k2):
     c = -c if i32(i32(j + I2) & I4) != I0 else c
     return s, c
 
-_LOW24_PAIR = np.uint64(0x00FFFFFF00FFFFFF)
+_LOW24_PAIR = np.uint64((int(U24) << 32) | int(U24))
+
+
+@numba.njit(inline="always")
+def _aligned8(a, start):
+    """Whether element ``start`` of the 4-byte array ``a`` sits on an 8-byte boundary."""
+    return (a.ctypes.data + 4 * start) % 8 == 0
 
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
@@ -108,31 +114,45 @@ def fill_blocks(words, w0, nb, out, o0, k1, k2, r, s, c):
     """Box-Muller of nb blocks of 16 words (words[w0:]) into out[o0:] (<= _BLOCKS blocks).
 
     Per block: u1 from words 0..7, u2 from words 8..15; out 0..7 = r cos, 8..15 = r sin.
-    De-interleaved into flat scratch so LLVM vectorises the Box-Muller loop 8 lanes wide. The
-    de-interleaving copies move two 32-bit words per 64-bit element (a block's halves are 8 words,
-    so no pair straddles them; x86-64 and arm64 are little-endian, so the mask keeps each word's low
-    24 bits): LLVM leaves the copy loops scalar, and word by word they took half the kernel's time.
+    De-interleaved into flat scratch (k1, k2, s, c: 8-byte aligned allocations) so LLVM vectorises
+    the Box-Muller loop 8 lanes wide. The copies into and out of the scratch move two 32-bit words
+    per 64-bit element (a block's halves are 8 words, so no pair straddles them, and the mask is the
+    same on both halves of a pair, so byte order does not matter): LLVM leaves word-by-word copy
+    loops scalar, and they took half the kernel's time. Where ``words[w0]`` or ``out[o0]`` is not
+    8-byte aligned (a row of an odd-length batch), that copy goes word by word.
     """
-    w64 = words[w0:w0 + nb * 16].view(np.uint64)
-    a64 = k1[:nb * 8].view(np.uint64)
-    b64 = k2[:nb * 8].view(np.uint64)
-    for b in range(nb):
-        for i in range(4):
-            a64[b * 4 + i] = w64[b * 8 + i] & _LOW24_PAIR
-            b64[b * 4 + i] = w64[b * 8 + 4 + i] & _LOW24_PAIR
     h = nb * 8
+    if _aligned8(words, w0):
+        w64 = words[w0:w0 + nb * 16].view(np.uint64)
+        a64 = k1[:h].view(np.uint64)
+        b64 = k2[:h].view(np.uint64)
+        for b in range(nb):
+            for i in range(4):
+                a64[b * 4 + i] = w64[b * 8 + i] & _LOW24_PAIR
+                b64[b * 4 + i] = w64[b * 8 + 4 + i] & _LOW24_PAIR
+    else:
+        for b in range(nb):
+            for i in range(8):
+                k1[b * 8 + i] = i32(words[w0 + b * 16 + i] & U24)
+                k2[b * 8 + i] = i32(words[w0 + b * 16 + 8 + i] & U24)
     for q in range(h):
         rq = radius(k1[q])
         sq, cq = sincos(k2[q])
         s[q] = sq * rq
         c[q] = cq * rq
-    o64 = out[o0:o0 + nb * 16].view(np.uint64)
-    s64 = s[:h].view(np.uint64)
-    c64 = c[:h].view(np.uint64)
-    for b in range(nb):
-        for i in range(4):
-            o64[b * 8 + i] = c64[b * 4 + i]
-            o64[b * 8 + 4 + i] = s64[b * 4 + i]
+    if _aligned8(out, o0):
+        o64 = out[o0:o0 + nb * 16].view(np.uint64)
+        s64 = s[:h].view(np.uint64)
+        c64 = c[:h].view(np.uint64)
+        for b in range(nb):
+            for i in range(4):
+                o64[b * 8 + i] = c64[b * 4 + i]
+                o64[b * 8 + 4 + i] = s64[b * 4 + i]
+    else:
+        for b in range(nb):
+            for i in range(8):
+                out[o0 + b * 16 + i] = c[b * 8 + i]
+                out[o0 + b * 16 + 8 + i] = s[b * 8 + i]
 
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)

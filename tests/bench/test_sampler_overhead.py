@@ -212,6 +212,36 @@ def test_full_level_peer_dies_midway(capsys, tmp_path, monkeypatch):
     assert "exited (rc 9)" in text
 
 
+def test_full_level_peer_dies_in_a_later_pass(capsys, tmp_path, monkeypatch):
+    """Over 2 passes, euler gets its first 2 peer figures before the peer dies on dpmpp_2m: a row with
+    only part of its repeats answered is n/a with the reason, never a median of fewer repeats."""
+    argv, _ = _fake_peer(tmp_path)
+    monkeypatch.setenv("FAKE_PEER_MODE", "die_on_dpmpp_2m")
+    res = sampler_overhead.main(["--level", "full", "--sizes", "8", "--steps", "3", "--repeats", "4",
+                                 "--passes", "2"] + argv + ["--samplers", "euler,dpmpp_2m"])
+    capsys.readouterr()
+    rows = {r["sampler"]: r for r in res["full"]["rows"]}
+    assert rows["euler"]["comfyui_ms_per_step_each"] == [1000.0, 1000.0]
+    for n in ("euler", "dpmpp_2m"):
+        assert rows[n]["comfyui_ms_per_step"] is None and rows[n]["target_met"] is None
+        assert "exited (rc 9)" in rows[n]["peer_error"] and len(rows[n]["ours_ms_per_step_each"]) == 4
+
+
+@pytest.mark.parametrize("extra,want", [([], (9, 3)), (["--quick"], (2, 1)), (["--repeats", "5"], (5, 3)),
+                                        (["--passes", "2"], (9, 2))])
+def test_full_level_default_repeats_and_passes(extra, want, monkeypatch, capsys):
+    seen = {}
+
+    def fake_run_full_level(names, sizes, steps, repeats, peer, peer_note, passes=1):
+        seen["got"] = (repeats, passes)
+        return {"repeats": repeats, "rows": [], "summary": ""}
+
+    monkeypatch.setattr(sampler_overhead, "run_full_level", fake_run_full_level)
+    res = sampler_overhead.main(["--level", "full", "--samplers", "euler"] + extra)
+    capsys.readouterr()
+    assert seen["got"] == want and res["repeats"] == want[0]
+
+
 def test_full_level_no_comfyui_and_both(capsys):
     res = sampler_overhead.main(["--level", "both", "--samplers", "euler", "--sizes", "8", "--steps", "3",
                                  "--repeats", "1"])

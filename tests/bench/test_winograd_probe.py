@@ -46,3 +46,45 @@ def test_bad_tile_and_shape():
         wp.winograd_matrices(3)
     with pytest.raises(ValueError, match="received 6x7, expected sides divisible by the tile 2"):
         wp.winograd_nodes("x", "y", np.zeros((2, 2, 3, 3), np.float32), None, (1, 2, 6, 7), 2, "p_")
+
+
+def test_probe_unet_rewrites_the_eligible_convolutions(tmp_path, monkeypatch):
+    """probe_unet's graph surgery on a small UNet-shaped graph: the stride-1 3x3 convolutions are
+    rewritten (the one without bias too), the strided one is kept, the rewritten model computes the
+    same output, and the replaced weights are not carried along."""
+    import types
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ksampler_rt.bench import models
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    b1 = rng.standard_normal(8).astype(np.float32)
+    w2 = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    w3 = rng.standard_normal((4, 8, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["sample", "w1", "b1"], ["h1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Conv", ["h1", "w2"], ["h2"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Conv", ["h2", "w3"], ["out"], pads=[1, 1, 1, 1], kernel_shape=[3, 3], strides=[2, 2])]
+    graph = helper.make_graph(
+        nodes, "unet",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["B", 4, "h", "w"]),
+         helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["B"]),
+         helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, ["B", "T", 768])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (w3, "w3"))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "unet.onnx"))
+    monkeypatch.setattr(models, "resolve_model", lambda *a, **k: types.SimpleNamespace(export_dir=tmp_path))
+    saved = []
+    real_session = wp._ort_session
+    monkeypatch.setattr(wp, "_ort_session", lambda b, threads: saved.append(b) or real_session(b, threads))
+    res = wp.probe_unet(8, 2, 0, threads=1, repeats=1)
+    assert res["eligible"] == 2 and res["rewritten"] == 2
+    assert res["rel_error_vs_unoptimised"]["F(2,3)"] < 1e-5
+    rewritten = onnx.load_from_string(saved[1])
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count("ConvTranspose") == 2 and ops.count("MatMul") == 2
+    names = {i.name for i in rewritten.graph.initializer}
+    assert "w3" in names and "b1" in names and not {"w1", "w2"} & names

@@ -111,6 +111,27 @@ def test_box_muller_kernel_exhaustive():
         assert bad.size == 0, (c0, bad[:5])
 
 
+@pytest.mark.parametrize("nb", [1, 3, 256])
+def test_box_muller_blocks_any_words_and_alignment(nb):
+    """Full 32-bit words (the kernel keeps the low 24 bits), input and output at 8-byte-aligned and
+    unaligned offsets (the 64-bit copy path and the word-by-word one): same floats as the numpy
+    kernel, nothing written outside out[o0:o0 + 16 nb]."""
+    assert jit.available(), jit.disable_reason()
+    fill = jit._K["fill_blocks"]
+    rng = np.random.default_rng(nb)
+    scratch = (np.empty(nb * 8, np.int32), np.empty(nb * 8, np.int32), np.empty(nb * 8, np.float32),
+               np.empty(nb * 8, np.float32), np.empty(nb * 8, np.float32))
+    for w0 in (0, 1):
+        for o0 in (0, 1, 3):
+            words = rng.integers(0, 2**32, size=nb * 16 + w0, dtype=np.uint64).astype(np.uint32)
+            out = np.full(nb * 16 + o0 + 5, 7.0, np.float32)
+            fill(words, w0, nb, out, o0, *scratch)
+            want = np.empty(nb * 16, np.float32)
+            N._fill_blocks_avx2(words[w0:].reshape(-1, 16), want.reshape(-1, 16))
+            assert np.array_equal(out[o0:o0 + nb * 16].view(np.uint32), want.view(np.uint32)), (w0, o0)
+            assert (out[:o0] == 7).all() and (out[o0 + nb * 16:] == 7).all()
+
+
 def test_out_argument_checked():
     bg = np.random.MT19937(0)
     with pytest.raises(ValueError, match="out: received"):
