@@ -20,8 +20,18 @@ row of ``pooled``. In ComfyUI, width/height default to the latent's size * 8 whe
 does not carry them (``encode_model_conds``), target size defaults to width/height, and the
 refiner's aesthetic score defaults to 6 (2.5 for the negative prompt).
 
-Transcendentals are evaluated in float64 and rounded to float32 (torch's float32 SLEEF kernels are
-accurate to about 1 ulp, so a few entries may differ from ComfyUI's in the last bit).
+Guarantee, against the torch ComfyUI runs on the same machine:
+
+* the 128 frequencies of ``Timestep(256)`` (the only table SDXL uses) are **bit-identical**: torch's
+  float32 ``exp`` is Intel MKL's vector exp on x86-64, which is not correctly rounded and rounds
+  differently on each of MKL's code paths, so the correctly rounded values are corrected by a table
+  of last-bit deltas measured for each path (``cpu_capability.mkl_vml_path``; tests compare them
+  with the installed torch under every path the machine can run);
+* other ``dim`` / ``max_period``, and machines off x86-64: frequencies correctly rounded, i.e. within
+  1 ulp of torch's;
+* ``sin`` / ``cos`` of the float32 arguments are evaluated in float64 and rounded once, so each
+  entry is within 1 ulp of torch's (MKL's are within 1 ulp of the correctly rounded value; 3-7 % of
+  the entries of a size embedding differ in the last bit, i.e. by <= 6e-8 for |value| <= 1).
 """
 from __future__ import annotations
 
@@ -30,34 +40,56 @@ import numbers
 
 import numpy as np
 
+from .cpu_capability import MKL_VML_PATHS, mkl_vml_path
+
 POOLED_DIM = 1280
 EMBED_DIM = 256
 SDXL_ADM_DIM = POOLED_DIM + 6 * EMBED_DIM  # 2816
 SDXL_REFINER_ADM_DIM = POOLED_DIM + 5 * EMBED_DIM  # 2560
 
 
-# torch's CPU float32 exp (SLEEF expf_u10, used by ComfyUI for these frequencies) is not correctly
-# rounded for two of the 128 Timestep(256) exponents: it returns one ulp above the correctly rounded
-# value at j = 12 and j = 106. Since t * freq reaches ~1000 rad, one ulp of freq is ~3e-5 in the
-# embedding, so the two are nudged to match ComfyUI exactly (checked against torch in the tests).
-_TORCH_EXP_ULP_UP_256 = (12, 106)
+# Last-bit deltas (torch minus correctly rounded, in ulps) of torch's float32 exp over the Timestep(256)
+# exponents -ln(10000) * j / 128, per MKL code path (torch 2.13, MKL 2024.2). One ulp of a frequency is up
+# to ~3e-5 in the embedding once t * freq reaches ~1000 rad, so they matter.
+_TORCH_EXP_DELTAS_256 = {
+    "sse4_2": {12: 1, 106: 1},
+    "avx2": {2: 1, 78: -1, 92: -1, 98: 1, 110: 1, 117: 1},
+    "avx512": {13: 1, 44: 1, 119: 1},
+}
+assert set(_TORCH_EXP_DELTAS_256) == set(MKL_VML_PATHS)
 
 
-def _torch_freqs_256(freqs: np.ndarray) -> np.ndarray:
-    bits = freqs.view(np.uint32).copy()
-    bits[list(_TORCH_EXP_ULP_UP_256)] += 1
+def _torch_freqs_256(freqs: np.ndarray, mkl_path: str | None) -> np.ndarray:
+    deltas = _TORCH_EXP_DELTAS_256.get(mkl_path)
+    if not deltas:
+        return freqs
+    bits = freqs.view(np.int32).copy()
+    bits[list(deltas)] += np.asarray(list(deltas.values()), dtype=np.int32)
     return bits.view(np.float32)
+
+
+def frequencies(half: int, max_period: float = 10000.0, mkl_path: str | None = "detect") -> np.ndarray:
+    """ComfyUI's ``exp(-ln(max_period) * arange(half) / half)`` in float32 (see the module docstring).
+
+    ``mkl_path``: which MKL code path's exp to reproduce (``"sse4_2"``, ``"avx2"``, ``"avx512"``), None
+    for the correctly rounded values, ``"detect"`` (default) for this machine's.
+    """
+    if mkl_path == "detect":
+        mkl_path = mkl_vml_path()
+    elif mkl_path is not None and mkl_path not in MKL_VML_PATHS:
+        raise ValueError(f"mkl_path: received {mkl_path!r}, expected one of {MKL_VML_PATHS}, None or 'detect'")
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    if half == EMBED_DIM // 2 and max_period == 10000.0:
+        freqs = _torch_freqs_256(freqs, mkl_path)
+    return freqs
 
 
 def timestep_embedding(timesteps, dim: int = EMBED_DIM, max_period: float = 10000.0) -> np.ndarray:
     """ComfyUI's ``timestep_embedding``: [N] values -> float32 [N, dim] = [cos(t*f), sin(t*f)] (+ a zero
     column when dim is odd)."""
     t = np.asarray(timesteps, dtype=np.float32).reshape(-1)
-    half = dim // 2
-    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
-    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
-    if half == EMBED_DIM // 2 and max_period == 10000.0:
-        freqs = _torch_freqs_256(freqs)
+    freqs = frequencies(dim // 2, max_period)
     args = (t[:, None] * freqs[None, :]).astype(np.float64)
     emb = np.concatenate([np.cos(args), np.sin(args)], axis=-1).astype(np.float32)
     if dim % 2:

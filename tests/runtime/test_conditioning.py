@@ -50,16 +50,35 @@ def test_embedding_vs_torch():
 
 
 def test_frequencies_match_torch_exactly():
-    """ComfyUI's freqs come from torch's float32 exp; ours must be bit-identical (t * freq reaches
-    ~4000 rad, so one ulp of a frequency would show as ~1e-4 in the embedding)."""
+    """ComfyUI's freqs come from torch's float32 exp (MKL's on x86-64); ours must be bit-identical with the
+    torch installed here (t * freq reaches ~4000 rad, so one ulp of a frequency would show as ~1e-4 in
+    the embedding). tests/runtime/test_cpu_capability.py covers MKL's other code paths in subprocesses."""
     torch = pytest.importorskip("torch")
     ref = torch.exp(-math.log(10000) * torch.arange(0, 128, dtype=torch.float32) / 128).numpy()
     from ksampler_rt.runtime import conditioning as C
 
-    half = 128
-    exponent = np.float32(-math.log(10000)) * np.arange(half, dtype=np.float32) / np.float32(half)
-    ours = C._torch_freqs_256(np.exp(exponent.astype(np.float64)).astype(np.float32))
-    assert np.array_equal(ours, ref)
+    assert np.array_equal(C.frequencies(128), ref)
+    if C.mkl_vml_path() is not None:  # the table is not a no-op: the correctly rounded values differ
+        assert not np.array_equal(C.frequencies(128, mkl_path=None), ref)
+
+
+def test_frequencies_other_tables_within_one_ulp():
+    """Tables without a measured delta (other dims) are correctly rounded: within 1 ulp of torch's."""
+    torch = pytest.importorskip("torch")
+    from ksampler_rt.runtime import conditioning as C
+
+    for half, period in ((160, 10000.0), (64, 10000.0), (640, 10000.0), (128, 1000.0)):
+        ref = torch.exp(-math.log(period) * torch.arange(0, half, dtype=torch.float32) / half).numpy()
+        ours = C.frequencies(half, period)
+        ulps = np.abs(ours.view(np.int32).astype(np.int64) - ref.view(np.int32))
+        assert ulps.max() <= 1, (half, period)
+
+
+def test_frequencies_bad_path():
+    from ksampler_rt.runtime import conditioning as C
+
+    with pytest.raises(ValueError, match=r"mkl_path: received 'avx9', expected"):
+        C.frequencies(128, mkl_path="avx9")
 
 
 def test_sdxl_adm_layout(pooled):
