@@ -65,8 +65,11 @@ class ContinuationState:
 
 def fingerprint(model, seed: int, steps: int, sampler_name: str, scheduler: str, latent_shape) -> dict:
     ms = model.model_sampling
-    return {"sampler_name": sampler_name, "scheduler": scheduler, "steps": int(steps), "seed": int(seed),
-            "prediction": ms.prediction, "zsnr": ms.zsnr, "latent_shape": tuple(int(n) for n in latent_shape)}
+    fp = {"sampler_name": sampler_name, "scheduler": scheduler, "steps": int(steps), "seed": int(seed),
+          "prediction": ms.prediction, "zsnr": ms.zsnr, "latent_shape": tuple(int(n) for n in latent_shape)}
+    if model.family.is_flow:  # the flow families share a prediction; their sigma tables differ
+        fp.update(family=model.family.name, shift=float(ms.shift))
+    return fp
 
 
 class RecordingDenoiser:

@@ -1,8 +1,10 @@
 """``Model``: any UNet callable plus the model sampling and latent format of its family.
 
 Mirrors what ComfyUI's ``BaseModel._apply_model`` does around the diffusion model
-(comfy/model_base.py, 0.3.64): scale the latent by c_in, hand the UNet the *nearest-index*
-timestep as float32, and turn its prediction into a denoised (x0) estimate.
+(comfy/model_base.py, 0.3.64): scale the latent by c_in (VP families; flow families see it
+unscaled), hand the network the timestep of its family as float32 (VP: the *nearest* table index;
+SD3: sigma * 1000; FLUX.1 dev: sigma; schnell: sigma * 1), and turn its prediction into a denoised
+(x0) estimate.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .model_sampling import Family, ModelSamplingDiscrete, get_family
+from .model_sampling import Family, get_family, make_model_sampling
 
 
 class UNet(Protocol):
@@ -26,25 +28,38 @@ class Model:
 
     ``unet(x, timestep, context, **kwargs)`` receives the c_in-scaled latent batch [N,C,H,W]
     float32, the timestep float32 [N] and the cross-attention context [N,T,D]; SDXL-shaped
-    families also get ``y`` [N, adm_channels]. It returns the raw prediction (eps or v).
+    families also get ``y`` [N, adm_channels], flow families ``y`` [N, pooled_dim] (the pooled text
+    vector) and FLUX.1 dev ``guidance`` [N]. It returns the raw prediction (eps, v or the flow's
+    velocity).
+
+    ``shift``: a flow family's sampling shift (what the ModelSamplingSD3 node sets, or the number the
+    ModelSamplingFlux node computes: :func:`~ksampler_rt.runtime.model_sampling.flux_shift`).
     """
 
-    def __init__(self, unet: UNet | Callable, family: str = "sd15", *, zsnr: bool = False):
+    def __init__(self, unet: UNet | Callable, family: str = "sd15", *, zsnr: bool = False,
+                 shift: float | None = None):
         if not callable(unet):
             raise TypeError(f"unet: received {type(unet).__name__}, expected a callable unet(x, timestep, context, **kwargs)")
         self.unet = unet
         self.family: Family = get_family(family)
-        self.model_sampling = ModelSamplingDiscrete(prediction=self.family.prediction, zsnr=zsnr)
+        self.model_sampling = make_model_sampling(self.family, zsnr=zsnr, shift=shift)
         self.latent_scale = np.float32(self.family.latent_scale)
+        self.latent_shift = np.float32(self.family.latent_shift)
 
     @property
     def latent_channels(self) -> int:
         return self.family.latent_channels
 
     def process_latent_in(self, latent: np.ndarray) -> np.ndarray:
+        """comfy/latent_formats.py ``process_in``: x * scale, or (x - shift) * scale (SD3, Flux)."""
+        if self.family.latent_shift:
+            return (latent - self.latent_shift) * self.latent_scale
         return latent * self.latent_scale
 
     def process_latent_out(self, latent: np.ndarray) -> np.ndarray:
+        """``process_out``: x / scale, or x / scale + shift."""
+        if self.family.latent_shift:
+            return latent / self.latent_scale + self.latent_shift
         return latent / self.latent_scale
 
     def apply_model(self, x: np.ndarray, sigma: np.ndarray, context: np.ndarray, **kwargs) -> np.ndarray:
@@ -72,4 +87,5 @@ class Model:
         return out
 
     def __repr__(self) -> str:
-        return f"Model(family={self.family.name!r}, prediction={self.family.prediction!r}, unet={self.unet!r})"
+        shift = f", shift={self.model_sampling.shift!r}" if self.family.is_flow else ""
+        return f"Model(family={self.family.name!r}, prediction={self.family.prediction!r}{shift}, unet={self.unet!r})"

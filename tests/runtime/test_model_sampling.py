@@ -171,4 +171,4 @@ def test_validation_and_families():
     assert get_family("sdxl").adm_channels == 2816 and get_family("sdxl-refiner").adm_channels == 2560
     assert FAMILIES["sd15"].latent_scale == 0.18215 and FAMILIES["sdxl"].latent_scale == 0.13025
     with pytest.raises(ValueError, match="family"):
-        get_family("flux")
+        get_family("flux-dev")
