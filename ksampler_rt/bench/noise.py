@@ -1,9 +1,9 @@
 """Noise micro-benchmark: ``python -m ksampler_rt.bench.noise``.
 
 Prints prepare_noise vs torch.randn for [1,4,64,64] and [1,4,128,128] (median of repeats, one
-thread) and the Brownian-tree query time vs torchsde for a dpmpp_2m_sde-like query sequence.
-Ours runs on the compiled kernels (numba, extra ``[jit]``) when present and on the numpy reference
-path, side by side. torch's peer is ``torch.randn`` on a generator of its own (the kernel alone,
+thread), for both Box-Muller kernels (``avx2``; ``default``, torch's scalar one), and the
+Brownian-tree query time vs torchsde for a dpmpp_2m_sde-like query sequence. Ours runs on the
+compiled kernels (numba, extra ``[jit]``) when present and on the numpy path, side by side. torch's peer is ``torch.randn`` on a generator of its own (the kernel alone,
 the strict comparison) and with ``torch.manual_seed`` as ComfyUI's prepare_noise calls it.
 torch/torchsde are optional peers, imported only here.
 """
@@ -19,12 +19,13 @@ import numpy as np
 
 from ksampler_rt.runtime import jit
 from ksampler_rt.runtime.brownian import BrownianTree
-from ksampler_rt.runtime.noise import default_kernel, prepare_noise
+from ksampler_rt.runtime.cpu_capability import aten_capability
+from ksampler_rt.runtime.noise import KERNELS, default_kernel, prepare_noise
 
 
 @contextlib.contextmanager
 def _numpy_path():
-    """Run runtime/noise.py on its numpy reference path (compiled kernels reported unavailable)."""
+    """Run the noise stack on its numpy path (compiled kernels reported unavailable)."""
     saved = jit.available
     jit.available = lambda: False
     try:
@@ -70,17 +71,20 @@ def main(argv=None) -> None:
     except ImportError:
         torch = None
         print("torch not installed: skipping the torch.randn peer")
-    print(f"randn kernel: {default_kernel()}; compiled kernels: "
+    here = default_kernel()
+    print(f"ATen CPU capability: {aten_capability()}; torch's randn kernel here: {here}; compiled kernels: "
           f"{'yes' if jit.available() else 'no (' + jit.disable_reason() + ')'}")
-    for shape in [(1, 4, 64, 64), (1, 4, 128, 128)]:
+    for kernel, shape in [(k, s) for k in sorted(KERNELS, key=lambda k: k != here)
+                          for s in [(1, 4, 64, 64), (1, 4, 128, 128)]]:
         lat = np.zeros(shape, np.float32)
         ours = {}
-        if jit.available():
-            ours["compiled"] = _median_ms(lambda: prepare_noise(lat, 42), args.repeats)
+        if jit.has_kernel(kernel):
+            ours["compiled"] = _median_ms(lambda: prepare_noise(lat, 42, kernel=kernel), args.repeats)
         with _numpy_path():
-            ours["numpy"] = _median_ms(lambda: prepare_noise(lat, 42), args.repeats)
-        line = f"prepare_noise {list(shape)}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ours.items())
-        if torch is not None:
+            ours["numpy"] = _median_ms(lambda: prepare_noise(lat, 42, kernel=kernel), args.repeats)
+        line = f"prepare_noise {list(shape)} ({kernel} kernel): " + ", ".join(
+            f"{k} {v:.3f} ms" for k, v in ours.items())
+        if torch is not None and kernel == here:  # in-process torch runs this machine's kernel only
             gen = torch.Generator()
             own = _median_ms(lambda: torch.randn(shape, generator=gen.manual_seed(42)), args.repeats)
             comfy = _median_ms(lambda: torch.randn(shape, generator=torch.manual_seed(42)),

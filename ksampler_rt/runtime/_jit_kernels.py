@@ -1,8 +1,12 @@
-"""numba kernels of :mod:`.jit` (imported only through it; see there).
+"""numba kernels of :mod:`.jit` (imported only through it; see there): torch's CPU randn (mt19937,
+both Box-Muller kernels), the Brownian tree's bridge and numpy's SeedSequence pool mixing.
 
 Defined at module level so numba's on-disk cache (``cache=True``) finds them again in the next
-process. Importing this module imports numba.
+process. Importing this module imports numba. Constants come from :mod:`.randn_reference`, the
+only runtime module imported here.
 """
+import math
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -10,7 +14,7 @@ from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from . import noise as ref
+from . import randn_reference as R
 
 _N = 624          # mt19937 state words
 _M = 397
@@ -35,16 +39,18 @@ f32, i32, u32 = np.float32, np.int32, np.uint32
 # numba widens int32/uint32 arithmetic to 64 bits; every integer step of the Box-Muller and
 # mt19937 twist / tempering loops is cast back to 32 bits so that LLVM keeps the lanes 32 wide (AVX2 has no int64 -> float conversion: a widened
 # lane index made the sincos loop partly scalar, and the mt19937 loops half as wide).
-P0, P1, P2, P3, P4, P5, P6, P7, P8 = (f32(p) for p in ref._LOG_P)
-Q1, Q2 = f32(ref._LOG_Q1), f32(ref._LOG_Q2)
+P0, P1, P2, P3, P4, P5, P6, P7, P8 = (f32(p) for p in R.LOG_P)
+Q1, Q2 = f32(R.LOG_Q1), f32(R.LOG_Q2)
 ONE, HALF, M2, ZERO = f32(1.0), f32(0.5), f32(-2.0), f32(0.0)
 MU = f32(-(2.0**-24))
-SQRTHF = f32(ref._SQRTHF)
-THETA = f32(ref._K_THETA)   # 2pi_f32 * 2**-24: 2pi_f32 * (k * 2**-24) == k * THETA exactly
-FOPI = f32(ref._FOPI)
-D1, D2, D3 = f32(ref._MDP1), f32(ref._MDP2), f32(ref._MDP3)
-C0, C1, C2 = (f32(v) for v in ref._COSCOF)
-S0, S1, S2 = (f32(v) for v in ref._SINCOF)
+SQRTHF = f32(R.SQRTHF)
+THETA = f32(R.TWO_PI_F32 * R.TWO_M24)   # 2pi_f32 * (k * 2**-24) == k * THETA exactly
+FOPI = f32(R.FOPI)
+D1, D2, D3 = f32(R.MDP1), f32(R.MDP2), f32(R.MDP3)
+C0, C1, C2 = (f32(v) for v in R.COSCOF)
+S0, S1, S2 = (f32(v) for v in R.SINCOF)
+TWO_PI_F64 = np.float64(R.TWO_PI_F64)
+TWO_M24_F64 = np.float64(2.0**-24)
 I0, I1, I2, I4, I23, I127 = (i32(v) for v in (0, 1, 2, 4, 23, 127))
 INOT1 = i32(~1)
 MANT_MASK = i32(0x807FFFFF - (1 << 32))
@@ -138,8 +144,8 @@ def fill_blocks(words, w0, nb, out, o0, k1, k2, r, s, c):
     for q in range(h):
         rq = radius(k1[q])
         sq, cq = sincos(k2[q])
-        s[q] = sq * rq
-        c[q] = cq * rq
+        s[q] = sq * rq + ZERO                   # torch's fma(., std, mean): -0 -> +0
+        c[q] = cq * rq + ZERO
     if _aligned8(out, o0):
         o64 = out[o0:o0 + nb * 16].view(np.uint64)
         s64 = s[:h].view(np.uint64)
@@ -153,6 +159,32 @@ def fill_blocks(words, w0, nb, out, o0, k1, k2, r, s, c):
             for i in range(8):
                 out[o0 + b * 16 + i] = c[b * 8 + i]
                 out[o0 + b * 16 + 8 + i] = s[b * 8 + i]
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True)
+def fill_blocks_default(words, w0, nb, out, o0, k1, k2, r, s, c):
+    """:func:`fill_blocks` with the scalar ``NormalFill16`` (ATen's DEFAULT kernel): ``logf`` and
+    ``sincosf`` of the process's libm, as torch's scalar template calls them (numba lowers float32
+    ``math.log`` to ``logf`` and a sin/cos pair of one argument to ``sincosf``; the self-check in
+    :mod:`.jit` compares against libm's ``logf``/``sinf``/``cosf`` through ctypes). Same arguments
+    as :func:`fill_blocks`; the scratch arrays are unused."""
+    for b in range(nb):
+        for i in range(8):
+            u1 = ONE - f32(i32(words[w0 + b * 16 + i] & U24)) * f32(TWO_M24_F64)   # exact
+            rq = np.sqrt(M2 * math.log(u1))
+            u2 = f32(i32(words[w0 + b * 16 + 8 + i] & U24)) * f32(TWO_M24_F64)     # exact
+            theta = f32(TWO_PI_F64 * np.float64(u2))  # (float)(2.0f * pi<double> * u2)
+            out[o0 + b * 16 + i] = rq * math.cos(theta) + ZERO
+            out[o0 + b * 16 + 8 + i] = rq * math.sin(theta) + ZERO
+
+
+@numba.njit(inline="always")
+def fill_any(scalar, words, w0, nb, out, o0, k1, k2, r, s, c):
+    """:func:`fill_blocks_default` when ``scalar`` else :func:`fill_blocks`."""
+    if scalar:
+        fill_blocks_default(words, w0, nb, out, o0, k1, k2, r, s, c)
+    else:
+        fill_blocks(words, w0, nb, out, o0, k1, k2, r, s, c)
 
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
@@ -216,14 +248,15 @@ def _chunk_scratch():
 
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
-def randn_state(st, n, out):
-    """torch ``normal_fill`` (n >= 16) drawing from the mt19937 state ``st`` into out[:n]."""
+def randn_state(st, n, out, scalar):
+    """torch ``normal_fill`` (n >= 16) drawing from the mt19937 state ``st`` into out[:n]
+    (``scalar``: the DEFAULT Box-Muller kernel, else the AVX2 one)."""
     words, k1, k2, r, s, c = _chunk_scratch()
     nb = n // 16
     for b0 in range(0, nb, _BLOCKS):
         m = min(_BLOCKS, nb - b0)
         mt_words(st, words, m * 16)
-        fill_blocks(words, 0, m, out, b0 * 16, k1, k2, r, s, c)
+        fill_any(scalar, words, 0, m, out, b0 * 16, k1, k2, r, s, c)
     rest = n - nb * 16
     if rest:
         # torch draws all n uniforms first, then 16 fresh ones whose block overwrites the
@@ -231,17 +264,17 @@ def randn_state(st, n, out):
         mt_words(st, words, rest)
         mt_words(st, words, 16)
         tail = np.empty(16, np.float32)
-        fill_blocks(words, 0, 1, tail, 0, k1, k2, r, s, c)
+        fill_any(scalar, words, 0, 1, tail, 0, k1, k2, r, s, c)
         for i in range(16):
             out[n - 16 + i] = tail[i]
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
-def randn_seeds(seeds, n, out):
-    """out[i, :n] = randn(n) of a generator seeded with seeds[i] (uint32)."""
+def randn_seeds(seeds, n, out, scalar):
+    """out[i, :n] = randn(n) of a generator seeded with seeds[i] (uint32); kernel as randn_state."""
     st = np.empty(_N + 1, np.uint32)
     for i in range(seeds.shape[0]):
         mt_seed(st, seeds[i])
-        randn_state(st, n, out[i])
+        randn_state(st, n, out[i], scalar)
 
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
@@ -255,7 +288,7 @@ def bridge(w, z, l_diff, h_rec, z_scale, left, right):
 
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
-def bridge_seeded(seed, w, l_diff, h_rec, z_scale, left, right):
+def bridge_seeded(seed, w, l_diff, h_rec, z_scale, left, right, scalar):
     """:func:`bridge` with z = randn(n) of a generator seeded with ``seed`` (n = w.size >= 16),
     drawn chunk by chunk and used at once: the noise never leaves the L1/L2-sized scratch."""
     n = w.shape[0]
@@ -267,7 +300,7 @@ def bridge_seeded(seed, w, l_diff, h_rec, z_scale, left, right):
     for b0 in range(0, nb, _BLOCKS):
         m = min(_BLOCKS, nb - b0)
         mt_words(st, words, m * 16)
-        fill_blocks(words, 0, m, z, 0, k1, k2, r, s, c)
+        fill_any(scalar, words, 0, m, z, 0, k1, k2, r, s, c)
         o, e = b0 * 16, (b0 + m) * 16
         bridge(w[o:e], z[:m * 16], l_diff, h_rec, z_scale, left[o:e], right[o:e])
     rest = n - nb * 16
@@ -275,7 +308,7 @@ def bridge_seeded(seed, w, l_diff, h_rec, z_scale, left, right):
         # torch's tail rule (see randn_state): a fresh block overwrites the last 16 outputs
         mt_words(st, words, rest)
         mt_words(st, words, 16)
-        fill_blocks(words, 0, 1, z, 0, k1, k2, r, s, c)
+        fill_any(scalar, words, 0, 1, z, 0, k1, k2, r, s, c)
         bridge(w[n - 16:], z[:16], l_diff, h_rec, z_scale, left[n - 16:], right[n - 16:])
 
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -318,25 +351,3 @@ def seed_sequence_pool(entropy, pool):
         for i_dst in range(n):
             h, hc = _hashmix(entropy[i_src], hc)
             pool[i_dst] = _mix(pool[i_dst], h)
-
-
-@numba.njit(nogil=True, boundscheck=False, cache=True)
-def cfg_eps(x, out, sigma, cfg, uncond_first, guided, uncond):
-    """One pass of: d_u = x - out_u * sigma, d_c = x - out_c * sigma, guided = d_u + (d_c - d_u) * cfg.
-    Returns False if out holds a NaN or inf (v - v != 0 exactly then; an AND reduction keeps the
-    loop vectorised, a count would not)."""
-    n = x.shape[0]
-    ou = 0 if uncond_first else n
-    oc = n - ou
-    eus = out[ou:ou + n]
-    ecs = out[oc:oc + n]
-    finite = True
-    for i in range(n):
-        eu = eus[i]
-        ec = ecs[i]
-        finite &= (eu - eu == 0) & (ec - ec == 0)
-        du = x[i] - eu * sigma
-        dc = x[i] - ec * sigma
-        uncond[i] = du
-        guided[i] = du + (dc - du) * cfg
-    return finite

@@ -23,7 +23,7 @@ brownian_interval.py). Behaviour reproduced here:
 
 torchsde's LRU cache (45 entries) only changes speed, never values; here both children of a
 node are computed and cached together (saving one randn per node). With the compiled kernels
-(AVX2 kernel, at least 16 elements) each parent's noise is drawn and used chunk by chunk, never
+(either Box-Muller kernel, at least 16 elements) each parent's noise is drawn and used chunk by chunk, never
 stored; otherwise the noise of all nodes a query needs is generated in one vectorised batch. By
 default the cache is bounded in bytes (``cache_bytes``, 64 MiB, but at least 64 entries): once it
 is full, evicted arrays are recycled by the allocator instead of every split touching fresh pages
@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 
 from . import jit
-from .noise import _check_kernel, _check_seed, randn_many
+from .generator import check_kernel, check_seed, randn_many
 
 __all__ = ["BrownianTree"]
 
@@ -97,14 +97,14 @@ class BrownianTree:
             t0 = float(t0)
             t1 = float(t1)
         except (TypeError, ValueError):
-            raise TypeError(f"t0/t1: got {t0!r}, {t1!r}; accepted: real numbers with t0 <= t1") from None
+            raise TypeError(f"t0/t1: received {t0!r}, {t1!r}, expected real numbers with t0 <= t1") from None
         if not (math.isfinite(t0) and math.isfinite(t1)) or t0 > t1:
-            raise ValueError(f"t0/t1: got t0={t0}, t1={t1}; accepted: finite numbers with t0 <= t1")
+            raise ValueError(f"t0/t1: received t0={t0}, t1={t1}, expected finite numbers with t0 <= t1")
         if tol <= 0:
-            raise ValueError(f"tol: got {tol}; accepted: a positive float")
-        self.entropy = _check_seed(entropy, "entropy")
+            raise ValueError(f"tol: received {tol}, expected a positive float")
+        self.entropy = check_seed(entropy, "entropy")
         self.shape = tuple(int(s) for s in shape)
-        self.kernel = _check_kernel(kernel)
+        self.kernel = check_kernel(kernel)
         self.tol = float(tol)
         self.pool_size = int(pool_size)
         self.ndigits = -int(math.log10(tol))
@@ -215,7 +215,7 @@ class BrownianTree:
                     order.append(p)
         if order:
             # compiled: each parent's noise is drawn and used chunk by chunk (never stored)
-            fused = self.kernel == "avx2" and self.size >= 16 and jit.available()
+            fused = self.size >= 16 and jit.has_kernel(self.kernel)
             noises = (None,) * len(order) if fused else randn_many(
                 [p.w_seed for p in order], self.shape, self.kernel, max_chunk=1 << 17)
             self.n_randn += len(order)
@@ -229,7 +229,8 @@ class BrownianTree:
                 r_diff = p.end - p.midway
                 var = l_diff * r_diff * h_rec
                 if fused:
-                    w_left, w_right = jit.brownian_bridge_seeded(p.w_seed, w, l_diff, h_rec, math.sqrt(var))
+                    w_left, w_right = jit.brownian_bridge_seeded(p.w_seed, w, l_diff, h_rec, math.sqrt(var),
+                                                                  self.kernel)
                 elif compiled:
                     w_left, w_right = jit.brownian_bridge(w, z, l_diff, h_rec, math.sqrt(var))
                 else:
@@ -256,7 +257,7 @@ class BrownianTree:
         ta = min(max(ta, start), end)
         tb = min(max(tb, start), end)
         if ta > tb:
-            raise ValueError(f"ta/tb: got ta={ta}, tb={tb}; accepted: ta <= tb")
+            raise ValueError(f"ta/tb: received ta={ta}, tb={tb}, expected ta <= tb")
         if ta == tb:
             return np.zeros(self.shape, dtype=_F32)
         intervals = self._loc(self._last, self._round(ta), self._round(tb))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import jit
+from . import cfg_jit
 from .model import Model, UNetOutputError
 
 COND, UNCOND = 0, 1
@@ -43,9 +43,10 @@ def repeat_to_batch_size(array: np.ndarray, batch_size: int) -> np.ndarray:
 class _Entry:
     kind: int                 # COND or UNCOND
     context: np.ndarray       # [B, T, D]
-    y: np.ndarray | None      # [B, adm] for SDXL
+    y: np.ndarray | None      # [B, adm] for SDXL, [B, pooled] for the flow families
     sigma_start: np.float32 | None = None  # active only while sigma <= sigma_start (start_percent)
     sigma_end: np.float32 | None = None    # ... and sigma >= sigma_end (end_percent)
+    guidance: np.ndarray | None = None     # [B] float32, FLUX.1 dev's distilled guidance
 
     def active(self, sigma: np.float32) -> bool:
         """comfy/samplers.py get_area_and_mult's timestep_start / timestep_end test."""
@@ -55,12 +56,13 @@ class _Entry:
 
 
 def _can_concat(a: _Entry, b: _Entry) -> bool:
-    """CONDCrossAttn.can_concat (+ CONDRegular for y): same width, token LCM at most 4x."""
+    """CONDCrossAttn.can_concat (+ CONDRegular for y and guidance): same width, token LCM at most 4x."""
     ta, tb = a.context.shape[1], b.context.shape[1]
     if ta != tb and math.lcm(ta, tb) // min(ta, tb) > 4:
         return False
-    if (a.y is None) != (b.y is None) or (a.y is not None and a.y.shape != b.y.shape):
-        return False
+    for u, v in ((a.y, b.y), (a.guidance, b.guidance)):
+        if (u is None) != (v is None) or (u is not None and u.shape != v.shape):
+            return False
     return True
 
 
@@ -71,6 +73,16 @@ class _Call:
     kinds: list[int]
     context: np.ndarray
     y: np.ndarray | None
+    guidance: np.ndarray | None = None
+
+    def kwargs(self) -> dict:
+        """The extra inputs of the network (ComfyUI's extra_conds)."""
+        out = {}
+        if self.y is not None:
+            out["y"] = self.y
+        if self.guidance is not None:
+            out["guidance"] = self.guidance
+        return out
 
 
 class CFGDenoiser:
@@ -91,7 +103,7 @@ class CFGDenoiser:
         self._plans: dict[tuple[int, ...], tuple[list[_Call], dict[int, int]]] = {}
         self._everything = self._plan_for(tuple(range(len(self.entries))))
         # The common case -- one call over [uncond, cond] of an eps model -- has a compiled head
-        # (runtime/jit.py: both rows' denoised values and the guidance in one pass, same floats).
+        # (runtime/cfg_jit.py: both rows' denoised values and the guidance in one pass, same floats).
         calls, counts = self._everything
         # Only for Model itself: a subclass or wrapper that overrides apply_model keeps its override.
         self._fusable = (not self.ranged and len(calls) == 1 and sorted(calls[0].kinds) == [COND, UNCOND]
@@ -105,16 +117,40 @@ class CFGDenoiser:
         ms = self.model_sampling
         for context, options in conditioning:
             context = repeat_to_batch_size(np.asarray(context, dtype=np.float32), self.batch_size)
-            y = None
+            y = guidance = None
             if family.adm_channels:
                 y = self._adm(options, latent_hw)
+            elif family.is_flow:
+                y = self._pooled(options)
+                if family.guidance:  # model_base.Flux.extra_conds: kwargs.get("guidance", 3.5)
+                    g = options.get("guidance", 3.5)
+                    guidance = None if g is None else repeat_to_batch_size(self._guidance(g), self.batch_size)
             # ConditioningSetTimestepRange: percents become sigma bounds (calculate_start_end_timesteps)
             start = options.get("start_percent")
             end = options.get("end_percent")
             out.append(_Entry(kind, context, y,
                               None if start is None else np.float32(ms.percent_to_sigma(start)),
-                              None if end is None else np.float32(ms.percent_to_sigma(end))))
+                              None if end is None else np.float32(ms.percent_to_sigma(end)), guidance))
         return out
+
+    def _pooled(self, options: dict) -> np.ndarray:
+        """A flow family's ``y``: the pooled text vector itself (model_base.SD3 / Flux.encode_adm)."""
+        pooled = options.get("pooled_output")
+        if pooled is None:
+            raise ValueError(f"conditioning: family {self.inner.family.name!r} needs a 'pooled_output' in each "
+                             "conditioning entry's options (its text encoders' pooled vector)")
+        pooled = np.asarray(pooled, dtype=np.float32)
+        if pooled.ndim != 2:
+            raise ValueError(f"conditioning 'pooled_output': received shape {pooled.shape}, expected [N, P]")
+        return repeat_to_batch_size(pooled, self.batch_size)
+
+    @staticmethod
+    def _guidance(value) -> np.ndarray:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(float(value)):
+            raise ValueError(f"conditioning 'guidance': received {value!r}, expected a finite number "
+                             "(FluxGuidance's value)")
+        return np.asarray([value], dtype=np.float32)
 
     def _adm(self, options: dict, latent_hw: tuple[int, int]) -> np.ndarray:
         """SDXL's ``y``: ComfyUI's encode_adm with width/height defaulting to the latent size x 8
@@ -154,7 +190,8 @@ class CFGDenoiser:
             tokens = math.lcm(*(e.context.shape[1] for e in group))
             context = np.concatenate([np.tile(e.context, (1, tokens // e.context.shape[1], 1)) for e in group])
             y = None if group[0].y is None else np.concatenate([e.y for e in group])
-            calls.append(_Call([e.kind for e in group], np.ascontiguousarray(context), y))
+            guidance = None if group[0].guidance is None else np.concatenate([e.guidance for e in group])
+            calls.append(_Call([e.kind for e in group], np.ascontiguousarray(context), y, guidance))
         return calls
 
     # -- evaluation, every step ---------------------------------------------------------------
@@ -169,9 +206,8 @@ class CFGDenoiser:
             rows = len(call.kinds)
             x_in = x if rows == 1 else np.concatenate([x] * rows)
             sigmas = np.full(x_in.shape[0], sigma, dtype=np.float32)
-            kwargs = {} if call.y is None else {"y": call.y}
             try:
-                out = self.inner.apply_model(x_in, sigmas, call.context, **kwargs)
+                out = self.inner.apply_model(x_in, sigmas, call.context, **call.kwargs())
             except UNetOutputError as exc:
                 raise UNetOutputError(f"{self._where(sigma)}: {exc}") from exc
             for j, kind in enumerate(call.kinds):
@@ -191,7 +227,7 @@ class CFGDenoiser:
 
     def with_uncond(self, x: np.ndarray, sigma) -> tuple[np.ndarray, np.ndarray]:
         """(CFG result, uncond denoised); uncond is zeros when cfg == 1 skipped it (as ComfyUI)."""
-        if self._fusable and jit.available():
+        if self._fusable and cfg_jit.available():
             return self._with_uncond_compiled(x, sigma)
         preds = self._predictions(x, sigma)
         # a list with no entry active at this sigma contributes zeros, as in ComfyUI
@@ -211,12 +247,12 @@ class CFGDenoiser:
         x_in = np.empty((2 * b,) + x.shape[1:], np.float32)
         self.model_sampling.calculate_input(s, x, out=x_in[:b])  # both row groups see the same c_in * x
         x_in[b:] = x_in[:b]
-        kwargs = {} if call.y is None else {"y": call.y}
+        kwargs = call.kwargs()
         try:
             out = self.inner.unet_output(x_in, np.full(x_in.shape[0], s, dtype=np.float32), call.context,
                                          check_finite=False, **kwargs)
-            return jit.cfg_eps(x, np.ascontiguousarray(out), s, self.cfg, uncond_first=call.kinds[0] == UNCOND)
-        except jit.NonFiniteOutput as exc:
+            return cfg_jit.cfg_eps(x, np.ascontiguousarray(out), s, self.cfg, uncond_first=call.kinds[0] == UNCOND)
+        except cfg_jit.NonFiniteOutput as exc:
             raise UNetOutputError(f"{self._where(sigma)}: the UNet returned {exc.count} non-finite values "
                                   "(NaN or inf)") from None
         except UNetOutputError as exc:

@@ -15,6 +15,9 @@ Reference: PyTorch 2.13 ``aten/src/ATen/native/DispatchStub.cpp`` (``compute_cpu
   ops this project reproduces).
 
 ``torch.backends.cpu.get_cpu_capability()`` reports the same value; the tests compare the two.
+A capability is not always the kernel an op runs: an op registered with plain ``REGISTER_DISPATCH``
+(randn's ``normal_stub`` among them) has no AVX512 kernel, and ``AVX512`` falls back to its AVX2 one
+(see :func:`.generator.kernel_for_capability`).
 
 Not every torch CPU float32 op goes through those kernels: on x86-64, torch's builds link Intel oneMKL
 and its contiguous float32 ``exp``/``sin``/``cos`` call MKL's vector maths (VML, high-accuracy mode;

@@ -3,25 +3,29 @@
 The numpy code stays the reference and the fallback; every kernel here computes the same float32
 operations in the same order, fused into one or a few loops, so results are bit-identical:
 
-* torch's CPU ``randn`` (:mod:`.noise`). In numpy it needs about 60 array passes per draw (float32
-  FMAs emulated in float64, one numpy loop per operation). Here:
+* torch's CPU ``randn`` (:mod:`.generator`). In numpy it needs about 60 array passes per draw
+  (float32 FMAs emulated in float64, one numpy loop per operation). Here:
   - mt19937 (seeding, twist, tempering) works directly on the state of a numpy ``MT19937`` bit
-    generator, so the generator objects of :mod:`.noise` (their ``state``, ``random_raw``) stay
-    the one source of truth and both paths can be mixed on one stream;
+    generator, so the generator objects (their ``state``, ``random_raw``) stay the one source of
+    truth and both paths can be mixed on one stream;
   - the AVX2 Box-Muller (``log256_ps`` / ``sincos256_ps`` of ATen's ``avx_mathfun.h``) is
     written with real float32 FMAs (``llvm.fma.f32``) at the contraction points GCC emits for
-    torch's ``NormalFill16`` (see ``_log256_ps`` / ``_sincos256_ps`` in :mod:`.noise`). An FMA
-    is one correctly rounded operation, so this is bit-identical to torch's kernel by
-    construction. LLVM gets no fast-math flags: it may neither contract nor reassociate
-    anything else. Only the ``"avx2"`` kernel is compiled;
-* the Brownian tree's bridge and numpy's ``SeedSequence`` pool mixing (:mod:`.brownian`);
-* the CFG head of an eps model (:mod:`.cfg`): both rows' denoised values, the guidance
-  combination and the UNet output's finiteness check in one pass.
+    torch's ``NormalFill16`` (see :mod:`.randn_reference`). An FMA is one correctly rounded
+    operation, so this is bit-identical to torch's kernel by construction. LLVM gets no
+    fast-math flags: it may neither contract nor reassociate anything else;
+  - the scalar (DEFAULT) Box-Muller calls the process's libm ``logf`` and ``sincosf``, the
+    functions torch's scalar template calls: bit-identical to torch (its numpy fallback,
+    float64 maths rounded to float32, leaves about 1.5 % of elements a few ulp off);
+* the Brownian tree's bridge and numpy's ``SeedSequence`` pool mixing (:mod:`.brownian`).
 
-Every kernel is checked against the numpy code on first use (:func:`available`); on any mismatch
-or if numba is missing, the runtime keeps the numpy path (:func:`disable_reason` says why; a failed
-compilation or check also warns once). ``KSAMPLER_RT_JIT=0`` turns the kernels off. The exhaustive checks (all 2**24 inputs of
-each half of the Box-Muller kernel) are in the tests.
+The compiled CFG head lives beside the CFG code (:mod:`.cfg_jit`) and uses this module's switch.
+
+Every kernel is checked on first use (:func:`available`): the AVX2 one against the numpy code, the
+scalar one against libm called through ctypes. On any mismatch or if numba is missing, the runtime
+keeps the numpy path (:func:`disable_reason` says why; a failed compilation or check also warns
+once); if only libm cannot be reached through ctypes, the scalar kernel alone stays on numpy
+(:func:`has_kernel`). ``KSAMPLER_RT_JIT=0`` turns the kernels off. The exhaustive checks (all 2**24
+inputs of each half of the Box-Muller kernels) are in the tests.
 
 Compiled code is cached on disk by numba (``cache=True``; ``NUMBA_CACHE_DIR`` moves it), so only
 the first process on a machine pays the compilation (a few seconds).
@@ -35,15 +39,17 @@ import warnings
 
 import numpy as np
 
+from . import randn_numpy, randn_reference
+
 __all__ = [
-    "NonFiniteOutput",
     "available",
     "brownian_bridge",
     "brownian_bridge_seeded",
-    "cfg_eps",
     "disable_reason",
+    "has_kernel",
     "randn_from_bitgen",
     "randn_seeds",
+    "register_warm_up",
     "seed_sequence_pool",
     "warm_up_in_background",
 ]
@@ -51,7 +57,8 @@ __all__ = [
 _ENV = "KSAMPLER_RT_JIT"
 
 _lock = threading.Lock()
-_state: dict = {"checked": False, "ok": False, "why": ""}
+_state: dict = {"checked": False, "ok": False, "why": "", "scalar": False}
+_WARM_UP: list = []  # more kernel groups to load in warm_up_in_background (register_warm_up)
 
 
 def disable_reason() -> str:
@@ -75,13 +82,31 @@ def available() -> bool:
         return ok
 
 
+def has_kernel(kernel: str) -> bool:
+    """Whether randn's Box-Muller ``kernel`` (``"avx2"`` / ``"default"``) runs compiled."""
+    return available() and (kernel == "avx2" or _state["scalar"])
+
+
+def register_warm_up(fn) -> None:
+    """Have :func:`warm_up_in_background` also call ``fn()`` (a kernel group built on this switch,
+    e.g. :mod:`.cfg_jit`, which imports this module, not the other way round)."""
+    if fn not in _WARM_UP:
+        _WARM_UP.append(fn)
+
+
 def warm_up_in_background() -> None:
     """Import numba and load (or compile) the kernels in a daemon thread, so the first sampling
     run of a process does not wait for it (about 1.5 s with a warm cache). Idempotent."""
     if _state["checked"] or _state.get("warming"):
         return
     _state["warming"] = True
-    threading.Thread(target=available, name="ksrt-jit-warm-up", daemon=True).start()
+
+    def warm():
+        if available():
+            for fn in list(_WARM_UP):
+                fn()
+
+    threading.Thread(target=warm, name="ksrt-jit-warm-up", daemon=True).start()
 
 
 def _enable():
@@ -114,8 +139,8 @@ def _compile() -> None:
     from . import _jit_kernels as k
 
     _K.update(randn_state=k.randn_state, randn_seeds=k.randn_seeds, mt_words=k.mt_words,
-              mt_seed=k.mt_seed, fill_blocks=k.fill_blocks, bridge=k.bridge,
-              bridge_seeded=k.bridge_seeded, seed_sequence_pool=k.seed_sequence_pool, cfg_eps=k.cfg_eps)
+              mt_seed=k.mt_seed, fill_blocks=k.fill_blocks, fill_blocks_default=k.fill_blocks_default,
+              bridge=k.bridge, bridge_seeded=k.bridge_seeded, seed_sequence_pool=k.seed_sequence_pool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +167,6 @@ def _expect(ok, what: str) -> None:
 
 
 def _self_check() -> None:
-    from . import noise as ref
-
     # state layout and mt19937 stream, across a twist boundary, against numpy's own generator
     a, b = np.random.MT19937(0), np.random.MT19937(0)
     a._legacy_seeding(12345)
@@ -159,7 +182,7 @@ def _self_check() -> None:
         a._legacy_seeding(7)
         b._legacy_seeding(7)
         got = randn_from_bitgen(a, n, np.empty(n, np.float32))
-        want = ref._normal_fill_raw(b.random_raw(n + (16 if n % 16 else 0)), n, "avx2")
+        want = randn_numpy.normal_fill_raw(b.random_raw(n + (16 if n % 16 else 0)), n, "avx2")
         _expect(np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"randn({n})")
         rows = randn_seeds(np.array([7, 2**32 + 7], np.uint64), n, np.empty((2, n), np.float32))
         _expect(np.array_equal(rows[0], want) and np.array_equal(rows[1], want), f"randn({n}) per seed")
@@ -170,17 +193,13 @@ def _self_check() -> None:
     # Box-Muller on every 24-bit boundary value and a spread of others, against the numpy kernel
     k = np.concatenate([np.arange(0, 4096), np.arange(2**24 - 4096, 2**24),
                         np.linspace(0, 2**24 - 1, 8192).astype(np.int64)]).astype(np.uint32)
-    words = np.empty((k.size // 8) * 16, np.uint32).reshape(-1, 2, 8)
-    words[:, 0, :] = k.reshape(-1, 8)
-    words[:, 1, :] = k[::-1].reshape(-1, 8)
-    words = words.reshape(-1)
+    words = _blocks_of(k, k[::-1])
     want = np.empty(words.size, np.float32)
-    ref._fill_blocks_avx2(words.reshape(-1, 16), want.reshape(-1, 16))
+    randn_numpy.fill_blocks_avx2(words.reshape(-1, 16), want.reshape(-1, 16))
     got = np.empty(words.size, np.float32)
-    for b0 in range(0, words.size // 16, _BLOCKS):
-        m = min(_BLOCKS, words.size // 16 - b0)
-        _fill_words(words[b0 * 16:(b0 + m) * 16], got[b0 * 16:(b0 + m) * 16])
+    _fill_words(words, got)
     _expect(np.array_equal(got.view(np.uint32), want.view(np.uint32)), "Box-Muller kernel")
+    _state["scalar"] = _check_scalar_kernel()
     # Brownian bridge: float32 operations in torch's order, no FMA contraction
     w, z = want[:4096].copy(), want[4096:8192].copy()
     left, right = brownian_bridge(w, z, 0.3, 1.7, 0.55)
@@ -197,39 +216,62 @@ def _self_check() -> None:
     for entropy, key in ((42, ()), (2**64 - 1, (5, 3)), (0, (2**40 + 7, 41))):
         ss = np.random.SeedSequence(entropy, spawn_key=key, pool_size=24)
         _expect(np.array_equal(seed_sequence_pool(entropy, key, 24), ss.pool), "SeedSequence pool")
-    # CFG head against the numpy expressions of model_sampling / cfg
-    x = want[:2048].reshape(2, 1, 32, 32).copy()
-    out = want[2048:6144].reshape(4, 1, 32, 32).copy()
-    sigma, cfg = np.float32(2.5), np.float32(7.5)
-    res, unc = cfg_eps(x, out, sigma, cfg, uncond_first=True)
-    d = x[None] - out.reshape(2, 2, 1, 32, 32) * sigma
-    _expect(np.array_equal(unc, d[0]) and np.array_equal(res, d[0] + (d[1] - d[0]) * cfg), "CFG head")
-    out[3, 0, 5, 7] = np.inf
-    try:
-        cfg_eps(x, out, sigma, cfg, uncond_first=False)
-        _expect(False, "CFG head: non-finite output not reported")
-    except NonFiniteOutput as e:
-        _expect(e.count == 1, "CFG head: non-finite count")
 
 
-def _fill_words(words: np.ndarray, out: np.ndarray) -> None:
-    """Box-Muller of whole blocks of 16 uint32 words (at most _BLOCKS blocks) into ``out``."""
+def _check_scalar_kernel() -> bool:
+    """The scalar Box-Muller against libm's logf/sinf/cosf called through ctypes (boundary words
+    and a spread of others); False when libm cannot be reached that way (kernel left unused)."""
+    lib = randn_reference.libm()
+    if lib is None:
+        return False
+    k = np.concatenate([np.arange(0, 512), np.arange(2**24 - 512, 2**24),
+                        np.linspace(0, 2**24 - 1, 1024).astype(np.int64)]).astype(np.uint32)
+    u = k.astype(np.float32) * randn_reference.TWO_M24
+    c, s = randn_reference.box_muller_libm(np.float32(1) - u, u[::-1].copy(), lib)
+    want = np.empty((k.size // 8, 2, 8), np.float32)
+    want[:, 0, :] = c.reshape(-1, 8)
+    want[:, 1, :] = s.reshape(-1, 8)
+    got = np.empty(k.size * 2, np.float32)
+    _fill_words(_blocks_of(k, k[::-1]), got, scalar=True)
+    _expect(np.array_equal(got.view(np.uint32), want.reshape(-1).view(np.uint32)), "scalar Box-Muller kernel")
+    return True
+
+
+def _blocks_of(k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
+    """Raw words whose Box-Muller blocks take u1 words ``k1`` and u2 words ``k2`` (8 per block)."""
+    words = np.empty((k1.size // 8, 2, 8), np.uint32)
+    words[:, 0, :] = k1.reshape(-1, 8)
+    words[:, 1, :] = k2.reshape(-1, 8)
+    return words.reshape(-1)
+
+
+def _fill_words(words: np.ndarray, out: np.ndarray, scalar: bool = False) -> None:
+    """Box-Muller of whole blocks of 16 uint32 words into ``out`` (AVX2 kernel, or the scalar one)."""
     h = _BLOCKS * 8
     scratch = [np.empty(h, np.int32), np.empty(h, np.int32)] + [np.empty(h, np.float32) for _ in range(3)]
-    _K["fill_blocks"](words, 0, words.size // 16, out, 0, *scratch)
+    fill = _K["fill_blocks_default" if scalar else "fill_blocks"]
+    for b0 in range(0, words.size // 16, _BLOCKS):
+        m = min(_BLOCKS, words.size // 16 - b0)
+        fill(words, b0 * 16, m, out, b0 * 16, *scratch)
 
 
 # ---------------------------------------------------------------------------------------------
-# entry points used by .noise (callers check available() first)
+# entry points used by .generator and .brownian (callers check has_kernel() first)
 # ---------------------------------------------------------------------------------------------
-def randn_from_bitgen(bg: np.random.MT19937, n: int, out: np.ndarray) -> np.ndarray:
-    """torch ``normal_fill`` (AVX2 kernel, n >= 16) from numpy bit generator ``bg``, advancing it
-    exactly as ``bg.random_raw(n + (16 if n % 16 else 0))`` would. ``out``: float32, C-contiguous."""
+def _scalar(kernel: str) -> bool:
+    if kernel not in ("avx2", "default"):
+        raise ValueError(f"kernel: received {kernel!r}, expected 'avx2' or 'default'")
+    return kernel == "default"
+
+
+def randn_from_bitgen(bg: np.random.MT19937, n: int, out: np.ndarray, kernel: str = "avx2") -> np.ndarray:
+    """torch ``normal_fill`` (Box-Muller ``kernel``, n >= 16) from numpy bit generator ``bg``, advancing
+    it exactly as ``bg.random_raw(n + (16 if n % 16 else 0))`` would. ``out``: float32, C-contiguous."""
     if n < 16:
         raise ValueError(f"n: received {n}, expected >= 16 (smaller draws take torch's scalar path)")
     if not (out.flags.c_contiguous and out.dtype == np.float32 and out.size == n):
         raise ValueError(f"out: received {out.dtype} {out.shape}, expected a C-contiguous float32 array of {n} elements")
-    _K["randn_state"](_state_view(bg), n, out.reshape(-1))
+    _K["randn_state"](_state_view(bg), n, out.reshape(-1), _scalar(kernel))
     return out
 
 
@@ -243,8 +285,9 @@ def brownian_bridge(w: np.ndarray, z: np.ndarray, l_diff: float, h_rec: float, z
     return left, right
 
 
-def brownian_bridge_seeded(seed: int, w: np.ndarray, l_diff: float, h_rec: float, z_scale: float):
-    """:func:`brownian_bridge` with z = torch ``randn(w.size)`` (AVX2 kernel) of a generator seeded
+def brownian_bridge_seeded(seed: int, w: np.ndarray, l_diff: float, h_rec: float, z_scale: float,
+                           kernel: str = "avx2"):
+    """:func:`brownian_bridge` with z = torch ``randn(w.size)`` (Box-Muller ``kernel``) of a generator seeded
     with ``seed`` (low 32 bits): the same values as :func:`randn_seeds` then :func:`brownian_bridge`,
     with the noise drawn and used chunk by chunk instead of stored. w: C-contiguous float32, >= 16
     elements."""
@@ -254,7 +297,8 @@ def brownian_bridge_seeded(seed: int, w: np.ndarray, l_diff: float, h_rec: float
     left = np.empty_like(w)
     right = np.empty_like(w)
     _K["bridge_seeded"](np.uint64(int(seed) & 0xFFFFFFFF), w.reshape(-1), np.float32(l_diff),
-                        np.float32(h_rec), np.float32(z_scale), left.reshape(-1), right.reshape(-1))
+                        np.float32(h_rec), np.float32(z_scale), left.reshape(-1), right.reshape(-1),
+                        _scalar(kernel))
     return left, right
 
 
@@ -282,36 +326,8 @@ def seed_sequence_pool(entropy: int, spawn_key: tuple, pool_size: int) -> np.nda
     return pool
 
 
-class NonFiniteOutput(ValueError):
-    """The UNet output handed to :func:`cfg_eps` holds ``count`` NaN or inf values."""
-
-    def __init__(self, count: int):
-        super().__init__(f"{count} non-finite values (NaN or inf)")
-        self.count = count
-
-
-def cfg_eps(x: np.ndarray, out: np.ndarray, sigma, cfg, uncond_first: bool):
-    """CFG of an eps model from one UNet call over [uncond rows, cond rows] (or cond first).
-
-    For each row pair: ``d = x - out * sigma`` (ComfyUI's ``calculate_denoised``), then
-    ``uncond + (cond - uncond) * cfg``. Returns (guided, uncond denoised), fresh float32 arrays of
-    x's shape; raises :class:`NonFiniteOutput` if ``out`` holds NaN or inf. x: [B, ...] float32,
-    out: [2B, ...] float32, both C-contiguous."""
-    if not (x.flags.c_contiguous and out.flags.c_contiguous and x.dtype == np.float32
-            and out.dtype == np.float32 and out.size == 2 * x.size):
-        raise ValueError(f"x, out: received {x.dtype} {x.shape} and {out.dtype} {out.shape}, expected "
-                         "C-contiguous float32 arrays, out with twice x's rows")
-    guided = np.empty_like(x)
-    uncond = np.empty_like(x)
-    finite = _K["cfg_eps"](x.reshape(-1), out.reshape(-1), np.float32(sigma), np.float32(cfg),
-                           bool(uncond_first), guided.reshape(-1), uncond.reshape(-1))
-    if not finite:
-        raise NonFiniteOutput(int(out.size - np.count_nonzero(np.isfinite(out))))
-    return guided, uncond
-
-
-def randn_seeds(seeds: np.ndarray, n: int, out: np.ndarray) -> np.ndarray:
-    """out[i] = torch ``randn(n)`` (AVX2 kernel, n >= 16) of a generator seeded with seeds[i]
+def randn_seeds(seeds: np.ndarray, n: int, out: np.ndarray, kernel: str = "avx2") -> np.ndarray:
+    """out[i] = torch ``randn(n)`` (Box-Muller ``kernel``, n >= 16) of a generator seeded with seeds[i]
     (low 32 bits). ``out``: float32 [len(seeds), n], C-contiguous."""
     if n < 16:
         raise ValueError(f"n: received {n}, expected >= 16 (smaller draws take torch's scalar path)")
@@ -319,5 +335,5 @@ def randn_seeds(seeds: np.ndarray, n: int, out: np.ndarray) -> np.ndarray:
     if not (out.flags.c_contiguous and out.dtype == np.float32 and out.size == n * len(s)):
         raise ValueError(f"out: received {out.dtype} {out.shape}, expected a C-contiguous float32 array "
                          f"of {len(s)} x {n} elements")
-    _K["randn_seeds"](s, n, out.reshape(len(s), -1))
+    _K["randn_seeds"](s, n, out.reshape(len(s), -1), _scalar(kernel))
     return out

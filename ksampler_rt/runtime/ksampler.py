@@ -23,7 +23,7 @@ from .cfg import CFGDenoiser
 from .continuation import EVALUATION_STEP_SAMPLERS, STATE_KEY, ContinuationState, RecordingDenoiser, StopAtStep, check_mode, fingerprint, usable_state
 from .model import Model
 from .noise import NoiseSource, prepare_noise
-from .samplers import get_sampler
+from .samplers import SAMPLERS, get_sampler
 from .schedulers import calculate_sigmas, window_sigmas
 
 ProgressCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
@@ -111,6 +111,10 @@ def _checked_inputs(model, seed, steps, cfg, sampler_name, positive, negative, l
     steps = _int_in("steps", steps, 1, _STEPS_MAX)
     cfg = _check_cfg(cfg)
     spec = get_sampler(sampler_name)
+    if model.family.is_flow and not spec.flow:
+        supported = ", ".join(n for n, s in SAMPLERS.items() if s.flow)
+        raise ValueError(f"sampler_name: received {sampler_name!r}, expected a sampler that supports flow models "
+                         f"(family {model.family.name!r}): {supported}")
     width = _check_conditioning("positive", positive, None)
     _check_conditioning("negative", negative, width)
     return seed, steps, cfg, spec, _fit_channels(model, _check_latent(latent))

@@ -12,7 +12,8 @@ fresh float32 array ending in 0 (kl_optimal with one step: see its docstring). W
 float32 arithmetic, this module does the same float32 operations in the same order:
 
 * ``torch.linspace`` is emulated exactly (float32 step, fused multiply-add, the symmetric
-  "first half from the start, second half from the end" fill): see ``_torch_linspace``;
+  "first half from the start, second half from the end" fill) by the samplers' one
+  :func:`~ksampler_rt.runtime.samplers.common.torch_linspace`;
 * transcendental functions (exp, pow, tan) are evaluated in float64 and rounded to float32.
   torch's float32 versions (SLEEF) are accurate to about 1 ulp, so a handful of entries may differ
   from ComfyUI's in the last bit; evaluating in float64 agrees with torch far more often than
@@ -28,6 +29,9 @@ from typing import Callable
 
 import numpy as np
 
+from .samplers.common import torch_linspace
+from .samplers.spec import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, SAMPLER_NAMES
+
 SCHEDULER_NAMES: tuple[str, ...] = (
     "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
     "linear_quadratic", "kl_optimal",
@@ -39,26 +43,6 @@ MAX_SCHEDULE_STEPS = 10_000_000
 
 
 # -- float32 helpers matching torch ----------------------------------------------------------------
-def _torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps)`` (float32, CPU) reproduced bit for bit.
-
-    torch casts start and end to float32, computes ``step = (end - start) / (steps - 1)`` in float32,
-    fills the first ``steps // 2`` entries as ``start + step * i`` and the rest as
-    ``end - step * (steps - 1 - i)``, each a fused multiply-add (one rounding). The product of two
-    float32 values is exact in float64, so the float64 sum rounded to float32 reproduces the fma.
-    """
-    s = np.float32(start)
-    e = np.float32(end)
-    if steps == 1:
-        return np.array([s], dtype=np.float32)
-    step = np.float32((e - s) / np.float32(steps - 1))
-    i = np.arange(steps, dtype=np.float64)
-    half = steps // 2
-    first = np.float64(s) + np.float64(step) * i
-    second = np.float64(e) - np.float64(step) * (steps - 1 - i)
-    return np.where(i < half, first, second).astype(np.float32)
-
-
 def _f32_via_f64(fn: Callable, x) -> np.ndarray:
     """fn evaluated in float64 on float32 input, rounded to float32 (see module docstring)."""
     return fn(np.asarray(x, dtype=np.float32).astype(np.float64)).astype(np.float32)
@@ -99,12 +83,12 @@ def normal_scheduler(model_sampling, steps: int, sgm: bool = False) -> np.ndarra
     end = float(np.asarray(ms.timestep(np.float32(ms.sigma_min))).reshape(()))
     append_zero = True
     if sgm:
-        timesteps = _torch_linspace(start, end, steps + 1)[:-1]
+        timesteps = torch_linspace(start, end, steps + 1)[:-1]
     else:
         if math.isclose(float(np.asarray(ms.sigma(np.float32(end))).reshape(())), 0.0, abs_tol=1e-5):
             steps += 1
             append_zero = False
-        timesteps = _torch_linspace(start, end, steps)
+        timesteps = torch_linspace(start, end, steps)
     sigs = np.array([np.asarray(ms.sigma(t)).reshape(()) for t in timesteps], dtype=np.float32)
     return _append_zero(sigs) if append_zero else sigs
 
@@ -122,7 +106,7 @@ def karras_scheduler(model_sampling, steps: int, rho: float = 7.0) -> np.ndarray
     """
     sigma_min = float(model_sampling.sigma_min)
     sigma_max = float(model_sampling.sigma_max)
-    ramp = _torch_linspace(0.0, 1.0, steps)
+    ramp = torch_linspace(0.0, 1.0, steps)
     min_inv_rho = sigma_min ** (1.0 / rho)
     max_inv_rho = sigma_max ** (1.0 / rho)
     base = np.float32(max_inv_rho) + ramp * np.float32(min_inv_rho - max_inv_rho)
@@ -134,7 +118,7 @@ def exponential_scheduler(model_sampling, steps: int) -> np.ndarray:
     """``exponential`` (k-diffusion ``get_sigmas_exponential``): exp(linspace(ln max, ln min, N)), then 0."""
     sigma_min = float(model_sampling.sigma_min)
     sigma_max = float(model_sampling.sigma_max)
-    log_sigmas = _torch_linspace(math.log(sigma_max), math.log(sigma_min), steps)
+    log_sigmas = torch_linspace(math.log(sigma_max), math.log(sigma_min), steps)
     return _append_zero(_f32_via_f64(np.exp, log_sigmas))
 
 
@@ -249,8 +233,6 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 
 def _check_sampler_name(sampler_name) -> None:
-    from .samplers.registry import SAMPLER_NAMES
-
     if sampler_name not in SAMPLER_NAMES:
         raise ValueError(f"sampler_name: received {sampler_name!r}, expected one of: {', '.join(SAMPLER_NAMES)}")
 
@@ -270,8 +252,6 @@ def scheduler_sigmas(model_sampling, scheduler: str, steps: int, sampler_name: s
     """ComfyUI's ``KSampler.calculate_sigmas(steps)``: the schedule, minus the penultimate sigma for
     dpm_2 / dpm_2_ancestral / uni_pc / uni_pc_bh2 (computed for steps + 1, then
     ``[s_0 ... s_{N-1}, 0]``). No validation; see ``calculate_sigmas``."""
-    from .samplers.registry import DISCARD_PENULTIMATE_SIGMA_SAMPLERS
-
     fn = get_scheduler(scheduler)
     if sampler_name in DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
         sigmas = fn(model_sampling, steps + 1)

@@ -60,3 +60,40 @@ class AnalyticUNet:
 def analytic_unet(x, timestep, context=None, y=None, **kwargs):
     """Stateless functional form of :class:`AnalyticUNet`."""
     return AnalyticUNet()(x, timestep, context, y=y, **kwargs)
+
+
+W16 = np.tile(W_T, 4)
+B16 = np.tile(B_C, 4)
+
+
+class AnalyticFlowNet:
+    """The flow families' stand-in (16 latent channels), twin of ``AnalyticFlowNetTorch`` in
+    tests/runtime/golden/make_comfyui_flow_golden.py::
+
+        out = 0.9*x + 0.1*tanh(x) + (t / t_divisor) * W16[c] + 0.05 * mean(context) + B16[c]
+              [+ 0.01 * mean(y)] [+ 0.02 * guidance]          # guidance: FLUX.1 dev only
+
+    ``t_divisor``: 1000 for SD3 (its timestep is sigma * 1000), 1 for FLUX.1. The output is the
+    flow's velocity (ComfyUI's CONST: denoised = x - out * sigma).
+    """
+
+    def __init__(self, t_divisor: float, takes_guidance: bool):
+        self.t_divisor, self.takes_guidance = F32(t_divisor), takes_guidance
+        self.calls: list[dict] = []
+
+    def __call__(self, x, timestep, context=None, y=None, guidance=None, **kwargs):
+        x = np.asarray(x, dtype=F32)
+        t = np.broadcast_to(np.asarray(timestep, dtype=F32).reshape(-1), (x.shape[0],))
+        ctx = np.asarray(context, dtype=F32)
+        self.calls.append({"timestep": t.copy(), "y": None if y is None else np.asarray(y).copy(),
+                           "guidance": None if guidance is None else np.asarray(guidance).copy()})
+        c = x.shape[1]
+        out = F32(0.9) * x + F32(0.1) * np.tanh(x)
+        out = out + (t / self.t_divisor)[:, None, None, None] * W16[None, :c, None, None]
+        out = out + F32(0.05) * ctx.mean(axis=(1, 2), dtype=F32)[:, None, None, None]
+        out = out + B16[None, :c, None, None]
+        if y is not None:
+            out = out + F32(0.01) * np.asarray(y, dtype=F32).mean(axis=1, dtype=F32)[:, None, None, None]
+        if self.takes_guidance and guidance is not None:
+            out = out + F32(0.02) * np.asarray(guidance, dtype=F32).reshape(-1)[:, None, None, None]
+        return out.astype(F32, copy=False)

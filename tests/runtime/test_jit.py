@@ -1,4 +1,4 @@
-"""The optional numba noise kernels (runtime/jit.py) against torch and the numpy reference."""
+"""The optional numba kernels (runtime/jit.py, runtime/cfg_jit.py) against torch, libm and the numpy paths."""
 import os
 import pickle
 import subprocess
@@ -7,14 +7,17 @@ import sys
 import numpy as np
 import pytest
 
-from ksampler_rt.runtime import jit
-from ksampler_rt.runtime import noise as N
+from ksampler_rt.runtime import cfg_jit, jit
+from ksampler_rt.runtime import randn_numpy as F
+from ksampler_rt.runtime import randn_reference as R
 from ksampler_rt.runtime.noise import TorchCPUGenerator, prepare_noise, randn_many
 
 pytest.importorskip("numba")
 torch = pytest.importorskip("torch")
 
-AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+# in-process torch runs the AVX2 kernel on AVX2 and AVX-512 CPUs (its AVX512 build has none of its own)
+AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+NOT_AVX2 = "in-process torch runs the scalar kernel here; test_noise.py's subprocess tests cover the AVX2 kernel"
 
 
 def test_available_with_numba():
@@ -24,11 +27,12 @@ def test_available_with_numba():
 
 @pytest.fixture
 def numpy_only(monkeypatch):
-    """The numpy reference path of runtime/noise.py (kernels reported unavailable)."""
+    """The numpy path of the noise stack (kernels reported unavailable)."""
     monkeypatch.setattr(jit, "available", lambda: False)
+    return monkeypatch
 
 
-@pytest.mark.skipif(not AVX2, reason="torch on this CPU does not use the AVX2 kernel")
+@pytest.mark.skipif(not AVX2, reason=NOT_AVX2)
 @pytest.mark.parametrize("seed", [0, 7, 2**32 + 5, 2**64 - 1])
 def test_jit_randn_bit_exact_vs_torch(seed):
     """Consecutive draws of every size class on one generator, scalar (< 16) draws in between:
@@ -43,7 +47,7 @@ def test_jit_randn_bit_exact_vs_torch(seed):
         assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), shape
 
 
-@pytest.mark.skipif(not AVX2, reason="torch on this CPU does not use the AVX2 kernel")
+@pytest.mark.skipif(not AVX2, reason=NOT_AVX2)
 def test_jit_randn_many_vs_torch():
     seeds = [3, 2**40 + 1, 2**64 - 1, 11]
     for shape in [(2, 3, 7), (4, 64), (1, 4, 16, 16)]:
@@ -78,7 +82,7 @@ def test_jit_and_numpy_paths_identical(monkeypatch):
     assert np.array_equal(resumed.randn((50,)), jit_next)
 
 
-@pytest.mark.skipif(not AVX2, reason="torch on this CPU does not use the AVX2 kernel")
+@pytest.mark.skipif(not AVX2, reason=NOT_AVX2)
 def test_numpy_path_still_bit_exact(numpy_only):
     for seed in (0, 2**64 - 1):
         tg = torch.Generator().manual_seed(seed)
@@ -103,12 +107,46 @@ def test_box_muller_kernel_exhaustive():
         words[:, 1, :] = rev[c0:c0 + (1 << 21)].reshape(-1, 8)
         flat = words.reshape(-1)
         want = np.empty(flat.size, np.float32)
-        N._fill_blocks_avx2(flat.reshape(-1, 16), want.reshape(-1, 16))
+        F.fill_blocks_avx2(flat.reshape(-1, 16), want.reshape(-1, 16))
         got = np.empty(flat.size, np.float32)
         for w0 in range(0, flat.size, chunk * 2):
             jit._fill_words(flat[w0:w0 + chunk * 2], got[w0:w0 + chunk * 2])
         bad = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))
         assert bad.size == 0, (c0, bad[:5])
+
+
+def test_scalar_kernel_calls_libm():
+    """The compiled DEFAULT kernel calls libm's logf and sincosf (no vector-library or LLVM-own
+    versions) and gives libm's values, called one by one through ctypes, on random words."""
+    assert jit.has_kernel("default"), jit.disable_reason()
+    lib = R.libm()
+    assert lib is not None
+    import numba
+
+    fill = jit._K["fill_blocks_default"]
+    fresh = numba.njit(nogil=True, boundscheck=False)(fill.py_func)  # numba cannot inspect cached code
+    fresh.compile(fill.signatures[0])
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    assert "logf" in asm and ("sincosf" in asm or ("sinf" in asm and "cosf" in asm)), "libm calls not found"
+    assert "svml" not in asm.lower()
+    words = np.random.default_rng(5).integers(0, 2**32, size=16 * 1024, dtype=np.uint64).astype(np.uint32)
+    got = np.empty(words.size, np.float32)
+    jit._fill_words(words, got, scalar=True)
+    blocks = R.u32_to_uniform(words).reshape(-1, 2, 8)
+    c, s = R.box_muller_libm(np.float32(1) - blocks[:, 0], blocks[:, 1].copy(), lib)
+    want = np.stack([c, s], axis=1).reshape(-1)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_scalar_kernel_paths_agree_within_ulps(numpy_only):
+    """The numpy scalar kernel (float64 maths) stays within 4 ulp of the compiled (libm) one."""
+    g = TorchCPUGenerator(11, kernel="default")
+    st = g.get_state()
+    approx = g.randn((1, 4, 64, 64))
+    numpy_only.undo()
+    exact = TorchCPUGenerator.from_state(st).randn((1, 4, 64, 64))
+    assert np.all(np.abs(approx - exact) <= 4 * np.spacing(np.abs(exact)))
+    assert 0 < np.count_nonzero(approx != exact) < 0.05 * exact.size
 
 
 @pytest.mark.parametrize("nb", [1, 3, 256])
@@ -127,7 +165,7 @@ def test_box_muller_blocks_any_words_and_alignment(nb):
             out = np.full(nb * 16 + o0 + 5, 7.0, np.float32)
             fill(words, w0, nb, out, o0, *scratch)
             want = np.empty(nb * 16, np.float32)
-            N._fill_blocks_avx2(words[w0:].reshape(-1, 16), want.reshape(-1, 16))
+            F.fill_blocks_avx2(words[w0:].reshape(-1, 16), want.reshape(-1, 16))
             assert np.array_equal(out[o0:o0 + nb * 16].view(np.uint32), want.view(np.uint32)), (w0, o0)
             assert (out[:o0] == 7).all() and (out[o0 + nb * 16:] == 7).all()
 
@@ -169,8 +207,8 @@ def test_ksampler_compiled_and_numpy_paths_identical(name, analytic_unet_cls, mo
     latent = {"samples": np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)}
     args = (model, 7, 6, 7.5, name, "karras", _conditioning(1.0), _conditioning(-1.0), latent)
     fused_calls = []
-    real = jit.cfg_eps
-    monkeypatch.setattr(jit, "cfg_eps", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    real = cfg_jit.cfg_eps
+    monkeypatch.setattr(cfg_jit, "cfg_eps", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
     compiled = ksampler(*args, denoise=0.9)["samples"]
     assert fused_calls, "the compiled CFG head was not used"
     monkeypatch.setattr(jit, "available", lambda: False)
@@ -197,7 +235,7 @@ def test_compiled_head_uncond_order_and_errors(analytic_unet_cls):
 
 
 def test_self_check_failure_falls_back_with_a_warning(monkeypatch):
-    monkeypatch.setattr(jit, "_state", {"checked": False, "ok": False, "why": ""})
+    monkeypatch.setattr(jit, "_state", {"checked": False, "ok": False, "why": "", "scalar": False})
     monkeypatch.setattr(jit, "_self_check", lambda: jit._expect(False, "Box-Muller kernel"))
     with pytest.warns(RuntimeWarning, match="self-check failed: Box-Muller kernel"):
         assert not jit.available()
@@ -246,14 +284,14 @@ def test_compile_error_falls_back_with_a_warning(monkeypatch):
     def broken():
         raise RuntimeError("LLVM ERROR: simulated")
 
-    monkeypatch.setattr(jit, "_state", {"checked": False, "ok": False, "why": ""})
+    monkeypatch.setattr(jit, "_state", {"checked": False, "ok": False, "why": "", "scalar": False})
     monkeypatch.setattr(jit, "_self_check", broken)
     with pytest.warns(RuntimeWarning, match="numba compilation failed: RuntimeError: LLVM ERROR"):
         assert not jit.available()
     assert jit.available() is False  # decided once, not retried on every call
 
 
-@pytest.mark.skipif(not AVX2, reason="torch on this CPU does not use the AVX2 kernel")
+@pytest.mark.skipif(not AVX2, reason=NOT_AVX2)
 @pytest.mark.parametrize("shape", [(1, 4, 5, 7), (1, 4, 40, 40)])  # n % 16 tail; several chunks
 def test_brownian_tree_fused_bridge_vs_torchsde(shape, monkeypatch):
     """The compiled tree draws each node's noise chunk by chunk inside the bridge

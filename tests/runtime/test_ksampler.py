@@ -117,7 +117,7 @@ def test_a_unet_returning_nan_names_the_step_and_sigma():
 
 
 def test_model_rejects_unknown_family_and_non_callable():
-    with pytest.raises(ValueError, match=r"family: received 'sd3', expected one of \("):
-        Model(lambda *a: None, "sd3")
+    with pytest.raises(ValueError, match=r"family: received 'sd4', expected one of \("):
+        Model(lambda *a: None, "sd4")
     with pytest.raises(TypeError, match="unet: received int"):
         Model(3, "sd15")

@@ -8,7 +8,8 @@ import pytest
 
 from ksampler_rt.runtime import schedulers as S
 from ksampler_rt.runtime.model_sampling import ModelSamplingDiscrete
-from ksampler_rt.runtime.samplers.registry import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, SAMPLER_NAMES
+from ksampler_rt.runtime.samplers.common import torch_linspace
+from ksampler_rt.runtime.samplers.spec import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, SAMPLER_NAMES
 
 
 
@@ -357,7 +358,7 @@ def test_torch_linspace_emulation():
     torch = pytest.importorskip("torch")
     for n in (1, 2, 3, 7, 10, 21, 100, 1001):
         for a, b in ((0.0, 1.0), (999.0, 0.0), (math.log(14.614641), math.log(0.0291671)), (0.3, -2.7)):
-            assert np.array_equal(S._torch_linspace(a, b, n), torch.linspace(a, b, n).numpy()), (a, b, n)
+            assert np.array_equal(torch_linspace(a, b, n), torch.linspace(a, b, n).numpy()), (a, b, n)
 
 
 # Real-ComfyUI sigma lists for every scheduler are compared in test_comfyui_parity.py.

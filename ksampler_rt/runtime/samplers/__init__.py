@@ -7,7 +7,9 @@ The contract every sampler function follows (k-diffusion style)::
 * ``model(x, sigma) -> denoised``: the CFG-combined x0 prediction, float32, shaped like ``x``;
   ``sigma`` is a float32 scalar applied to every row.
 * ``model.with_uncond(x, sigma) -> (denoised, uncond_denoised)``: for the CFG++ samplers.
-* ``model.model_sampling``: the :class:`~ksampler_rt.runtime.model_sampling.ModelSamplingDiscrete`.
+* ``model.model_sampling``: the :class:`~ksampler_rt.runtime.model_sampling.ModelSamplingDiscrete`, or for
+  a flow family ``ModelSamplingDiscreteFlow`` / ``ModelSamplingFlux`` (ComfyUI's CONST: samplers with a
+  rectified-flow branch test :func:`.common.is_flow`; ``SamplerSpec.flow`` false refuses flow models).
 * ``x``: the already noise-scaled float32 latent (ComfyUI's ``noise_scaling`` was applied).
 * ``sigmas``: float32 1-D array, the exact list ComfyUI hands the sampler.
 * ``noise``: a :class:`~ksampler_rt.runtime.noise.NoiseSource`; ``noise.default(x)`` and

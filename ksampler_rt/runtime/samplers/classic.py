@@ -5,20 +5,25 @@ ComfyUI 0.3.64 function of the same name in ``comfy/k_diffusion/sampling.py`` (k
 Katherine Crowson), including where it draws noise and the float32 order of its arithmetic. ``ddim``
 is ComfyUI's euler (``comfy/samplers.py: sampler_object``); ``dpm_fast`` / ``dpm_adaptive`` include the
 wrappers of ``comfy/samplers.py: ksampler``. ``exp_heun_2_x0(_sde)`` are the SEEDS-2 special cases
-newer ComfyUI adds (r = 1, phi_2 corrector).
+newer ComfyUI adds (r = 1, phi_2 corrector), calling :func:`.stochastic.sample_seeds_2` as ComfyUI does.
+For flow (CONST) models euler_ancestral and dpm_2_ancestral take ComfyUI's separate ``*_RF`` functions,
+and the CFG++ Euler samplers use the model sampling's half-log-SNR (alpha = 1 - sigma).
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from scipy import integrate
 
 from .common import (
-    F32, ei_h_phi_1, ei_h_phi_2, exp, expm1, f32, get_ancestral_step, half_log_snr_to_sigma, lerp, log, notify,
-    offset_first_sigma_for_snr, schedule_cached, sigma_to_half_log_snr, sqrt, times, to_d, torch_linspace,
+    F32, exp, f32, get_ancestral_step, get_ancestral_step_rf, half_log_snr_to_sigma, is_flow, lerp, log, notify,
+    rf_step, schedule_cached, sigma_to_half_log_snr, sqrt, times, to_d, torch_linspace,
 )
-from .registry import SamplerSpec
+from .dpm_solver import (
+    DPM_SOLVER_STEPS, PIDStepSizeController, dpm_sigma_range, dpm_solver_1_step, dpm_solver_2_step,
+    dpm_solver_3_step, eps_cache, rms_error,
+)
+from .spec import SamplerSpec
+from .stochastic import sample_seeds_2
 
 
 # -- Euler family ----------------------------------------------------------------------------------
@@ -35,7 +40,10 @@ def sample_euler(model, x, sigmas, noise, callback=None):
 
 
 def sample_euler_ancestral(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0):
-    """Euler to sigma_down, then fresh noise of std sigma_up; the last step returns D."""
+    """Euler to sigma_down, then fresh noise of std sigma_up; the last step returns D.
+    A flow model takes ComfyUI's separate rectified-flow branch (:func:`sample_euler_ancestral_RF`)."""
+    if is_flow(model.model_sampling):
+        return sample_euler_ancestral_RF(model, x, sigmas, noise, callback, eta=eta, s_noise=s_noise)
     noise_sampler = noise.default(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
@@ -50,10 +58,30 @@ def sample_euler_ancestral(model, x, sigmas, noise, callback=None, eta=1.0, s_no
     return x
 
 
+def sample_euler_ancestral_RF(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0):
+    """ComfyUI's ``sample_euler_ancestral_RF`` (flow models): the flow step to sigma_down, then x is
+    rescaled by (1 - sigma_next) / (1 - sigma_down) and renoised; the last step returns D."""
+    noise_sampler = noise.default(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
+        denoised = model(x, sigma)
+        notify(callback, i, x, denoised)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            sigma_down, alpha_ratio, renoise_coeff = get_ancestral_step_rf(sigma, sigma_next, eta)
+            x = rf_step(x, sigma, sigma_down, denoised)
+            if eta > 0:
+                x = alpha_ratio * x + times(noise_sampler(sigma, sigma_next), s_noise, renoise_coeff)
+    return x
+
+
 def sample_euler_ancestral_cfg_pp(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0):
     """CFG++ (Chung et al. 2024) ancestral Euler: the direction uses the unconditional D, the
-    target the guided one, written as a DDIM step in VP space (alpha = sigma * exp(lambda))."""
+    target the guided one, written as a DDIM step in VP space (alpha = sigma * exp(lambda), lambda the
+    model sampling's half-log-SNR: 1 - sigma for a flow model)."""
     noise_sampler = noise.default(x)
+    ms = model.model_sampling
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
         denoised, uncond_denoised = model.with_uncond(x, sigma)
@@ -61,10 +89,12 @@ def sample_euler_ancestral_cfg_pp(model, x, sigmas, noise, callback=None, eta=1.
         if sigma_next == 0:
             x = denoised
             continue
-        alpha_s = sigma * exp(sigma_to_half_log_snr(sigma))
-        alpha_t = sigma_next * exp(sigma_to_half_log_snr(sigma_next))
+        alpha_s = sigma * exp(sigma_to_half_log_snr(sigma, ms))
+        alpha_t = sigma_next * exp(sigma_to_half_log_snr(sigma_next, ms))
         d = to_d(x, sigma, alpha_s * uncond_denoised)
-        sigma_down, sigma_up = get_ancestral_step(sigma / alpha_s, sigma_next / alpha_t, eta)
+        # a flow model's sigma = 1 has alpha_s = 0: sigma / alpha_s = inf gives (0, sigma_next), as in torch
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sigma_down, sigma_up = get_ancestral_step(sigma / alpha_s, sigma_next / alpha_t, eta)
         sigma_down = alpha_t * sigma_down
         x = alpha_t * denoised + sigma_down * d
         if eta > 0 and s_noise > 0:
@@ -158,7 +188,10 @@ def sample_dpm_2(model, x, sigmas, noise, callback=None):
 
 
 def sample_dpm_2_ancestral(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0):
-    """Ancestral sampling with DPM-Solver-2 steps to sigma_down plus noise of std sigma_up."""
+    """Ancestral sampling with DPM-Solver-2 steps to sigma_down plus noise of std sigma_up.
+    A flow model takes ComfyUI's separate rectified-flow branch (:func:`sample_dpm_2_ancestral_RF`)."""
+    if is_flow(model.model_sampling):
+        return sample_dpm_2_ancestral_RF(model, x, sigmas, noise, callback, eta=eta, s_noise=s_noise)
     noise_sampler = noise.default(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
@@ -174,13 +207,31 @@ def sample_dpm_2_ancestral(model, x, sigmas, noise, callback=None, eta=1.0, s_no
     return x
 
 
+def sample_dpm_2_ancestral_RF(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0):
+    """ComfyUI's ``sample_dpm_2_ancestral_RF`` (flow models): DPM-Solver-2 to the flow sigma_down, then
+    the rescale by (1 - sigma_next) / (1 - sigma_down) and renoising."""
+    noise_sampler = noise.default(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
+        denoised = model(x, sigma)
+        sigma_down, alpha_ratio, renoise_coeff = get_ancestral_step_rf(sigma, sigma_next, eta)
+        notify(callback, i, x, denoised)
+        d = to_d(x, sigma, denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigma)
+        else:
+            x = _dpm_2_step(model, x, sigma, sigma_down, d)
+            x = alpha_ratio * x + times(noise_sampler(sigma, sigma_next), s_noise, renoise_coeff)
+    return x
+
+
 # -- Linear multistep ---------------------------------------------------------------------------------
 
 def linear_multistep_coeff(order: int, t: np.ndarray, i: int, j: int) -> float:
     """Adams-Bashforth weight of slope i - j over [t_i, t_{i+1}]: the integral of its Lagrange basis
     polynomial, by scipy's adaptive quadrature (epsrel 1e-4) on the float32 sigmas, as k-diffusion."""
     if order - 1 > i:
-        raise ValueError(f"Order {order} too high for step {i}")
+        raise ValueError(f"order: received {order} at step {i}, expected at most {i + 1}")
 
     def basis(tau):
         prod = 1.0
@@ -219,63 +270,7 @@ def sample_lms(model, x, sigmas, noise, callback=None, order=4):
     return x
 
 
-# -- DPM-Solver (Lu et al. 2022, arXiv:2206.00927) in t = -log sigma ------------------------------------
-
-def _eps_cache(model):
-    """eps(key, x, t) = (x - D(x, sigma(t))) / sigma(t), evaluated once per key within a step."""
-    cache = {}
-
-    def eps(key, x, t):
-        if key not in cache:
-            sigma = half_log_snr_to_sigma(t)
-            cache[key] = (x - model(x, sigma)) / sigma
-        return cache[key]
-    return eps
-
-
-def _dpm_solver_1_step(eps, x, t, t_next):
-    h = t_next - t
-    return x - half_log_snr_to_sigma(t_next) * expm1(h) * eps("eps", x, t)
-
-
-def _dpm_solver_2_step(eps, x, t, t_next, r1=1 / 2):
-    h = t_next - t
-    e = eps("eps", x, t)
-    s1 = t + r1 * h
-    u1 = x - half_log_snr_to_sigma(s1) * expm1(r1 * h) * e
-    e_r1 = eps("eps_r1", u1, s1)
-    sigma_next = half_log_snr_to_sigma(t_next)
-    return x - sigma_next * expm1(h) * e - sigma_next / (2 * r1) * expm1(h) * (e_r1 - e)
-
-
-def _dpm_solver_3_step(eps, x, t, t_next, r1=1 / 3, r2=2 / 3):
-    h = t_next - t
-    e = eps("eps", x, t)
-    s1, s2 = t + r1 * h, t + r2 * h
-    u1 = x - half_log_snr_to_sigma(s1) * expm1(r1 * h) * e
-    e_r1 = eps("eps_r1", u1, s1)
-    sigma_s2 = half_log_snr_to_sigma(s2)
-    u2 = (x - sigma_s2 * expm1(r2 * h) * e
-          - sigma_s2 * (r2 / r1) * (expm1(r2 * h) / (r2 * h) - 1) * (e_r1 - e))
-    e_r2 = eps("eps_r2", u2, s2)
-    sigma_next = half_log_snr_to_sigma(t_next)
-    return x - sigma_next * expm1(h) * e - sigma_next / r2 * (expm1(h) / h - 1) * (e_r2 - e)
-
-
-_DPM_SOLVER_STEPS = {1: _dpm_solver_1_step, 2: _dpm_solver_2_step, 3: _dpm_solver_3_step}
-
-
-def _dpm_sigma_range(sigmas):
-    """ComfyUI's dpm_fast / dpm_adaptive wrappers: sigma_max = sigmas[0], sigma_min = the last sigma,
-    or the one before it when the last is 0."""
-    sigma_min = f32(sigmas[-1])
-    if sigma_min == 0:
-        sigma_min = f32(sigmas[-2])
-    sigma_max = f32(sigmas[0])
-    if sigma_min <= 0 or sigma_max <= 0:
-        raise ValueError("sigma_min and sigma_max must not be 0")
-    return sigma_min, sigma_max
-
+# -- DPM-Solver (Lu et al. 2022, arXiv:2206.00927) in t = -log sigma; its steps are in .dpm_solver ------
 
 def sample_dpm_fast(model, x, sigmas, noise, callback=None):
     """DPM-Solver-fast: n = len(sigmas) - 1 model calls spread over floor(n/3) + 1 steps uniform in
@@ -284,57 +279,19 @@ def sample_dpm_fast(model, x, sigmas, noise, callback=None):
     step, which leaves x unchanged, so no noise is drawn here."""
     if len(sigmas) <= 1:
         return x
-    sigma_min, sigma_max = _dpm_sigma_range(sigmas)
+    sigma_min, sigma_max = dpm_sigma_range(sigmas)
     nfe = len(sigmas) - 1
     noise.default(x)  # where ComfyUI builds its (eta = 0, so unused) noise sampler
     m = nfe // 3 + 1
     ts = torch_linspace(sigma_to_half_log_snr(sigma_max), sigma_to_half_log_snr(sigma_min), m + 1)
     orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
     for i, order in enumerate(orders):
-        eps = _eps_cache(model)
+        eps = eps_cache(model)
         t, t_next = ts[i], ts[i + 1]
         denoised = x - half_log_snr_to_sigma(t) * eps("eps", x, t)
         notify(callback, i, x, denoised)
-        x = _DPM_SOLVER_STEPS[order](eps, x, t, t_next)
+        x = DPM_SOLVER_STEPS[order](eps, x, t, t_next)
     return x
-
-
-class PIDStepSizeController:
-    """k-diffusion's PID controller for the adaptive step size (in Python floats, as there)."""
-
-    def __init__(self, h, pcoeff, icoeff, dcoeff, order=1, accept_safety=0.81, eps=1e-8):
-        self.h = h
-        self.b1 = (pcoeff + icoeff + dcoeff) / order
-        self.b2 = -(pcoeff + 2 * dcoeff) / order
-        self.b3 = dcoeff / order
-        self.accept_safety = accept_safety
-        self.eps = eps
-        self.errs = []
-
-    @staticmethod
-    def limiter(x):
-        return 1 + math.atan(x - 1)
-
-    def propose_step(self, error) -> bool:
-        inv_error = 1 / (float(error) + self.eps)
-        if not self.errs:
-            self.errs = [inv_error, inv_error, inv_error]
-        self.errs[0] = inv_error
-        factor = self.limiter(self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3)
-        accept = factor >= self.accept_safety
-        if accept:
-            self.errs[2] = self.errs[1]
-            self.errs[1] = self.errs[0]
-        self.h *= factor
-        return accept
-
-
-def _rms_error(x_low, x_high, x_prev, atol, rtol):
-    """||(x_low - x_high) / max(atol, rtol max(|x_low|, |x_prev|))||_2 / sqrt(numel), float32 result."""
-    delta = np.maximum(atol, rtol * np.maximum(np.abs(x_low), np.abs(x_prev)))
-    scaled = ((x_low - x_high) / delta).astype(np.float64, copy=False)
-    norm = F32(sqrt(np.dot(scaled.ravel(), scaled.ravel())))
-    return norm / x_low.size ** 0.5
 
 
 def sample_dpm_adaptive(model, x, sigmas, noise, callback=None, order=3, rtol=0.05, atol=0.0078, h_init=0.05,
@@ -345,24 +302,24 @@ def sample_dpm_adaptive(model, x, sigmas, noise, callback=None, order=3, rtol=0.
     if len(sigmas) <= 1:
         return x
     if order not in {2, 3}:
-        raise ValueError("order should be 2 or 3")
-    sigma_min, sigma_max = _dpm_sigma_range(sigmas)
+        raise ValueError(f"order: received {order!r}, expected 2 or 3")
+    sigma_min, sigma_max = dpm_sigma_range(sigmas)
     noise.default(x)  # where ComfyUI builds its (eta = 0, so unused) noise sampler
     t_start, t_end = sigma_to_half_log_snr(sigma_max), sigma_to_half_log_snr(sigma_min)
     atol, rtol = f32(atol), f32(rtol)
     pid = PIDStepSizeController(abs(h_init), pcoeff, icoeff, dcoeff, order, accept_safety)
     s, x_prev, attempts = t_start, x, 0
     while s < t_end - 1e-5:
-        eps = _eps_cache(model)
+        eps = eps_cache(model)
         t = min(t_end, s + pid.h)  # torch.minimum on float32
         denoised = x - half_log_snr_to_sigma(s) * eps("eps", x, s)
         if order == 2:
-            x_low = _dpm_solver_1_step(eps, x, s, t)
-            x_high = _dpm_solver_2_step(eps, x, s, t)
+            x_low = dpm_solver_1_step(eps, x, s, t)
+            x_high = dpm_solver_2_step(eps, x, s, t)
         else:
-            x_low = _dpm_solver_2_step(eps, x, s, t, r1=1 / 3)
-            x_high = _dpm_solver_3_step(eps, x, s, t)
-        if pid.propose_step(_rms_error(x_low, x_high, x_prev, atol, rtol)):
+            x_low = dpm_solver_2_step(eps, x, s, t, r1=1 / 3)
+            x_high = dpm_solver_3_step(eps, x, s, t)
+        if pid.propose_step(rms_error(x_low, x_high, x_prev, atol, rtol)):
             x_prev, x, s = x_low, x_high, t
         attempts += 1
         notify(callback, attempts - 1, x, denoised)
@@ -411,54 +368,15 @@ def sample_lcm(model, x, sigmas, noise, callback=None):
 
 # -- Exponential Heun in x0 / half-logSNR time (SEEDS-2 with r = 1) -------------------------------------
 
-def _seeds_2_phi2(model, x, sigmas, noise, callback, eta, s_noise, r=1.0):
-    """SEEDS-2 (Gonzalez et al., NeurIPS 2023, arXiv:2305.14267) with the phi_2 corrector, as newer
-    ComfyUI's sample_seeds_2(solver_type="phi_2"): a DPM-Solver++(1) (+ SDE noise) predictor to
-    lambda_s + r h, a second D there, then x_t = (sigma_t / sigma_s) e^{-eta h} x
-    - alpha_t (b1 D + b2 D_2) with b2 = h phi_2(-h(1+eta)) / r, b1 = h phi_1(-h(1+eta)) - b2."""
-    noise_sampler = noise.default(x)
-    inject_noise = eta > 0 and s_noise > 0
-    sigmas = offset_first_sigma_for_snr(sigmas)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
-        denoised = model(x, sigma)
-        notify(callback, i, x, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
-        lambda_s, lambda_t = sigma_to_half_log_snr(sigma), sigma_to_half_log_snr(sigma_next)
-        h = lambda_t - lambda_s
-        h_eta = h * (eta + 1)
-        lambda_s_1 = lerp(lambda_s, lambda_t, r)
-        sigma_s_1 = half_log_snr_to_sigma(lambda_s_1)
-        alpha_s_1 = sigma_s_1 * exp(lambda_s_1)
-        alpha_t = sigma_next * exp(lambda_t)
-
-        x_2 = sigma_s_1 / sigma * exp(-r * h * eta) * x - alpha_s_1 * ei_h_phi_1(-r * h_eta) * denoised
-        if inject_noise:
-            sde_noise = sqrt(-expm1(-2 * r * h * eta)) * noise_sampler(sigma, sigma_s_1)
-            x_2 = x_2 + times(sde_noise, sigma_s_1, s_noise)
-        denoised_2 = model(x_2, sigma_s_1)
-
-        b2 = ei_h_phi_2(-h_eta) / r
-        b1 = ei_h_phi_1(-h_eta) - b2
-        x = sigma_next / sigma * exp(-h * eta) * x - alpha_t * (b1 * denoised + b2 * denoised_2)
-        if inject_noise:
-            segment_factor = (r - 1) * h * eta
-            sde_noise = sde_noise * exp(segment_factor)
-            sde_noise = sde_noise + sqrt(-expm1(segment_factor * 2)) * noise_sampler(sigma_s_1, sigma_next)
-            x = x + times(sde_noise, sigma_next, s_noise)
-    return x
+def sample_exp_heun_2_x0(model, x, sigmas, noise, callback=None, solver_type="phi_2"):
+    """Deterministic exponential Heun, second order, in data prediction and logSNR time: newer ComfyUI's
+    ``sample_seeds_2`` with eta = 0, r = 1 and the phi_2 corrector."""
+    return sample_seeds_2(model, x, sigmas, noise, callback, eta=0.0, s_noise=0.0, r=1.0, solver_type=solver_type)
 
 
-def sample_exp_heun_2_x0(model, x, sigmas, noise, callback=None):
-    """Deterministic exponential Heun, second order, in data prediction and logSNR time (SEEDS-2, eta = 0, r = 1)."""
-    return _seeds_2_phi2(model, x, sigmas, noise, callback, eta=0.0, s_noise=0.0)
-
-
-def sample_exp_heun_2_x0_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0):
+def sample_exp_heun_2_x0_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0, solver_type="phi_2"):
     """Stochastic exponential Heun (SEEDS-2, r = 1): default noise at the predictor and (weight 0) at the end."""
-    return _seeds_2_phi2(model, x, sigmas, noise, callback, eta=eta, s_noise=s_noise)
+    return sample_seeds_2(model, x, sigmas, noise, callback, eta=eta, s_noise=s_noise, r=1.0, solver_type=solver_type)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {

@@ -154,42 +154,128 @@ def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
     return sigma_down, sigma_up
 
 
-def sigma_to_half_log_snr(sigma):
-    """lambda = log(alpha / sigma) = -log(sigma) for the VP/eps family (non-CONST branch); -log 0 = inf.
-    A scalar gives a float32 scalar (libm path), an array a float32 array."""
+def get_ancestral_step_rf(sigma_from, sigma_to, eta=1.0):
+    """The rectified-flow ancestral split of ComfyUI 0.3.64's ``*_ancestral_RF`` samplers:
+    (sigma_down, alpha_ratio, renoise_coeff) with sigma_down = sigma_to (1 + (sigma_to / sigma_from - 1) eta),
+    alpha_ratio = (1 - sigma_to) / (1 - sigma_down) (the rescale that puts x back on the flow path) and
+    renoise_coeff = sqrt(sigma_to^2 - sigma_down^2 (1 - sigma_to)^2 / (1 - sigma_down)^2), float32 in
+    ComfyUI's order."""
+    sigma_from, sigma_to = F32(sigma_from), F32(sigma_to)
+    one = F32(1.0)
+    downstep_ratio = one + (sigma_to / sigma_from - one) * eta
+    sigma_down = sigma_to * downstep_ratio
+    alpha_ip1 = one - sigma_to
+    alpha_down = one - sigma_down
+    renoise_coeff = sqrt(sigma_to * sigma_to
+                         - sigma_down * sigma_down * (alpha_ip1 * alpha_ip1) / (alpha_down * alpha_down))
+    return sigma_down, alpha_ip1 / alpha_down, renoise_coeff
+
+
+def rf_step(x: np.ndarray, sigma, sigma_to, denoised: np.ndarray) -> np.ndarray:
+    """The rectified-flow Euler step of ComfyUI's ``*_RF`` samplers: with r = sigma_to / sigma,
+    x <- r x + (1 - r) D (exact along the flow path x = (1 - sigma) D + sigma n for a constant D)."""
+    ratio = sigma_to / sigma
+    return ratio * x + (1 - ratio) * denoised
+
+
+def is_flow(model_sampling) -> bool:
+    """Whether ``model_sampling`` is ComfyUI's ``CONST`` (rectified flow: x_t = (1 - sigma) x_0 + sigma n),
+    the test ComfyUI 0.3.64 makes with ``isinstance(model_sampling, comfy.model_sampling.CONST)``."""
+    return getattr(model_sampling, "prediction", None) == "const"
+
+
+def sigma_to_half_log_snr(sigma, model_sampling=None):
+    """lambda = log(alpha / sigma) (ComfyUI ``sigma_to_half_log_snr``): -log(sigma) for the VP/eps
+    family (``sigma.log().neg()``; -log 0 = inf), -logit(sigma) = log((1 - sigma) / sigma) for a flow
+    model (``sigma.logit().neg()``, alpha = 1 - sigma). ``model_sampling=None`` is the VP branch.
+
+    A scalar gives a float32 scalar, an array a float32 array, both the correctly rounded float32 log
+    (through float64): torch's scalar ``logf`` path, which a 0-d tensor and every schedule shorter than one
+    SIMD block take. numpy's float32 log is its own SIMD code, a few ulp off and CPU dependent.
+    torch's logit forms ``x / (1 - x)`` in float32 before the log, as done here."""
+    if is_flow(model_sampling):
+        one = F32(1.0)
+        if np.ndim(sigma) == 0:
+            sigma = F32(sigma)
+            with np.errstate(divide="ignore"):
+                return -log(sigma / (one - sigma))
+        sigma = np.asarray(sigma, dtype=F32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (-np.log((sigma / (one - sigma)).astype(np.float64))).astype(F32)
     if np.ndim(sigma) == 0:
         return -log(sigma)
     with np.errstate(divide="ignore"):
-        return -np.log(np.asarray(sigma, dtype=F32))
+        return (-np.log(np.asarray(sigma, dtype=F32).astype(np.float64))).astype(F32)
 
 
-def half_log_snr_to_sigma(half_log_snr):
-    """sigma = exp(-lambda), the inverse of :func:`sigma_to_half_log_snr`."""
+def half_log_snr_to_sigma(half_log_snr, model_sampling=None):
+    """The inverse of :func:`sigma_to_half_log_snr` (ComfyUI ``half_log_snr_to_sigma``): exp(-lambda)
+    for VP (``half_log_snr.neg().exp()``), sigmoid(-lambda) = 1 / (1 + exp(lambda)) for a flow model
+    (``half_log_snr.neg().sigmoid()``, float32 ``1 / (1 + exp(-z))`` as torch's CPU kernel); float32
+    rounded from float64 exponentials for a scalar and an array alike."""
+    if is_flow(model_sampling):
+        one = F32(1.0)
+        if np.ndim(half_log_snr) == 0:
+            return one / (one + exp(F32(half_log_snr)))
+        with np.errstate(over="ignore"):
+            e = np.exp(np.asarray(half_log_snr, dtype=F32).astype(np.float64)).astype(F32)
+        return one / (one + e)
     if np.ndim(half_log_snr) == 0:
         return exp(-F32(half_log_snr))
-    return np.exp(-np.asarray(half_log_snr, dtype=F32))
+    with np.errstate(over="ignore"):
+        return np.exp(-np.asarray(half_log_snr, dtype=F32).astype(np.float64)).astype(F32)
 
 
-def offset_first_sigma_for_snr(sigmas: np.ndarray) -> np.ndarray:
-    """ComfyUI moves sigmas[0] off 1 only for CONST (flow) models; the discrete VP models here keep it."""
+def offset_first_sigma_for_snr(sigmas: np.ndarray, model_sampling=None, percent_offset: float = 1e-4) -> np.ndarray:
+    """ComfyUI ``offset_first_sigma_for_snr``: for a flow model a first sigma >= 1 (log-SNR -inf) is
+    replaced by ``model_sampling.percent_to_sigma(percent_offset)`` in a copy; VP sigmas are returned as
+    they are, and so is a schedule of one sigma."""
+    if len(sigmas) <= 1 or not is_flow(model_sampling) or not sigmas[0] >= 1:
+        return sigmas
+    sigmas = np.array(sigmas, dtype=F32)
+    sigmas[0] = model_sampling.percent_to_sigma(percent_offset)
     return sigmas
 
 
 def ei_h_phi_1(h):
-    """h * phi_1(h) = expm1(h) (exponential-integrator weight)."""
-    return expm1(h) if np.ndim(h) == 0 else np.expm1(h)
+    """h * phi_1(h) = expm1(h) (ComfyUI ``ei_h_phi_1``; SEEDS' exponential-integrator weight).
+    A scalar goes through :func:`expm1` (torch's scalar path); an array through float64."""
+    if np.ndim(h) == 0:
+        return expm1(h)
+    return np.expm1(np.asarray(h, dtype=F32).astype(np.float64)).astype(F32)
 
 
 def ei_h_phi_2(h):
-    """h * phi_2(h) = (expm1(h) - h) / h."""
+    """h * phi_2(h) = (expm1(h) - h) / h (ComfyUI ``ei_h_phi_2``)."""
     return (ei_h_phi_1(h) - h) / h
 
 
+def phi1(t):
+    """phi_1(t) = expm1(t) / t of a float32 scalar (ComfyUI ``res_multistep``'s ``phi1_fn``)."""
+    return expm1(t) / t
+
+
+def phi2(t):
+    """phi_2(t) = (phi_1(t) - 1) / t of a float32 scalar (ComfyUI ``res_multistep``'s ``phi2_fn``)."""
+    return (phi1(t) - F32(1.0)) / t
+
+
 def lerp(start, end, weight):
-    """torch.lerp's two-sided formula: start + w (end - start) for |w| < 1/2, else end - (end - start)(1 - w)."""
-    if abs(weight) < 0.5:
-        return start + weight * (end - start)
-    return end - (end - start) * (1 - weight)
+    """``torch.lerp(start, end, weight)`` with a Python-float weight, for float32 scalars and arrays.
+
+    torch rounds the weight to float32 and computes ``start + w (end - start)`` for |w| < 1/2, else
+    ``end - (end - start)(1 - w)``, each as one fused multiply-add (ATen ``lerp_vec`` / the scalar
+    kernel, both contracted on AVX2 and AVX-512 builds); matched bit for bit against torch 2.13 on
+    0-d tensors and arrays. The fma is emulated in float64: w (end - start) is exact there."""
+    w = F32(weight)
+    diff = end - start  # float32, as torch's (end - self)
+    if abs(w) < 0.5:
+        coeff, base = w, start
+    else:
+        coeff, base = w - F32(1.0), end
+    if np.ndim(diff) == 0:
+        return fma32(coeff, diff, base)
+    return (np.float64(coeff) * diff.astype(np.float64) + base).astype(F32)
 
 
 def brownian_bounds(sigmas: np.ndarray):
@@ -204,19 +290,24 @@ def fma32(a, b, c) -> np.float32:
 
 
 def torch_linspace(start, end, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps)`` in float32, as torch's CPU (AVX2 build) kernel computes it.
+    """``torch.linspace(start, end, steps)`` in float32, as torch's CPU kernel computes it.
 
-    step = (end - start) / (steps - 1) in float32; element i is start + step * i for i < steps // 2 and
-    end - step * (steps - 1 - i) otherwise, each contracted into one fused multiply-add. Matched bit for
-    bit against torch 2.13 on an AVX2 CPU.
+    torch casts start and end to float32, computes ``step = (end - start) / (steps - 1)`` in float32,
+    fills the first ``steps // 2`` entries as ``start + step * i`` and the rest as
+    ``end - step * (steps - 1 - i)``, each one fused multiply-add (ATen ``RangeFactoriesKernel.cpp``,
+    contracted on the AVX2 and AVX-512 builds). step * i is exact in float64, so the float64 sum
+    rounded to float32 is the fma. Matched bit for bit against torch 2.13 (AVX2 and AVX-512).
+    Every torch.linspace of ComfyUI is float32: the schedulers (normal, sgm_uniform, karras,
+    exponential), dpm_fast's time steps and DEIS's integration points all use this one.
     """
-    start, end = F32(start), F32(end)
+    s, e = F32(start), F32(end)
     if steps == 1:
-        return np.array([start], dtype=F32)
-    step = F32((end - start) / F32(steps - 1))
-    half = steps // 2
-    out = [fma32(step, i, start) if i < half else fma32(-step, steps - 1 - i, end) for i in range(steps)]
-    return np.array(out, dtype=F32)
+        return np.array([s], dtype=F32)
+    step = F32((e - s) / F32(steps - 1))
+    i = np.arange(steps, dtype=np.float64)
+    first = np.float64(s) + np.float64(step) * i
+    second = np.float64(e) - np.float64(step) * (steps - 1 - i)
+    return np.where(i < steps // 2, first, second).astype(F32)
 
 
 def notify(callback, i, x, denoised) -> None:

@@ -8,12 +8,12 @@ run the ``*_gpu`` variants (Brownian tree on x's device) are the same as the pla
 from __future__ import annotations
 
 from .common import (
-    brownian_bounds, exp, expm1, f32, get_ancestral_step, half_log_snr_to_sigma, notify, offset_first_sigma_for_snr,
-    sigma_to_half_log_snr, sqrt, times, to_d,
+    brownian_bounds, exp, expm1, f32, get_ancestral_step, get_ancestral_step_rf, half_log_snr_to_sigma, is_flow, log,
+    notify, offset_first_sigma_for_snr, rf_step, sigma_to_half_log_snr, sqrt, times, to_d,
 )
-from .registry import SamplerSpec
+from .spec import SamplerSpec
 
-t_fn = sigma_to_half_log_snr   # t = lambda = -log sigma
+t_fn = sigma_to_half_log_snr   # t = lambda = -log sigma (VP; given the model sampling, -logit sigma for flow)
 sigma_fn = half_log_snr_to_sigma
 
 
@@ -26,7 +26,10 @@ def _dpmpp_1(x, t, t_next, denoised):
 # -- DPM-Solver++(2S) ancestral -------------------------------------------------------------------------
 
 def sample_dpmpp_2s_ancestral(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0):
-    """Ancestral sampling with DPM-Solver++(2S) single-step second-order steps to sigma_down (r = 1/2)."""
+    """Ancestral sampling with DPM-Solver++(2S) single-step second-order steps to sigma_down (r = 1/2).
+    A flow model takes ComfyUI's separate rectified-flow branch (:func:`sample_dpmpp_2s_ancestral_RF`)."""
+    if is_flow(model.model_sampling):
+        return sample_dpmpp_2s_ancestral_RF(model, x, sigmas, noise, callback, eta=eta, s_noise=s_noise)
     noise_sampler = noise.default(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
@@ -44,6 +47,38 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, noise, callback=None, eta=1.0, s
             x = _dpmpp_1(x, t, t_next, denoised_2)
         if sigma_next > 0:
             x = x + times(noise_sampler(sigma, sigma_next), s_noise, sigma_up)
+    return x
+
+
+def _rf_lambda(sigma):
+    """log((1 - sigma) / sigma): the half-log-SNR as ComfyUI's 2S RF branch writes it (its own float32
+    rounding, not the ``-logit`` of :func:`sigma_to_half_log_snr`)."""
+    return log((1 - sigma) / sigma)
+
+
+def sample_dpmpp_2s_ancestral_RF(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0):
+    """ComfyUI's ``sample_dpmpp_2s_ancestral_RF`` (flow models): flow steps through the half-log-SNR
+    midpoint sigma_s (0.9999 when sigma = 1, whose lambda is -inf) to the flow sigma_down, then the
+    rescale by (1 - sigma_next) / (1 - sigma_down) and renoising; Euler on the step to sigma = 0."""
+    noise_sampler = noise.default(x)
+    ms = model.model_sampling
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
+        denoised = model(x, sigma)
+        sigma_down, alpha_ratio, renoise_coeff = get_ancestral_step_rf(sigma, sigma_next, eta)
+        notify(callback, i, x, denoised)
+        if sigma_next == 0:
+            x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+        else:
+            if sigma == 1:
+                sigma_s = f32(0.9999)
+            else:
+                t_i, t_down = _rf_lambda(sigma), _rf_lambda(sigma_down)
+                sigma_s = sigma_fn(t_i + 0.5 * (t_down - t_i), ms)
+            denoised_2 = model(rf_step(x, sigma, sigma_s, denoised), sigma_s)
+            x = rf_step(x, sigma, sigma_down, denoised_2)
+        if sigma_next > 0 and eta > 0:
+            x = alpha_ratio * x + times(noise_sampler(sigma, sigma_next), s_noise, renoise_coeff)
     return x
 
 
@@ -80,7 +115,8 @@ def sample_dpmpp_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.
     if len(sigmas) <= 1:
         return x
     noise_sampler = noise.brownian(x, *brownian_bounds(sigmas))
-    sigmas = offset_first_sigma_for_snr(sigmas)
+    ms = model.model_sampling
+    sigmas = offset_first_sigma_for_snr(sigmas, ms)
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
@@ -89,15 +125,15 @@ def sample_dpmpp_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.
         if sigma_next == 0:
             x = denoised
             continue
-        lambda_s, lambda_t = t_fn(sigma), t_fn(sigma_next)
+        lambda_s, lambda_t = t_fn(sigma, ms), t_fn(sigma_next, ms)
         h = lambda_t - lambda_s
         lambda_s_1 = lambda_s + r * h
-        sigma_s_1 = sigma_fn(lambda_s_1)
+        sigma_s_1 = sigma_fn(lambda_s_1, ms)
         alpha_s = sigma * exp(lambda_s)
         alpha_s_1 = sigma_s_1 * exp(lambda_s_1)
         alpha_t = sigma_next * exp(lambda_t)
 
-        # Step 1
+        # Step 1 (the ancestral split is in exp(-lambda) whatever the model, as in ComfyUI)
         sd, su = get_ancestral_step(sigma_fn(lambda_s), sigma_fn(lambda_s_1), eta)
         h_ = t_fn(sd) - lambda_s
         x_2 = (alpha_s_1 / alpha_s) * exp(-h_) * x - alpha_s_1 * expm1(-h_) * denoised
@@ -169,7 +205,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
     noise_sampler = noise.brownian(x, *brownian_bounds(sigmas))
-    sigmas = offset_first_sigma_for_snr(sigmas)
+    ms = model.model_sampling
+    sigmas = offset_first_sigma_for_snr(sigmas, ms)
     old_denoised, h, h_last = None, None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
@@ -178,7 +215,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise
         if sigma_next == 0:
             x = denoised
         else:
-            lambda_s, lambda_t = t_fn(sigma), t_fn(sigma_next)
+            lambda_s, lambda_t = t_fn(sigma, ms), t_fn(sigma_next, ms)
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
             alpha_t = sigma_next * exp(lambda_t)
@@ -208,7 +245,8 @@ def sample_dpmpp_3m_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise
     if len(sigmas) <= 1:
         return x
     noise_sampler = noise.brownian(x, *brownian_bounds(sigmas))
-    sigmas = offset_first_sigma_for_snr(sigmas)
+    ms = model.model_sampling
+    sigmas = offset_first_sigma_for_snr(sigmas, ms)
     denoised_1, denoised_2 = None, None
     h, h_1, h_2 = None, None, None
     for i in range(len(sigmas) - 1):
@@ -218,7 +256,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, noise, callback=None, eta=1.0, s_noise
         if sigma_next == 0:
             x = denoised
         else:
-            lambda_s, lambda_t = t_fn(sigma), t_fn(sigma_next)
+            lambda_s, lambda_t = t_fn(sigma, ms), t_fn(sigma_next, ms)
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
             alpha_t = sigma_next * exp(lambda_t)

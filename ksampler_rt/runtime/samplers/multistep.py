@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import F32, get_ancestral_step, nan_to_zero, schedule_cached, times, to_d
-from .registry import SamplerSpec
+from .common import (
+    F32, get_ancestral_step, half_log_snr_to_sigma, nan_to_zero, phi1, phi2, schedule_cached, sigma_to_half_log_snr,
+    times, to_d, torch_linspace,
+)
+from .spec import SamplerSpec
 
 
 def _denoise(model, x, sigma, cfg_pp: bool):
@@ -133,14 +136,6 @@ def _deis_vp_times(sigmas: np.ndarray, epsilon_s=1e-3, sigma_min=0.002, sigma_ma
     return t.astype(F32), F32(beta_min), F32(beta_d + beta_min)
 
 
-def _linspace_f32(start, end, n: int) -> np.ndarray:
-    """torch.linspace in float32: the first half steps up from start, the second half down from end."""
-    step = (end - start) / F32(n - 1)
-    idx = np.arange(n, dtype=F32)
-    half = n // 2
-    return np.where(np.arange(n) < half, start + step * idx, end - step * (F32(n - 1) - idx)).astype(F32)
-
-
 @schedule_cached()
 def deis_coefficients(sigmas: np.ndarray, max_order: int = 3, n_points: int = 10000) -> list:
     """The 'tab' DEIS table: for each step with order >= 2, the integrals over [t_i, t_{i+1}] of
@@ -157,7 +152,7 @@ def deis_coefficients(sigmas: np.ndarray, max_order: int = 3, n_points: int = 10
                 table.append(())
                 continue
             t_cur, t_next = t_steps[i], t_steps[i + 1]
-            taus = _linspace_f32(t_cur, t_next, n_points)
+            taus = torch_linspace(t_cur, t_next, n_points)  # deis.py: torch.linspace(t_cur, t_next, N)
             dtau = (t_next - t_cur) / F32(n_points)
             alpha = np.exp(F32(-0.5) * taus ** 2 * (beta_1 - beta_0) - taus * beta_0)
             d_log_alpha = -(taus * (beta_1 - beta_0)) - beta_0
@@ -200,12 +195,8 @@ def sample_deis(model, x, sigmas, noise=None, callback=None, max_order=3):
 
 
 # -- RES multistep --------------------------------------------------------------------------
-def _phi1(t):
-    return np.expm1(t) / t
-
-
-def _phi2(t):
-    return (_phi1(t) - F32(1.0)) / t
+t_fn = sigma_to_half_log_snr   # t = lambda = -log sigma, ComfyUI's t_fn on a 0-d tensor
+sigma_fn = half_log_snr_to_sigma
 
 
 def res_multistep(model, x, sigmas, noise, callback=None, eta=1.0, cfg_pp=False, s_noise=1.0):
@@ -229,16 +220,16 @@ def res_multistep(model, x, sigmas, noise, callback=None, eta=1.0, cfg_pp=False,
             else:
                 x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
         else:
-            t, t_old, t_next, t_prev = -np.log(np.array([sigma, old_sigma_down, sigma_down, sigmas[i - 1]], dtype=F32))
+            t, t_old, t_next, t_prev = t_fn(sigma), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
             h = t_next - t
             c2 = (t_prev - t_old) / h
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                phi1, phi2 = _phi1(-h), _phi2(-h)
-                b1 = nan_to_zero(phi1 - phi2 / c2)
-                b2 = nan_to_zero(phi2 / c2)
+                phi1_val, phi2_val = phi1(-h), phi2(-h)
+                b1 = nan_to_zero(phi1_val - phi2_val / c2)
+                b2 = nan_to_zero(phi2_val / c2)
             if cfg_pp:
                 x = x + (denoised - guide)
-            x = np.exp(-h) * x + h * (b1 * guide + b2 * old_denoised)
+            x = sigma_fn(h) * x + h * (b1 * guide + b2 * old_denoised)
         # ComfyUI draws here even when sigma_up == 0; with eta == 0 every draw is multiplied by 0.
         if sigma_next > 0 and eta > 0:
             x = x + times(noise_sampler(sigma, sigma_next), F32(s_noise), sigma_up)

@@ -1,44 +1,23 @@
-"""The sampler table: ComfyUI name -> function and the flags the KSampler needs."""
+"""The sampler table: ComfyUI name -> function and the flags the KSampler needs.
+
+The names and :class:`SamplerSpec` live in :mod:`.spec` (re-exported here), so that the sampler
+modules this table is collected from never import it back.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from . import classic, dpmpp, multistep, stochastic, unipc
+from .spec import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, SAMPLER_NAMES, SamplerSpec
 
-# ComfyUI 0.3.64 KSampler.SAMPLERS order, with the two names newer ComfyUI inserts after heunpp2.
-SAMPLER_NAMES: tuple[str, ...] = (
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2",
-    "exp_heun_2_x0", "exp_heun_2_x0_sde",
-    "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
-    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp",
-    "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde",
-    "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
-    "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
-    "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver",
-    "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
-)
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """A sampler function plus what the KSampler must do around it."""
-
-    fn: Callable
-    cfg_pp: bool = False  # evaluates uncond even at cfg == 1 (disable_cfg1_optimization)
-
-
-# KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS: the schedule is made for steps + 1 and its
-# second-to-last sigma dropped, before the denoise tail and the start/end window are cut.
-DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
+__all__ = ["DISCARD_PENULTIMATE_SIGMA_SAMPLERS", "SAMPLER_NAMES", "SAMPLERS", "SamplerSpec", "get_sampler"]
 
 
 def _collect() -> dict[str, SamplerSpec]:
-    from . import classic, dpmpp, multistep, stochastic, unipc
-
     table: dict[str, SamplerSpec] = {}
     for module in (classic, dpmpp, multistep, stochastic, unipc):
         for name, spec in module.SAMPLERS.items():
             if name in table:
-                raise RuntimeError(f"sampler {name!r} registered twice")
+                raise RuntimeError(f"{module.__name__}.SAMPLERS: received {name!r} a second time, expected each "
+                                   "sampler name in one module only")
             table[name] = spec
     return {name: table[name] for name in SAMPLER_NAMES if name in table}
 

@@ -2,10 +2,11 @@
 
 Behaviour follows ComfyUI 0.3.64 ``comfy/k_diffusion/sampling.py`` (``sample_er_sde``,
 ``sample_seeds_2``, ``sample_seeds_3``, ``sample_sa_solver``) and ``comfy/k_diffusion/sa_solver.py``,
-re-derived and written in numpy, float32 throughout like ComfyUI's CPU path. The SD models here
-are VP/eps (not CONST), so ``offset_first_sigma_for_snr`` is a no-op and the half-log-SNR is
-lambda = -log(sigma). Noise comes from ``noise.default(x)``, built where ComfyUI builds
-``default_noise_sampler(x, seed)``, and is drawn at the same points in the same order.
+re-derived and written in numpy, float32 throughout like ComfyUI's CPU path. The half-log-SNR is
+the model sampling's: lambda = -log(sigma) for VP models, -logit(sigma) for flow (CONST) models,
+whose first sigma >= 1 ``offset_first_sigma_for_snr`` moves to ``percent_to_sigma(1e-4)``. Noise
+comes from ``noise.default(x)``, built where ComfyUI builds ``default_noise_sampler(x, seed)``, and
+is drawn at the same points in the same order.
 """
 from __future__ import annotations
 
@@ -13,28 +14,11 @@ import math
 
 import numpy as np
 
-from .common import F32, half_log_snr_to_sigma, schedule_cached, sigma_to_half_log_snr, nan_to_zero, times
-from .registry import SamplerSpec
-
-
-def _half_log_snr(sigmas):
-    """lambda = -log(sigma) of a schedule, rounded from float64 like a correctly rounded float32
-    log (numpy's float32 SIMD log can be a few ulp off; torch's is within an ulp)."""
-    with np.errstate(divide="ignore"):
-        return (-np.log(np.asarray(sigmas, dtype=np.float64))).astype(F32)
-
-
-def _lerp(start, end, weight):
-    """torch.lerp: start + w (end - start) for |w| < 0.5, else end - (end - start)(1 - w)."""
-    weight = F32(weight)
-    if abs(weight) < 0.5:
-        return start + weight * (end - start)
-    return end - (end - start) * (F32(1.0) - weight)
-
-
-def _neg_expm1_sqrt(v):
-    """sqrt(-expm1(v)): the std of the fresh noise over a segment of an exponential SDE step."""
-    return np.sqrt(-np.expm1(F32(v)))
+from .common import (
+    F32, ei_h_phi_1, ei_h_phi_2, exp, expm1, half_log_snr_to_sigma, lerp, nan_to_zero, offset_first_sigma_for_snr,
+    schedule_cached, sigma_to_half_log_snr, sqrt, times,
+)
+from .spec import SamplerSpec
 
 
 # -- ER-SDE ---------------------------------------------------------------------------------
@@ -44,15 +28,14 @@ def _er_sde_noise_scaler(x):
 
 
 @schedule_cached()
-def _er_sde_plan(sigmas: np.ndarray, max_stage: int) -> list:
-    """The scalar coefficients of every ER-SDE step (they depend on the schedule only), computed
+def _er_sde_plan(sigmas: np.ndarray, lambdas: np.ndarray, max_stage: int) -> list:
+    """The scalar coefficients of every ER-SDE step (they depend on the schedule only: ``lambdas`` are
+    the er_lambdas sigma / alpha = exp(-half-log-SNR) of the model sampling), computed
     with the same float32 operations as ComfyUI's loop: per step (r_alpha * r, alpha_t * (1 - r),
     stage-2 divisor and weight, stage-3 divisor and weight, alpha_t, noise std), None for the last
     step to sigma = 0."""
     n_points = F32(200.0)
     point_index = np.arange(200, dtype=F32)
-    with np.errstate(over="ignore"):
-        lambdas = np.exp(-_half_log_snr(sigmas).astype(np.float64)).astype(F32)  # er_lambda = sigma/alpha
     ns = _er_sde_noise_scaler
     plan = []
     for i in range(len(sigmas) - 1):
@@ -91,7 +74,11 @@ def sample_er_sde(model, x, sigmas, noise, callback=None, s_noise=1.0, max_stage
     reverse-time SDE for diffusion models" (arXiv:2309.06169)."""
     sigmas = np.asarray(sigmas, dtype=F32)
     noise_sampler = noise.default(x)
-    plan = _er_sde_plan(sigmas, int(max_stage))
+    ms = model.model_sampling
+    sigmas = offset_first_sigma_for_snr(sigmas, ms)
+    # er_lambda = sigma / alpha = exp(-lambda): ComfyUI's ``half_log_snrs.neg().exp()`` for every model
+    er_lambdas = half_log_snr_to_sigma(sigma_to_half_log_snr(sigmas, ms))
+    plan = _er_sde_plan(sigmas, er_lambdas, int(max_stage))
     old_denoised = old_denoised_d = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -117,40 +104,21 @@ def sample_er_sde(model, x, sigmas, noise, callback=None, s_noise=1.0, max_stage
 
 
 # -- SEEDS ----------------------------------------------------------------------------------
-def _phi1_h(h):
-    """h phi_1(h) = e^h - 1 (ComfyUI ``ei_h_phi_1``)."""
-    return np.expm1(h)
+def sample_seeds_2(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0, r=0.5, solver_type="phi_1"):
+    """SEEDS-2: Stochastic Explicit Exponential Derivative-free Solver, 2 stages (VP data prediction).
+    A DPM-Solver++(1) step (+ SDE noise) to lambda_s + r h, a second D there, then the step to lambda_t
+    with D extrapolated from the two (phi_1: lerp with weight 1/(2r)) or with the phi_2 corrector
+    (newer ComfyUI's ``solver_type="phi_2"``, which its exp_heun_2_x0 samplers use with r = 1).
 
-
-def _phi2_h(h):
-    """h phi_2(h) = (e^h - 1 - h) / h (ComfyUI ``ei_h_phi_2``)."""
-    return (np.expm1(h) - h) / h
-
-
-def _seeds_drift(alpha, hh, k: int, rs, preds: list):
-    """alpha_r sum_j w_j D_j for stage k: the SEEDS exponential-integrator weights, where hh is
-    -r h (1 + eta) and preds holds D at x_i and at the stage points reached so far."""
-    if k == 0:
-        return alpha * _phi1_h(hh) * preds[0]
-    if len(rs) == 1:  # SEEDS-2: D extrapolated from the midpoint (weight 1/(2r) on it)
-        return alpha * _phi1_h(hh) * _lerp(preds[0], preds[1], 1 / (2 * rs[0]))
-    # SEEDS-3: a phi_2 correction on the latest stage prediction
-    w = F32(rs[1] / rs[0]) * _phi2_h(hh) if k == 1 else _phi2_h(hh) / F32(rs[1])
-    return alpha * ((_phi1_h(hh) - w) * preds[0] + w * preds[k])
-
-
-def _seeds(model, x, sigmas, noise, callback, eta, s_noise, rs):
-    """SEEDS (VP data prediction, derivative-free) with intermediate stages at lambda fractions
-    ``rs`` (one for SEEDS-2, two for SEEDS-3). Every stage restarts from x_i:
-
-        x_r = (sigma_r / sigma_i) e^{-r h eta} x_i - alpha_r sum_j w_j D_j + sigma_r W_r,
-
-    where the Brownian part W is carried from stage to stage: over a segment with log-decay f it
-    decays by e^f and gains sqrt(1 - e^{2f}) of fresh noise. The last step returns D."""
+    Reference: ComfyUI ``sample_seeds_2``; Gonzalez et al., NeurIPS 2023 (arXiv:2305.14267)."""
+    if solver_type not in {"phi_1", "phi_2"}:
+        raise ValueError(f"solver_type: received {solver_type!r}, expected 'phi_1' or 'phi_2'")
     sigmas = np.asarray(sigmas, dtype=F32)
     noise_sampler = noise.default(x)
-    inject = eta > 0 and s_noise > 0
-    eta, s_noise = F32(eta), F32(s_noise)
+    inject_noise = eta > 0 and s_noise > 0
+    ms = model.model_sampling
+    sigmas = offset_first_sigma_for_snr(sigmas, ms)
+    fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
@@ -159,41 +127,93 @@ def _seeds(model, x, sigmas, noise, callback, eta, s_noise, rs):
         if sigma_next == 0:
             x = denoised
             continue
-        lam_s, lam_t = sigma_to_half_log_snr(sigma), sigma_to_half_log_snr(sigma_next)
-        h = lam_t - lam_s
+        lambda_s, lambda_t = sigma_to_half_log_snr(sigma, ms), sigma_to_half_log_snr(sigma_next, ms)
+        h = lambda_t - lambda_s
         h_eta = h * (eta + 1)
-        stage_lams = [_lerp(lam_s, lam_t, r) for r in rs] + [lam_t]
-        stage_sigmas = [half_log_snr_to_sigma(lam) for lam in stage_lams[:-1]] + [sigma_next]
-        preds, w_noise, r_prev, sigma_prev = [denoised], None, 0.0, sigma
-        for k, r in enumerate(list(rs) + [1.0]):
-            sigma_r, lam_r = stage_sigmas[k], stage_lams[k]
-            alpha_r = sigma_r * np.exp(lam_r)
-            x_r = (sigma_r / sigma * np.exp(F32(-r) * h * eta) * x
-                   - _seeds_drift(alpha_r, F32(-r) * h_eta, k, rs, preds))
-            if inject:
-                f = F32(r_prev - r) * h * eta
-                fresh = _neg_expm1_sqrt(2 * f) * noise_sampler(sigma_prev, sigma_r)
-                w_noise = fresh if w_noise is None else w_noise * np.exp(f) + fresh
-                x_r = x_r + times(w_noise, sigma_r, s_noise)
-            if k < len(rs):
-                preds.append(model(x_r, sigma_r))
-            r_prev, sigma_prev = r, sigma_r
-        x = x_r
+        lambda_s_1 = lerp(lambda_s, lambda_t, r)
+        sigma_s_1 = half_log_snr_to_sigma(lambda_s_1, ms)
+        alpha_s_1 = sigma_s_1 * exp(lambda_s_1)
+        alpha_t = sigma_next * exp(lambda_t)
+
+        # Step 1
+        x_2 = sigma_s_1 / sigma * exp(-r * h * eta) * x - alpha_s_1 * ei_h_phi_1(-r * h_eta) * denoised
+        if inject_noise:
+            sde_noise = sqrt(-expm1(-2 * r * h * eta)) * noise_sampler(sigma, sigma_s_1)
+            x_2 = x_2 + times(sde_noise, sigma_s_1, s_noise)
+        denoised_2 = model(x_2, sigma_s_1)
+
+        # Step 2
+        if solver_type == "phi_1":
+            denoised_d = lerp(denoised, denoised_2, fac)
+            x = sigma_next / sigma * exp(-h * eta) * x - alpha_t * ei_h_phi_1(-h_eta) * denoised_d
+        else:
+            b2 = ei_h_phi_2(-h_eta) / r
+            b1 = ei_h_phi_1(-h_eta) - b2
+            x = sigma_next / sigma * exp(-h * eta) * x - alpha_t * (b1 * denoised + b2 * denoised_2)
+        if inject_noise:
+            segment_factor = (r - 1) * h * eta
+            sde_noise = sde_noise * exp(segment_factor)
+            sde_noise = sde_noise + sqrt(-expm1(segment_factor * 2)) * noise_sampler(sigma_s_1, sigma_next)
+            x = x + times(sde_noise, sigma_next, s_noise)
     return x
 
 
-def sample_seeds_2(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0, r=0.5):
-    """SEEDS-2: Stochastic Explicit Exponential Derivative-free Solver, 2 stages (VP data prediction).
-
-    Reference: ComfyUI ``sample_seeds_2``; Gonzalez et al., NeurIPS 2023 (arXiv:2305.14267)."""
-    return _seeds(model, x, sigmas, noise, callback, eta, s_noise, (r,))
-
-
 def sample_seeds_3(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0, r_1=1.0 / 3, r_2=2.0 / 3):
-    """SEEDS-3: 3 stages at lambda fractions 1/3 and 2/3.
+    """SEEDS-3: 3 stages at lambda fractions r_1 and r_2, each restarting from x_i; the second and the
+    final stage add a phi_2 correction from the latest stage prediction.
 
     Reference: ComfyUI ``sample_seeds_3``; Gonzalez et al., NeurIPS 2023 (arXiv:2305.14267)."""
-    return _seeds(model, x, sigmas, noise, callback, eta, s_noise, (r_1, r_2))
+    sigmas = np.asarray(sigmas, dtype=F32)
+    noise_sampler = noise.default(x)
+    inject_noise = eta > 0 and s_noise > 0
+    ms = model.model_sampling
+    sigmas = offset_first_sigma_for_snr(sigmas, ms)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma)
+        if callback is not None:
+            callback(i, x, denoised)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        lambda_s, lambda_t = sigma_to_half_log_snr(sigma, ms), sigma_to_half_log_snr(sigma_next, ms)
+        h = lambda_t - lambda_s
+        h_eta = h * (eta + 1)
+        lambda_s_1 = lerp(lambda_s, lambda_t, r_1)
+        lambda_s_2 = lerp(lambda_s, lambda_t, r_2)
+        sigma_s_1, sigma_s_2 = half_log_snr_to_sigma(lambda_s_1, ms), half_log_snr_to_sigma(lambda_s_2, ms)
+        alpha_s_1 = sigma_s_1 * exp(lambda_s_1)
+        alpha_s_2 = sigma_s_2 * exp(lambda_s_2)
+        alpha_t = sigma_next * exp(lambda_t)
+
+        # Step 1
+        x_2 = sigma_s_1 / sigma * exp(-r_1 * h * eta) * x - alpha_s_1 * ei_h_phi_1(-r_1 * h_eta) * denoised
+        if inject_noise:
+            sde_noise = sqrt(-expm1(-2 * r_1 * h * eta)) * noise_sampler(sigma, sigma_s_1)
+            x_2 = x_2 + times(sde_noise, sigma_s_1, s_noise)
+        denoised_2 = model(x_2, sigma_s_1)
+
+        # Step 2
+        a3_2 = r_2 / r_1 * ei_h_phi_2(-r_2 * h_eta)
+        a3_1 = ei_h_phi_1(-r_2 * h_eta) - a3_2
+        x_3 = sigma_s_2 / sigma * exp(-r_2 * h * eta) * x - alpha_s_2 * (a3_1 * denoised + a3_2 * denoised_2)
+        if inject_noise:
+            segment_factor = (r_1 - r_2) * h * eta
+            sde_noise = sde_noise * exp(segment_factor)
+            sde_noise = sde_noise + sqrt(-expm1(segment_factor * 2)) * noise_sampler(sigma_s_1, sigma_s_2)
+            x_3 = x_3 + times(sde_noise, sigma_s_2, s_noise)
+        denoised_3 = model(x_3, sigma_s_2)
+
+        # Step 3
+        b3 = ei_h_phi_2(-h_eta) / r_2
+        b1 = ei_h_phi_1(-h_eta) - b3
+        x = sigma_next / sigma * exp(-h * eta) * x - alpha_t * (b1 * denoised + b3 * denoised_3)
+        if inject_noise:
+            segment_factor = (r_2 - 1) * h * eta
+            sde_noise = sde_noise * exp(segment_factor)
+            sde_noise = sde_noise + sqrt(-expm1(segment_factor * 2)) * noise_sampler(sigma_s_2, sigma_next)
+            x = x + times(sde_noise, sigma_next, s_noise)
+    return x
 
 
 # -- SA-Solver ------------------------------------------------------------------------------
@@ -222,7 +242,7 @@ def sa_b_coeffs(sigma_next, lambdas, lam_s, lam_t, tau: float) -> np.ndarray:
     k = len(lambdas)
     integrals = _exponential_coeffs(lam_s, lam_t, k, tau)
     vander_t = np.vander(np.asarray(lambdas, dtype=F32), k, increasing=True).T
-    return (sigma_next * np.exp(lam_t)) * np.linalg.solve(vander_t, integrals).astype(F32)
+    return (sigma_next * exp(lam_t)) * np.linalg.solve(vander_t, integrals).astype(F32)
 
 
 def _combine(preds: list, b: np.ndarray):
@@ -245,8 +265,9 @@ def sample_sa_solver(model, x, sigmas, noise, callback=None, s_noise=1.0, predic
     if len(sigmas) <= 1:
         return x
     noise_sampler = noise.default(x)
-    lambdas = _half_log_snr(sigmas)
     ms = model.model_sampling
+    sigmas = offset_first_sigma_for_snr(sigmas, ms)
+    lambdas = sigma_to_half_log_snr(sigmas, ms)
     start_sigma, end_sigma = ms.percent_to_sigma(0.2), ms.percent_to_sigma(0.8)
 
     def tau_fn(sig) -> float:
@@ -271,7 +292,7 @@ def sample_sa_solver(model, x, sigmas, noise, callback=None, s_noise=1.0, predic
             x = x_pred
         else:
             b = sa_b_coeffs(sigma, lambdas[i - c_order + 1:i + 1], lambdas[i - 1], lambdas[i], tau)
-            x = sigma / sigmas[i - 1] * np.exp(F32(-(tau ** 2)) * h) * x + _combine(preds[-c_order:], b)
+            x = sigma / sigmas[i - 1] * exp(-(tau ** 2) * h) * x + _combine(preds[-c_order:], b)
             if tau > 0 and s_noise > 0:
                 x = x + step_noise
             if use_pece:
@@ -284,10 +305,10 @@ def sample_sa_solver(model, x, sigmas, noise, callback=None, s_noise=1.0, predic
             tau = tau_fn(sigma_next)
             b = sa_b_coeffs(sigma_next, lambdas[i - p_order + 1:i + 1], lambdas[i], lambdas[i + 1], tau)
             h = lambdas[i + 1] - lambdas[i]
-            x_pred = sigma_next / sigma * np.exp(F32(-(tau ** 2)) * h) * x + _combine(preds[-p_order:], b)
+            x_pred = sigma_next / sigma * exp(-(tau ** 2) * h) * x + _combine(preds[-p_order:], b)
             if tau > 0 and s_noise > 0:
                 step_noise = times(noise_sampler(sigma, sigma_next), sigma_next,
-                                   _neg_expm1_sqrt(F32(-2 * tau ** 2) * h), F32(s_noise))
+                                   sqrt(-expm1(-2 * tau ** 2 * h)), F32(s_noise))
                 x_pred = x_pred + step_noise
     return x
 

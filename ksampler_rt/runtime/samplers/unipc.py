@@ -7,7 +7,10 @@ Behaviour follows ComfyUI 0.3.64 ``comfy/extra_samplers/uni_pc.py`` (``sample_un
   denoiser into an eps prediction at x_vp sqrt(1 + sigma^2) and back into a data (x0) prediction
   through alpha = 1/sqrt(1 + sigma^2) and sigma_vp = sigma alpha;
 * a final sigma of 0 is replaced by 0.001 (a VP time the schedule can represent), and the result
-  is divided by alpha(last sigma) at the end;
+  is divided by alpha(last sigma) at the end. ComfyUI makes that replacement in place, through the
+  view ``sigmas[:]``, so its KSAMPLER's ``inverse_noise_scaling(sigmas[-1], x)`` afterwards sees
+  0.001: an identity for VP models, but a division by 1 - 0.001 for flow (CONST) models, which is
+  applied here (the KSampler's own inverse scaling at sigma 0 is then exact);
 * order = min(3, steps - 1); the first steps ramp the order up, the last ones lower it
   (lower_order_final), the corrector runs on every step but the last, whose model value is never
   needed, so there are exactly ``steps`` model calls;
@@ -22,38 +25,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import F32, schedule_cached
-from .registry import SamplerSpec
+from .common import F32, exp, expm1, is_flow, log, schedule_cached, sqrt
+from .spec import SamplerSpec
 
 
 # -- the VP view of sigma (ComfyUI's SigmaConvert), float32 ---------------------------------
-# These scalars suffer cancellation (1 - e^{2 log alpha} near sigma -> 0), so each transcendental
-# is rounded from float64, like a correctly rounded float32 libm (torch's CPU kernels are within
-# an ulp of that; numpy's float32 SIMD log/exp can be several ulp off near 1).
-def _exp(v):
-    return F32(np.exp(np.float64(v)))
-
-
-def _log(v):
-    return F32(np.log(np.float64(v)))
-
-
+# These scalars suffer cancellation (1 - e^{2 log alpha} near sigma -> 0); exp / log / sqrt / expm1 are
+# the correctly rounded float32 scalar functions of .common (torch's 0-d path), not numpy's float32 SIMD
+# ones, which can be several ulp off near 1.
 def _log_alpha(sigma):
-    return F32(0.5) * _log(1 / (sigma * sigma + 1))
+    return F32(0.5) * log(1 / (sigma * sigma + 1))
 
 
 def _alpha(sigma):
-    return _exp(_log_alpha(sigma))
+    return exp(_log_alpha(sigma))
 
 
 def _std(sigma):
-    return F32(np.sqrt(1 - _exp(2 * _log_alpha(sigma))))
+    return sqrt(1 - exp(2 * _log_alpha(sigma)))
 
 
 def _lambda(sigma):
     """log(alpha) - log(sigma_vp): the half-log-SNR of the VP view."""
     log_alpha = _log_alpha(sigma)
-    return log_alpha - F32(0.5) * _log(1 - _exp(2 * log_alpha))
+    return log_alpha - F32(0.5) * log(1 - exp(2 * log_alpha))
 
 
 @dataclass
@@ -74,11 +69,11 @@ def _update_coefficients(t: np.ndarray, k: int, order: int, variant: str, use_co
 
     Reference: ComfyUI ``UniPC.multistep_uni_pc_bh_update`` (predict_x0=True)."""
     lam_prev, lam_t = _lambda(t[k - 1]), _lambda(t[k])
-    alpha_t = _exp(_log_alpha(t[k]))
+    alpha_t = exp(_log_alpha(t[k]))
     h = lam_t - lam_prev
     rks = np.array([(_lambda(t[k - 1 - i]) - lam_prev) / h for i in range(1, order)] + [1.0], dtype=F32)
     hh = -h
-    h_phi_1 = F32(np.expm1(np.float64(hh)))
+    h_phi_1 = expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
     b_h = hh if variant == "bh1" else h_phi_1
     rows, b, factorial = [], [], 1
@@ -153,7 +148,11 @@ def sample_unipc(model, x, sigmas, noise=None, callback=None, variant="bh1"):
         # ComfyUI reports once per model call: the last call's report comes after the final update.
         if callback is not None and k != steps - 1:
             callback(k if k < steps else steps - 1, x, history[-1])
-    return x / _alpha(t[-1])
+    x = x / _alpha(t[-1])
+    if sigmas[-1] == 0 and is_flow(model.model_sampling):
+        # ComfyUI's in-place sigmas[-1] = 0.001 reaches its inverse_noise_scaling (see the module notes)
+        x = model.model_sampling.inverse_noise_scaling(t[-1], x)
+    return x
 
 
 def sample_unipc_bh2(model, x, sigmas, noise=None, callback=None):
