@@ -18,7 +18,11 @@ EXAMPLES = Path(__file__).resolve().parent / "workflow" / "examples"
 
 
 def prepare_tiny_checkpoint(models_dir=None, *, family: str = "sd15", log=print) -> Path:
-    """Build, export and register the tiny model as ``tiny-sd15`` (reused when already there)."""
+    """Build, export and register the tiny model as ``tiny-sd15`` (reused when already there).
+
+    What torch / transformers / diffusers warn or log while the model is built and exported goes to
+    ``<cache>/exports/<name>.log`` (one ``log`` line names it when there is any), not the console; the export's
+    own step lines go to stderr."""
     from .export.manifest import EXPORTER_REVISION
     from .export.tiny import TINY_RECIPE_VERSION, ensure_tiny_model
     from .workflow.registry import ModelRegistry, default_cache_dir
@@ -27,11 +31,19 @@ def prepare_tiny_checkpoint(models_dir=None, *, family: str = "sd15", log=print)
     name = TINY_CHECKPOINT if family == "sd15" else f"tiny-{family}"
     export_dir = default_cache_dir() / "exports" / f"{name}-r{TINY_RECIPE_VERSION}-e{EXPORTER_REVISION}"
     if not (export_dir / "manifest.json").is_file():
-        source = ensure_tiny_model(family)
-        log(f"exporting the tiny {family} model to {export_dir} ...")
+        from .export.library_log import library_output_to
         from .export.onnx_export import export_model
 
-        export_model(str(source), str(export_dir), overwrite=True)
+        library_log = export_dir.with_name(export_dir.name + ".log")
+        library_log.unlink(missing_ok=True)  # this run's messages only
+        log(f"building the tiny {family} model and exporting it to {export_dir} ...")
+        with library_output_to(library_log) as captured:
+            try:
+                source = ensure_tiny_model(family)
+                export_model(str(source), str(export_dir), overwrite=True, library_log=library_log)
+            finally:
+                if captured.count:
+                    log(captured.summary())
     registry.register_checkpoint(name, export_dir)
     if family == "sd15":  # the tiny LoRA of the lora-switch workflow (kohya layout, deterministic)
         from .export.tiny import TINY_LORA_NAME, ensure_tiny_lora

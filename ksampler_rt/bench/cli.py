@@ -16,7 +16,7 @@ def _size(value: str) -> tuple[int, int]:
         w, _, h = value.lower().partition("x")
         return int(w), int(h or w)
     except ValueError:
-        raise ValueError(f"--size {value!r}: expected WIDTHxHEIGHT, e.g. 256x256") from None
+        raise ValueError(f"--size: received {value!r}, expected WIDTHxHEIGHT, e.g. 256x256") from None
 
 
 def bench(args) -> int:

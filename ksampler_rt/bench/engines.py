@@ -1,7 +1,7 @@
 """Per-call latency of each engine, per shape and backend; ``python -m ksampler_rt.bench.engines``.
 
-Rows: model x shape x backend variant (ORT CUDA with/without IO binding and CUDA graphs, TensorRT with/
-without CUDA graphs, ORT CPU with thread/spinning settings). Also the host<->device copy cost that the
+Rows: model x shape x backend variant (each backend's ``bench_variants``: CUDA graphs on/off for GPU
+backends, plus ORT CUDA without IO binding; thread counts for CPU backends, plus spinning for ORT CPU). Also the host<->device copy cost that the
 numpy contract adds per sampling step (UNet inputs in, output out), as a fraction of the UNet call.
 Without ``--export`` it builds a small hand-made export (needs the ``onnx`` package) in a temp dir.
 """
@@ -54,22 +54,13 @@ def _time(fn, repeat, warmup=2):
     return statistics.median(ts) * 1e3, min(ts) * 1e3
 
 
-def _variants(backend):
-    if backend == "onnxruntime-cpu":
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        out = [("threads=%d spin=0" % n, dict(threads=n)), ("threads=1 spin=0", dict(threads=1))]
-        return out + [("threads=%d spin=1" % n, dict(threads=n, spinning=True))]
-    if backend == "openvino-cpu":
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return [("threads=%d" % n, dict(threads=n)), ("threads=1", dict(threads=1))]
-    if backend in ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt"):
-        return [("cuda-graph", dict(cuda_graph=True)), ("no-graph", dict(cuda_graph=False))]
-    return [("default", {})]
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def run(export_dir, backends, sizes, batch, repeat, models=None, log=print):
-    from ksampler_rt.engines import available_backends, load_engines
-    from ksampler_rt.engines.ort import OrtCpuEngine
+    from ksampler_rt.engines import LoadOptions, available_backends, get_backend, load_engines
+    from ksampler_rt.engines.ort import OrtCudaEngine
 
     avail = available_backends()
     rows = []
@@ -77,19 +68,14 @@ def run(export_dir, backends, sizes, batch, repeat, models=None, log=print):
         if avail.get(backend):
             log(f"[skip] {backend}: {avail[backend]}")
             continue
+        impl = get_backend(backend)
+        gpu = impl.device_type == "cuda"
         shapes = ",".join(f"{w}x{h}" for w, h in sizes)
-        for label, kw in _variants(backend):
-            cuda_graph = kw.pop("cuda_graph", True)
-            cpu = backend in ("onnxruntime-cpu", "openvino-cpu")
-            es = load_engines(export_dir, backend, shapes=shapes if not cpu else None,
-                              batch=f"1-{batch}" if not cpu else None,
-                              cuda_graph=cuda_graph, models=models, build_missing=True)
-            for eng in es.engines().values():
-                if isinstance(eng, OrtCpuEngine):
-                    eng.threads = kw.get("threads")
-                    eng.spinning = kw.get("spinning", False)
-                elif backend == "openvino-cpu":
-                    eng.threads = kw.get("threads")
+        for label, fields in impl.bench_variants(_cores()):
+            # GPU engines get shape buckets (CUDA graphs / TensorRT profiles); CPU ones accept any shape
+            opts = LoadOptions(shapes=shapes if gpu else None, batch=f"1-{batch}" if gpu else None,
+                               build_missing=True, **fields)
+            es = load_engines(export_dir, backend, opts, models=models)
             with es:
                 scale = es.manifest.latent_scale
                 for name, eng in es.engines().items():
@@ -99,21 +85,21 @@ def run(export_dir, backends, sizes, batch, repeat, models=None, log=print):
                         io_bytes = sum(a.nbytes for a in feeds.values())
                         rows.append(dict(model=name, shape=f"{w}x{h}", batch=batch, backend=backend,
                                          variant=label, median_ms=med, min_ms=best, in_bytes=io_bytes))
-                        if backend == "onnxruntime-cuda" and cuda_graph:
+                        if isinstance(eng, OrtCudaEngine) and not eng.tensorrt_ep and opts.cuda_graph:
                             sess = eng.session  # the same session without IO binding: plain run()
                             m2, b2 = _time(lambda: sess.run(None, feeds), repeat)
                             rows.append(dict(model=name, shape=f"{w}x{h}", batch=batch, backend=backend,
                                              variant="no-iobinding", median_ms=m2, min_ms=b2, in_bytes=io_bytes))
                         if name == "unet":
-                            rows[-1]["copy"] = _copy_cost(backend, eng, feeds, repeat)
+                            rows[-1]["copy"] = _copy_cost(gpu, eng, feeds, repeat)
     return rows
 
 
-def _copy_cost(backend, eng, feeds, repeat):
+def _copy_cost(gpu, eng, feeds, repeat):
     """Seconds (ms) spent moving one UNet step's inputs in and output out through host memory."""
     out_bytes = sum(a.nbytes for a in eng(**feeds).values())
     in_bytes = sum(a.nbytes for a in feeds.values())
-    if backend in ("onnxruntime-cpu", "openvino-cpu"):
+    if not gpu:
         # No device: the numpy contract costs the copies the runtime makes of inputs and outputs.
         src = np.empty(in_bytes + out_bytes, np.uint8)
         dst = np.empty_like(src)
@@ -163,7 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", help="comma separated subset")
     ap.add_argument("--cache", help="engine cache root (default: a temp dir without --export)")
     args = ap.parse_args(argv)
-    from ksampler_rt.engines import BACKENDS
+    from ksampler_rt.engines import backend_names
     from ksampler_rt.engines.spec import parse_shapes
 
     tmp = None
@@ -178,7 +164,7 @@ def main(argv=None) -> int:
     if args.cache:
         os.environ["KSAMPLER_RT_CACHE"] = args.cache
     sizes = parse_shapes(args.shapes or ("512x512" if args.export else "256x256,512x512"))
-    backends = BACKENDS if args.backends == "all" else [b.strip() for b in args.backends.split(",")]
+    backends = backend_names() if args.backends == "all" else [b.strip() for b in args.backends.split(",")]
     models = args.models.split(",") if args.models else None
     rows = run(export, backends, sizes, args.batch, args.repeat, models)
     print_table(rows)

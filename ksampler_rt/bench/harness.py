@@ -35,7 +35,14 @@ from typing import Callable
 
 import numpy as np
 
-GPU_BACKENDS = ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
+
+def on_gpu(backend: str) -> bool:
+    """Whether ``backend`` runs on a CUDA device (the backend object says; unknown names do not)."""
+    from ..engines.backends import device_type
+
+    return device_type(backend) == "cuda"
+
+
 DEFAULT_PERCENTILES = (50.0, 95.0, 99.0)
 PEERS = ("diffusers", "diffusers-compile")
 
@@ -90,7 +97,7 @@ class BenchConfig:
 def required_samples(p: float) -> int:
     """Samples needed for a percentile to be more than the maximum: p99 needs 100, p95 20, p50 2."""
     if not 0 < p < 100:
-        raise BenchError(f"percentile {p:g}: expected a number strictly between 0 and 100")
+        raise BenchError(f"percentile: received {p:g}, expected a number strictly between 0 and 100")
     return max(2, math.ceil(100.0 / (100.0 - p) - 1e-9))
 
 
@@ -101,7 +108,7 @@ def percentiles(samples, ps) -> dict:
     for p in ps:
         need = required_samples(p)
         if n < need:
-            raise BenchError(f"p{p:g} needs at least {need} samples, got {n}: raise --unet-samples to {need} "
+            raise BenchError(f"p{p:g} samples: received {n}, expected at least {need}: raise --unet-samples to {need} "
                              f"or more, or drop p{p:g} from --percentiles")
         out[f"p{p:g}"] = float(np.percentile(np.asarray(samples, np.float64), p))
     return out
@@ -113,27 +120,29 @@ def validate_config(cfg: BenchConfig) -> None:
         if not isinstance(v, int) or v < 1:
             raise BenchError(f"--{name.replace('_', '-')}: received {v!r}, expected a positive integer")
     if cfg.steps < 2:
-        raise BenchError(f"--steps {cfg.steps}: per-step times need at least 2 steps per job")
+        raise BenchError(f"--steps: received {cfg.steps}, expected at least 2 (per-step times need 2 steps per job)")
     for b in cfg.batches:
         if not isinstance(b, int) or b < 1:
             raise BenchError(f"--batches: received {b!r}, expected positive integers")
     for p in cfg.percentiles:
         need = required_samples(p)
         if cfg.unet_samples < need:
-            raise BenchError(f"--unet-samples {cfg.unet_samples} is too few for p{p:g}: it needs at least {need} "
-                             f"steps; raise --unet-samples or drop p{p:g} from --percentiles")
+            raise BenchError(f"--unet-samples: received {cfg.unet_samples}, expected at least {need} for p{p:g}; "
+                             f"raise --unet-samples or drop p{p:g} from --percentiles")
     for w in (cfg.width, cfg.height):
         if w is not None and (w < 64 or w % 8):
-            raise BenchError(f"--size: {w} px is not a multiple of 8 >= 64 (the latent is 1/8 of the image)")
+            raise BenchError(f"--size: received {w} px, expected a multiple of 8 >= 64 (the latent is 1/8 of the "
+                             f"image)")
     unknown = [p for p in cfg.peers if p not in PEERS]
     if unknown:
-        raise BenchError(f"--peers: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)} (or none)")
+        raise BenchError(f"--peers: received unknown {', '.join(unknown)}, expected some of {', '.join(PEERS)} "
+                         f"(or none)")
     from ..runtime import SAMPLER_NAMES, SCHEDULER_NAMES
 
     if cfg.sampler not in SAMPLER_NAMES:
-        raise BenchError(f"--sampler {cfg.sampler!r}: not one of {', '.join(SAMPLER_NAMES)}")
+        raise BenchError(f"--sampler: received {cfg.sampler!r}, expected one of {', '.join(SAMPLER_NAMES)}")
     if cfg.scheduler not in SCHEDULER_NAMES:
-        raise BenchError(f"--scheduler {cfg.scheduler!r}: not one of {', '.join(SCHEDULER_NAMES)}")
+        raise BenchError(f"--scheduler: received {cfg.scheduler!r}, expected one of {', '.join(SCHEDULER_NAMES)}")
 
 
 def resolve_backends(requested) -> list[str]:
@@ -150,9 +159,11 @@ def resolve_backends(requested) -> list[str]:
     out = []
     for b in requested:
         if b not in BACKENDS:
-            raise BenchError(f"unknown backend {b!r}; backends: {listing}")
+            raise BenchError(f"--backend: received unknown backend {b!r}, expected one of {', '.join(BACKENDS)} "
+                             f"({listing})")
         if avail.get(b):
-            raise BenchError(f"backend {b} is not available: {avail[b]} ({listing})")
+            raise BenchError(f"--backend: received {b}, expected a backend usable here; backend {b} is not "
+                             f"available: {avail[b]} ({listing})")
         out.append(b)
     return out
 
@@ -271,17 +282,20 @@ class ProductRunner:
 
     def __init__(self, export_dir, backend: str, cfg: BenchConfig, *, cuda_graph: bool = True, log=print):
         self.export_dir, self.backend, self.cfg, self.cuda_graph, self.log = export_dir, backend, cfg, cuda_graph, log
-        self.name = "ksampler-rt " + backend + ("" if backend not in GPU_BACKENDS else
+        self.name = "ksampler-rt " + backend + ("" if not on_gpu(backend) else
                                                  (" +cuda-graph" if cuda_graph else " no-graph"))
         self.ckpt = None
 
     def _engine_options(self) -> dict:
-        opts: dict = {"threads": self.cfg.threads, "cuda_graph": self.cuda_graph}
-        if self.backend in GPU_BACKENDS:
+        from ..engines import LoadOptions
+
+        opts = LoadOptions(threads=self.cfg.threads, cuda_graph=self.cuda_graph)
+        if on_gpu(self.backend):
             w, h = self.cfg.width, self.cfg.height
-            opts["shapes"] = f"{w}x{h}"
-            opts["batch"] = f"1-{2 * max(self.cfg.batches)}"  # CFG doubles the UNet batch
-        return opts
+            # CFG doubles the UNet batch
+            opts = LoadOptions(threads=self.cfg.threads, cuda_graph=self.cuda_graph, shapes=f"{w}x{h}",
+                               batch=f"1-{2 * max(self.cfg.batches)}")
+        return {"options": opts}
 
     def load(self) -> dict:
         """Cold start: engine load (sessions / plans into memory) timed apart from any build."""
@@ -370,7 +384,7 @@ def step_stats(records: list[dict], timer: CallTimer) -> tuple[list[float], list
 def measure_product(runner: ProductRunner, cfg: BenchConfig, log=print) -> dict:
     """Everything about one backend variant except the interleaved end-to-end comparison."""
     res: dict = {"name": runner.name, "backend": runner.backend}
-    gpu = runner.backend in GPU_BACKENDS
+    gpu = on_gpu(runner.backend)
     with PeakSampler(gpu=gpu) as mem:
         res["cold"] = runner.load()
         runner.check_shapes()
@@ -525,7 +539,7 @@ def environment(backends, cfg: BenchConfig, manifest: dict) -> dict:
         "cpu": cpu_info(), "cpu_count": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "gpu": gpu_info(0) if any(b in GPU_BACKENDS for b in backends) else None,
+        "gpu": gpu_info(0) if any(on_gpu(b) for b in backends) else None,
         "versions": {m: module_version(m) for m in ("ksampler_rt", "numpy", "onnxruntime", "openvino", "tensorrt", "torch",
                                                      "diffusers", "transformers")},
         "threads": cfg.threads or _default_threads(),
@@ -602,7 +616,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     # 1. the product on every backend variant (no torch imported yet: its RSS is the product's own)
     runners = []
     for backend in backends:
-        variants = [True, False] if backend in GPU_BACKENDS and cfg.cuda_graph_variants else [True]
+        variants = [True, False] if on_gpu(backend) and cfg.cuda_graph_variants else [True]
         for graph in variants:
             runner = ProductRunner(model.export_dir, backend, cfg, cuda_graph=graph, log=log)
             log(f"measuring {runner.name} ...")
@@ -615,7 +629,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                 if "ksampler-rt build" in str(exc):  # no engine for this shape: say how to build one
                     runner.release()
                     raise BenchError(f"{runner.name}: {exc}") from None
-                if backend in GPU_BACKENDS and graph:
+                if on_gpu(backend) and graph:
                     log(f"  {runner.name} failed ({exc}); continuing")
                     result["products"].append({"name": runner.name, "backend": backend, "error": str(exc)})
                     runner.release()

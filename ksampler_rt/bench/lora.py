@@ -30,7 +30,7 @@ def _inputs(engine):
 
 
 def run(export_dir=None, lora=None, backend: str = "onnxruntime-cpu", repeat: int = 3, log=print) -> dict:
-    from ..engines import load_engines
+    from ..engines import LoadOptions, get_backend, load_engines
     from ..engines.build import BuildOptions, build_model
     from ..engines.cache import EngineCache
     from ..engines.manifest import load_manifest
@@ -65,7 +65,7 @@ def run(export_dir=None, lora=None, backend: str = "onnxruntime-cpu", repeat: in
         model, _ = load_lora(ckpt.model, None, lora, strength, 0.0, log=None)
         model.unet(x, t, c)
         out["switch_cached_s"].append(time.perf_counter() - t0)
-    if backend == "tensorrt":
+    if get_backend(backend).supports_refit:  # LoRA by refitting the plan: time switching back and forth
         model, _ = load_lora(ckpt.model, None, lora, 1.0, 0.0, log=None)
         t0 = time.perf_counter()
         for _ in range(repeat):
@@ -77,9 +77,10 @@ def run(export_dir=None, lora=None, backend: str = "onnxruntime-cpu", repeat: in
         with tempfile.TemporaryDirectory(prefix="ksampler-rt-rebuild-") as scratch:
             cache = EngineCache(scratch)
             t0 = time.perf_counter()
-            build_model(manifest, "unet", BuildOptions(backend=backend, force=True, refit=backend == "tensorrt"),
+            build_model(manifest, "unet", BuildOptions(backend=backend, force=True, refit=get_backend(backend).supports_refit),
                         cache)
-            engines = load_engines(export_dir, backend=backend, cache=cache, models=("unet",), build_missing=False)
+            engines = load_engines(export_dir, backend, LoadOptions(build_missing=False), cache=cache,
+                                   models=("unet",))
             engines.unet_callable()(x, t, c)
             out["rebuild_s"].append(time.perf_counter() - t0)
             engines.release()

@@ -106,7 +106,8 @@ def ensure_source(name: str, log: Callable[[str], None] = print) -> Path:
 
         return ensure_tiny_model("sd15")
     if name != "half-sd15":
-        raise ValueError(f"unknown built-in model {name!r}: expected one of {', '.join(BUILTIN_MODELS)} or a path")
+        raise ValueError(f"--model: received unknown built-in model {name!r}, expected one of "
+                         f"{', '.join(BUILTIN_MODELS)} or a path")
     target = cache_root() / "bench" / f"{name}-r{BENCH_RECIPE_VERSION}"
     if (target / "model_index.json").is_file():
         return target
@@ -156,8 +157,8 @@ def resolve_model(spec: str, log: Callable[[str], None] = print, *, need_source:
                           "2-layer CLIP-L-width text encoder; tiny VAE")
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"--model {spec}: no such file or directory; expected "
-                                f"{' or '.join(BUILTIN_MODELS)}, an export directory or a diffusers folder")
+        raise FileNotFoundError(f"--model: received {spec}, expected {' or '.join(BUILTIN_MODELS)}, an export "
+                                f"directory or a diffusers folder: no such file or directory")
     if (path / "manifest.json").is_file():
         manifest = json.loads((path / "manifest.json").read_text())
         src = manifest.get("source")
@@ -174,5 +175,5 @@ def resolve_model(spec: str, log: Callable[[str], None] = print, *, need_source:
         manifest = json.loads((export_dir / "manifest.json").read_text())
         size = 1024 if "xl" in str(manifest.get("family", "")) else 512
         return BenchModel(path.name, export_dir, path, manifest.get("family", "?"), size, "diffusers folder")
-    raise ValueError(f"--model {spec}: {path} is neither an export directory (manifest.json) nor a diffusers "
+    raise ValueError(f"--model: received {path}, expected an export directory (manifest.json) or a diffusers "
                      "folder (model_index.json)")

@@ -60,14 +60,14 @@ def measure_variants(export_dir, width: int, height: int, batch: int = 2, repeat
 
     import onnxruntime as ort
 
-    from ..engines import load_engines
+    from ..engines import LoadOptions, load_engines
     from ..engines.ort import CPU_EP, cpu_session_options, default_cpu_threads
 
     export_dir = Path(export_dir)
     manifest = json.loads((export_dir / "manifest.json").read_text())
     raw = export_dir / manifest["models"]["unet"]["file"]
     n = threads or default_cpu_threads()
-    engines = load_engines(export_dir, "onnxruntime-cpu", models=("unet",), threads=n)
+    engines = load_engines(export_dir, "onnxruntime-cpu", LoadOptions(threads=n), models=("unet",))
     product_model = engines.unet.path
     variants = [
         (f"product: cached optimized model, {n} threads", product_model, dict(threads=n, level="disable")),

@@ -82,9 +82,10 @@ def unet_work(source_dir, latent_hw: int, threads: int, repeats: int = 3) -> tup
 
 def engine_call_s(export_dir, backend: str, latent_hw: int, width: int, threads: int, repeats: int = 3) -> float:
     """Best time of one UNet engine call (batch 2, 77 tokens) on ``backend``."""
-    from ..engines import load_engines
+    from ..engines import LoadOptions, load_engines
 
-    with load_engines(export_dir, backend, models=["unet"], threads=threads, build_missing=True) as engines:
+    with load_engines(export_dir, backend, LoadOptions(threads=threads, build_missing=True),
+                      models=["unet"]) as engines:
         channels = int(engines.manifest.data.get("latent_channels", 4))
         x = np.random.default_rng(0).standard_normal((2, channels, latent_hw, latent_hw)).astype(np.float32)
         t = np.full((2,), 500.0, np.float32)

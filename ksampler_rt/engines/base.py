@@ -16,6 +16,12 @@ from .profiles import ProfileRequest, build_hint
 from .spec import EngineError, ShapeProfile, TensorSpec, Validator
 
 
+class UnknownTensorError(EngineError, KeyError):
+    """A tensor name the engine does not have (a ``KeyError`` too, for callers that catch that)."""
+
+    __str__ = EngineError.__str__  # KeyError's would print the message in quotes
+
+
 class Engine:
     """One model (UNet, CLIP, VAE encoder/decoder) on one backend.
 
@@ -61,7 +67,8 @@ class Engine:
         for s in self.inputs + self.outputs:
             if s.name == name:
                 return s
-        raise KeyError(name)
+        raise UnknownTensorError(f"{self.model} tensor: received {name!r}, expected one of "
+                                 f"{', '.join(self.input_names + self.output_names)}")
 
     def describe(self) -> str:
         ins = ", ".join(f"{s.name} {s.dtype}{s.shape_str()}" for s in self.inputs)

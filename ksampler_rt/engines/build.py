@@ -1,31 +1,32 @@
 """Loader side: turn an export's ONNX files into cached, verified engines ("build once per machine").
 
-* ``tensorrt``: a serialized plan (``engine.plan``) with one optimisation profile per shape bucket.
-* ``onnxruntime-cpu`` / ``onnxruntime-cuda``: the session's optimized model
-  (``SessionOptions.optimized_model_filepath``), which is specific to the ONNX Runtime version and the
-  hardware it was optimized for, so it is keyed and verified exactly like a plan. Its graph accepts any
-  shape the export accepts, so shape profiles are applied at load time and are not part of its key.
-* ``openvino-cpu``: the export converted to OpenVINO IR (``model.xml`` + ``model.bin``, weights kept in
-  the export's precision), keyed by the OpenVINO version and the CPU; the engine compiles it per input
-  shape at run time, so it is not shape-bound either.
+What is built, and for which machine, is the backend's business (``ksampler_rt.engines.backends``): a
+TensorRT plan, ONNX Runtime's optimized model, OpenVINO IR... This module does what is common to all of
+them: the shape request, the cache key, the build log and the sidecar metadata.
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .cache import CACHE_FORMAT, CacheEntry, EngineCache
-from .envinfo import environment
+from .backends import Backend, BuildJob, backend_names, environment, get_backend, registered
+from .backends._onnxruntime import EXTERNAL_DATA_MIN_BYTES, OnnxRuntimeBackend  # noqa: F401 -- kept importable
+from .cache import CACHE_FORMAT, KEY_FIELDS, CacheEntry, EngineCache
 from .manifest import ExportManifest, ModelEntry, load_manifest
 from .profiles import ProfileRequest, compute_profiles
 from .spec import EngineError, ShapeProfile, parse_range, parse_shapes
 
-BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-trt", "onnxruntime-cpu", "openvino-cpu")
-ORT_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-trt")
-# Backends that run the export's own precision (no precision conversion at build time).
-EXPORT_PRECISION_BACKENDS = ORT_BACKENDS + ("openvino-cpu",)
-EXTERNAL_DATA_MIN_BYTES = 1 << 20
+_default_precision = Backend.resolve_precision
+
+
+def __getattr__(name: str):
+    # The backend lists of earlier versions, computed from the registry (a backend registered later shows up).
+    if name == "BACKENDS":
+        return backend_names()
+    if name == "ORT_BACKENDS":
+        return tuple(b.name for b in registered() if isinstance(b, OnnxRuntimeBackend))
+    if name == "EXPORT_PRECISION_BACKENDS":
+        return tuple(b.name for b in registered() if type(b).resolve_precision is _default_precision)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -61,14 +62,7 @@ def profile_request(manifest: ExportManifest, opts: BuildOptions, *, required: b
 
 
 def resolve_precision(manifest: ExportManifest, opts: BuildOptions) -> str:
-    if opts.backend in EXPORT_PRECISION_BACKENDS:
-        p = opts.precision or manifest.precision
-        if p != manifest.precision:
-            runtime = "OpenVINO" if opts.backend == "openvino-cpu" else "ONNX Runtime"
-            raise EngineError(f"{runtime} runs the export's own precision ({manifest.precision}); to get {p}, "
-                              f"re-export with `--precision {p}` or use --backend tensorrt")
-        return p
-    return opts.precision or "fp16"
+    return get_backend(opts.backend).resolve_precision(manifest.precision, opts.precision)
 
 
 def model_profiles(entry: ModelEntry, req: ProfileRequest | None) -> list[ShapeProfile]:
@@ -77,8 +71,14 @@ def model_profiles(entry: ModelEntry, req: ProfileRequest | None) -> list[ShapeP
 
 def key_components(manifest: ExportManifest, entry: ModelEntry, opts: BuildOptions, precision: str,
                    profiles: list[ShapeProfile], env: dict) -> dict:
-    shape_bound = opts.backend == "tensorrt"
-    options = {"refit": opts.refit, "weight_streaming": opts.weight_streaming} if shape_bound else {}
+    """The cache key's components: what was built (export, model, precision, profiles of a shape-bound
+    backend, the backend's key options) and the backend's environment (everything in ``env`` but
+    ``"backend"``)."""
+    backend = get_backend(opts.backend)
+    clash = sorted(set(env) & set(KEY_FIELDS) - {"backend"})
+    if clash:
+        raise EngineError(f"{backend.name}.environment(): received keys {clash}, expected none of the cache "
+                          f"key's own fields {', '.join(KEY_FIELDS)}")
     return {
         "cache_format": CACHE_FORMAT,
         "model": entry.name,
@@ -86,8 +86,8 @@ def key_components(manifest: ExportManifest, entry: ModelEntry, opts: BuildOptio
         "weights_hash": manifest.weights_hash,
         "source": {"file": entry.path.name, "size": entry.path.stat().st_size},
         "precision": precision,
-        "profiles": [p.canonical() for p in profiles] if shape_bound else "any",
-        "options": options,
+        "profiles": [p.canonical() for p in profiles] if backend.shape_bound else "any",
+        "options": backend.key_options(opts),
         **{k: v for k, v in env.items() if k != "backend"},
     }
 
@@ -106,75 +106,17 @@ def rebuild_command(manifest: ExportManifest, opts: BuildOptions, req: ProfileRe
     return cmd + (" --force" if force else "")
 
 
-def _build_ort(entry: ModelEntry, backend: str, device_id: int):
-    def build(tmp: Path) -> dict:
-        import onnxruntime as ort
-
-        from .ort import CPU_EP, CUDA_EP, TRT_EP, check_providers, cpu_session_options
-
-        out = tmp / "model.onnx"
-        if backend == "onnxruntime-cpu":
-            so = cpu_session_options(level="all", optimized_model_path=str(out),
-                                     external_data_min_bytes=EXTERNAL_DATA_MIN_BYTES)
-            providers, wanted = [CPU_EP], [CPU_EP]
-        else:  # GPU: extended level (layout passes of "all" are CPU-only and EP-specific)
-            so = cpu_session_options(level="extended", optimized_model_path=str(out),
-                                     external_data_min_bytes=EXTERNAL_DATA_MIN_BYTES)
-            providers = [(CUDA_EP, {"device_id": str(device_id)})]
-            if backend == "onnxruntime-trt":
-                providers.insert(0, (TRT_EP, {"device_id": str(device_id)}))
-            wanted = [p[0] for p in providers]
-        session = ort.InferenceSession(str(entry.path), sess_options=so, providers=providers)
-        check_providers(session, wanted, entry.name)
-        del session
-        if not out.is_file():
-            raise EngineError(f"ONNX Runtime did not write the optimized model for {entry.name}")
-        data = tmp / "model.onnx.data"
-        if data.exists() and data.stat().st_size == 0:
-            data.unlink()
-        return {"artefact": "model.onnx"}
-
-    return build
-
-
-def _build_openvino(entry: ModelEntry):
-    def build(tmp: Path) -> dict:
-        from .openvino_backend import import_openvino
-
-        ov = import_openvino()
-        model = ov.Core().read_model(str(entry.path))
-        # compress_to_fp16=False: an fp32 export stays fp32 (save_model's default would halve the weights).
-        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-        del model
-        for f in ("model.xml", "model.bin"):
-            if not (tmp / f).is_file():
-                raise EngineError(f"OpenVINO did not write {f} for {entry.name}")
-        return {"artefact": "model.xml"}
-
-    return build
-
-
-def _build_trt(entry: ModelEntry, profiles, precision, opts: BuildOptions, env: dict, cache: EngineCache):
-    def build(tmp: Path) -> dict:
-        from .trt_backend import build_plan
-
-        plan = build_plan(entry.path, profiles, precision, env.get("compute_capability"), refit=opts.refit,
-                          weight_streaming=opts.weight_streaming, timing_cache=cache.timing_cache_path(env))
-        (tmp / "engine.plan").write_bytes(plan)
-        return {"artefact": "engine.plan"}
-
-    return build
-
-
 def build_model(manifest: ExportManifest, name: str, opts: BuildOptions, cache: EngineCache | None = None,
                 env: dict | None = None, log=None) -> CacheEntry:
     """Build (or find, verified) the cached engine of one model."""
-    if opts.backend not in BACKENDS:
-        raise EngineError(f"unknown backend {opts.backend!r}: choose one of {', '.join(BACKENDS)}")
+    backend = get_backend(opts.backend)
     cache = cache or EngineCache()
+    if name not in manifest.models:
+        raise EngineError(f"model: received {name!r}, expected one of {', '.join(manifest.models)} "
+                          f"(the models of {manifest.export_dir})")
     entry = manifest.models[name]
     env = env or environment(opts.backend, opts.device_id)
-    req = profile_request(manifest, opts, required=opts.backend == "tensorrt")
+    req = profile_request(manifest, opts, required=backend.shape_bound)
     profiles = model_profiles(entry, req)
     precision = resolve_precision(manifest, opts)
     comps = key_components(manifest, entry, opts, precision, profiles, env)
@@ -184,16 +126,7 @@ def build_model(manifest: ExportManifest, name: str, opts: BuildOptions, cache: 
             if log:
                 log(f"{name}: cached {found.path}")
             return found
-    if opts.backend == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
-            from .trt_backend import import_tensorrt
-
-            import_tensorrt()  # raises the install message
-        builder = _build_trt(entry, profiles, precision, opts, env, cache)
-    elif opts.backend == "openvino-cpu":
-        builder = _build_openvino(entry)
-    else:
-        builder = _build_ort(entry, opts.backend, opts.device_id)
+    builder = backend.builder(BuildJob(manifest, entry, opts, precision, profiles, env, cache))
     if log:
         log(f"{name}: building {opts.backend} ({precision}, "
             f"{'; '.join(p.label for p in profiles) or 'any shape'}) ...")
@@ -214,10 +147,9 @@ def build_model(manifest: ExportManifest, name: str, opts: BuildOptions, cache: 
 
 def build_engines(export_dir, opts: BuildOptions, models=None, cache: EngineCache | None = None,
                   log=None) -> dict[str, CacheEntry]:
+    backend = get_backend(opts.backend)
     manifest = load_manifest(export_dir)
     env = environment(opts.backend, opts.device_id)
-    if opts.backend in ("tensorrt", "onnxruntime-cuda", "onnxruntime-trt") and not env.get("gpu"):
-        raise EngineError(f"--backend {opts.backend} needs an NVIDIA GPU and none was found "
-                          f"(use --backend onnxruntime-cpu)")
+    backend.check_build(env)
     names = [m for m in (models or manifest.models) if m in manifest.models]
     return {n: build_model(manifest, n, opts, cache, env, log) for n in names}

@@ -34,8 +34,12 @@ from .spec import EngineError
 
 CACHE_FORMAT = 1
 SIDECAR = "entry.json"
+# The machine facts of the built-in backends, in the order messages list them; a backend may add others
+# (every key of its environment is part of the key and compared the same way).
 ENV_FIELDS = ("gpu", "compute_capability", "driver", "nvidia_driver", "cuda", "tensorrt", "onnxruntime",
               "openvino", "cpu", "arch", "isa")
+# The components of a key that say what was built; every other component is the machine's (environment).
+KEY_FIELDS = ("cache_format", "model", "backend", "weights_hash", "source", "precision", "profiles", "options")
 
 
 class CacheError(EngineError):
@@ -75,25 +79,37 @@ def entry_name(components: dict, key: str) -> str:
     return f"{components['model']}-{components['backend']}-{wh}-{key[:16]}"
 
 
+def environment_part(c: dict) -> dict:
+    """The machine/software facts of key components (or of an environment: ``"backend"`` is dropped)."""
+    return {k: v for k, v in c.items() if k not in KEY_FIELDS}
+
+
+def _env_keys(*dicts: dict) -> list[str]:
+    present = set().union(*(environment_part(d) for d in dicts))
+    return [k for k in ENV_FIELDS if k in present] + sorted(present - set(ENV_FIELDS))
+
+
 def describe_env(c: dict) -> str:
     parts = []
-    if c.get("gpu") or c.get("backend") in ("tensorrt", "onnxruntime-cuda", "onnxruntime-trt"):
+    if "gpu" in c:  # a CUDA backend's environment always names the GPU (None when there was none)
         parts.append(f"GPU {c.get('gpu')!r} (compute capability {c.get('compute_capability')})")
         parts.append(f"driver {c.get('nvidia_driver') or c.get('driver')}, CUDA {c.get('cuda')}")
     if c.get("cpu"):
-        parts.append(f"CPU {c.get('cpu')!r} [{c.get('isa')}]")
+        parts.append(f"CPU {c.get('cpu')!r}" + (f" [{c['isa']}]" if c.get("isa") else ""))
     if c.get("tensorrt"):
         parts.append(f"TensorRT {c['tensorrt']}")
     if c.get("onnxruntime"):
         parts.append(f"ONNX Runtime {c['onnxruntime']}")
     if c.get("openvino"):
         parts.append(f"OpenVINO {c['openvino']}")
+    parts += [f"{k} {c[k]}" for k in _env_keys(c) if k not in ENV_FIELDS]  # another backend's facts
     return ", ".join(parts)
 
 
 def env_differences(built: dict, here: dict) -> list[str]:
-    return [f"{k} {built.get(k)!r} != {here.get(k)!r} here" for k in ENV_FIELDS
-            if k in built or k in here if built.get(k) != here.get(k)]
+    """``"key 'built' != 'here' here"`` for each machine fact that differs (key components or environments)."""
+    return [f"{k} {built.get(k)!r} != {here.get(k)!r} here" for k in _env_keys(built, here)
+            if built.get(k) != here.get(k)]
 
 
 @dataclass
@@ -296,13 +312,13 @@ class EngineCache:
 
     # --- cleaning -----------------------------------------------------------------------------------
     def prune(self, *, everything: bool = False, foreign: bool = True, older_than_days: float | None = None,
-              weights_hash: str | None = None, env_for: Callable[[str], dict] | None = None,
+              weights_hash: str | None = None, env_for: Callable[[str], dict | None] | None = None,
               dry_run: bool = False, checksums: bool = True) -> list[tuple[Path, str]]:
         """Remove leftovers of interrupted builds, unreadable entries, and (by default) entries built for
         another machine/software stack. Returns (path, reason) for each removed directory."""
         removed = []
         now = time.time()
-        env_cache: dict[str, dict] = {}
+        env_cache: dict[str, dict | None] = {}
         for p in self.all_dirs():
             reason = None
             if everything:
@@ -322,8 +338,10 @@ class EngineCache:
                         reason = "belongs to the given export"
                     elif foreign and env_for is not None:
                         be = c.get("backend")
-                        here = env_cache.setdefault(be, env_for(be))
-                        if env_differences(c, here):
+                        if be not in env_cache:
+                            env_cache[be] = env_for(be)
+                        here = env_cache[be]  # None: a backend this install does not know; kept
+                        if here is not None and env_differences(c, here):
                             reason = "built for another machine: " + "; ".join(env_differences(c, here))
                     if reason is None and older_than_days is not None:
                         if now - p.stat().st_mtime > older_than_days * 86400:

@@ -6,9 +6,9 @@ import sys
 import time
 from pathlib import Path
 
-from .build import BACKENDS, BuildOptions, build_engines
+from .backends import auto_order, backend_names, environment, pick_backend
+from .build import BuildOptions, build_engines
 from .cache import CacheError, EngineCache, env_differences
-from .envinfo import environment
 
 
 def register(subparsers) -> None:
@@ -17,8 +17,8 @@ def register(subparsers) -> None:
         description="Build engines for every model of EXPORT_DIR into the cache ($KSAMPLER_RT_CACHE, default "
                     "~/.cache/ksampler-rt). An engine already cached for this machine and request is reused.")
     p.add_argument("export_dir", metavar="EXPORT_DIR")
-    p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
-                   help="default: the best available (tensorrt > onnxruntime-cuda > openvino-cpu > onnxruntime-cpu)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + backend_names(),
+                   help=f"default: the best available ({' > '.join(auto_order())})")
     p.add_argument("--shapes", help="image sizes WxH, comma separated (default 512x512; 1024x1024 for SDXL)")
     p.add_argument("--batch", help="batch range MIN-MAX (default 1-4)")
     p.add_argument("--tokens", help="UNet context length range, e.g. 77-231 (default 77)")
@@ -53,11 +53,8 @@ def register(subparsers) -> None:
 
 
 def _pick_backend(name: str) -> str:
-    if name != "auto":
-        return name
-    from .loader import pick_backend
-
-    return pick_backend("auto")
+    # a named backend is built even where it cannot run (a GPU check follows in build_engines)
+    return name if name != "auto" else pick_backend("auto")
 
 
 def _build(args) -> int:
@@ -76,7 +73,9 @@ def _build(args) -> int:
 def _row(entry, here: dict | None) -> dict:
     c = entry.components
     status = "ok"
-    if here is not None and env_differences(c, here):
+    if here is None:
+        status = "unknown backend"
+    elif env_differences(c, here):
         status = "foreign"
     return {"name": entry.path.name, "model": c.get("model"), "backend": c.get("backend"),
             "precision": c.get("precision"), "profiles": entry.meta.get("profiles") and
@@ -91,20 +90,24 @@ def _find(cache: EngineCache, ref: str):
         return cache.read_entry(p)
     matches = [d for d in cache.all_dirs() if d.name.startswith(ref) and not d.name.startswith(".tmp-")]
     if not matches:
-        raise FileNotFoundError(f"no cached engine named {ref!r} in {cache.engines_dir} (see `ksampler-rt engines list`)")
+        raise FileNotFoundError(f"ENTRY: received {ref!r}, expected the name (or a prefix) of a cached engine in "
+                                f"{cache.engines_dir} (see `ksampler-rt engines list`)")
     if len(matches) > 1:
-        raise ValueError(f"{ref!r} matches {len(matches)} entries: " + ", ".join(m.name for m in matches[:5]))
+        raise ValueError(f"ENTRY: received {ref!r}, which matches {len(matches)} entries, expected a prefix of "
+                         f"one: " + ", ".join(m.name for m in matches[:5]))
     return cache.read_entry(matches[0])
 
 
 def _engines(args) -> int:
     cache = EngineCache(args.cache)
     action = getattr(args, "engines_command", None) or "list"
-    envs: dict[str, dict] = {}
+    envs: dict[str, dict | None] = {}
+    known = set(backend_names())
 
-    def here(backend):
+    def here(backend) -> dict | None:
+        """This machine's environment for ``backend``; None for a backend this install does not have."""
         if backend not in envs:
-            envs[backend] = environment(backend)
+            envs[backend] = environment(backend) if backend in known else None
         return envs[backend]
 
     if action == "list":
@@ -130,10 +133,15 @@ def _engines(args) -> int:
             entry.verify(checksums=not args.no_checksum)
         except CacheError as exc:
             problems.append(str(exc))
-        try:
-            entry.check_environment(here(entry.components.get("backend")))
-        except CacheError as exc:
-            problems.append(str(exc))
+        env = here(entry.components.get("backend"))
+        if env is None:
+            problems.append(f"backend: received {entry.components.get('backend')!r}, expected one of "
+                            f"{', '.join(sorted(known))} (no backend of that name is registered here)")
+        else:
+            try:
+                entry.check_environment(env)
+            except CacheError as exc:
+                problems.append(str(exc))
         info = {"path": str(entry.path), "key": entry.key, "status": "ok" if not problems else "unusable here",
                 "problems": problems, **{k: entry.meta.get(k) for k in
                                           ("components", "files", "created", "build_seconds", "export_dir",
@@ -154,5 +162,5 @@ def _engines(args) -> int:
             print(f"{verb} {path.name}: {reason}")
         print(f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} from {cache.engines_dir}")
         return 0
-    print(f"unknown action {action}", file=sys.stderr)
+    print(f"ACTION: received {action!r}, expected list, inspect or prune", file=sys.stderr)
     return 2

@@ -1,4 +1,4 @@
-"""The machine a built engine is tied to: GPU, driver, CUDA, TensorRT / ONNX Runtime / OpenVINO versions, CPU.
+"""Machine facts a built engine is tied to: GPU, driver, CUDA, library versions, CPU (each backend picks its own).
 
 Everything here is best effort and cheap; nothing imports torch. GPU facts come from cuda-python,
 then cupy, then ``nvidia-smi``; a value that cannot be read is ``None`` (and so is part of the key).
@@ -136,26 +136,13 @@ def openvino_version() -> str | None:
 
 
 def environment(backend: str, device: int = 0) -> dict:
-    """The part of a cache key that says which machine and software a build is valid for."""
-    env: dict = {"backend": backend}
-    if backend == "onnxruntime-cpu":
-        env.update(cpu_info())
-        env["onnxruntime"] = module_version("onnxruntime")
-        return env
-    if backend == "openvino-cpu":
-        env.update(cpu_info())
-        env["openvino"] = openvino_version()
-        return env
-    g = gpu_info(device) or {"gpu": None, "compute_capability": None, "driver": None, "cuda": None,
-                             "nvidia_driver": None}
-    env.update(g)
-    if backend == "tensorrt":
-        env["tensorrt"] = module_version("tensorrt")
-    else:  # onnxruntime-cuda / onnxruntime-trt
-        env["onnxruntime"] = module_version("onnxruntime")
-        if backend == "onnxruntime-trt":
-            env["tensorrt"] = module_version("tensorrt")
-    return env
+    """The part of a cache key that says which machine and software a build of ``backend`` is valid for.
+
+    Each backend says it (``Backend.environment``); this is :func:`ksampler_rt.engines.backends.environment`,
+    kept here for callers of earlier versions (imported on call: the backends use this module's facts)."""
+    from .backends import environment as backend_environment
+
+    return backend_environment(backend, device)
 
 
 def short_hash(data: bytes, n: int = 16) -> str:

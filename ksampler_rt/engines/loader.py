@@ -5,71 +5,69 @@ knows the backend.
 """
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass, field
-from typing import Callable
+import dataclasses
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import numpy as np
 
+from .backends import LoadJob, auto_order, available_backends, environment, get_backend, pick_backend
 from .base import Engine
-from .build import (BACKENDS, BuildOptions, build_model, key_components, model_profiles, profile_request,
-                    rebuild_command, resolve_precision)
+from .build import BuildOptions, build_model, key_components, model_profiles, profile_request, rebuild_command, \
+    resolve_precision
 from .cache import EngineCache
-from .envinfo import environment, gpu_info
 from .manifest import ExportManifest, load_manifest
 from .spec import EngineError
 
-# openvino-cpu before onnxruntime-cpu: same fp32 numerics, measured faster on CPUs (docs/engines.md).
-AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "openvino-cpu", "onnxruntime-cpu")
+__all__ = ["EngineSet", "LoadOptions", "available_backends", "load_engines", "pick_backend"]
 
 
-def available_backends() -> dict[str, str | None]:
-    """{backend: None if usable here, else the reason it is not}."""
-    out: dict[str, str | None] = {}
-    try:
-        import onnxruntime as ort
-
-        providers = ort.get_available_providers()
-    except ImportError:
-        providers = []
-    gpu = None
-    if "CUDAExecutionProvider" in providers or importlib.util.find_spec("tensorrt") is not None:
-        gpu = gpu_info(0)
-    if importlib.util.find_spec("tensorrt") is None:
-        out["tensorrt"] = "TensorRT is not installed (pip install ksampler-rt[tensorrt])"
-    elif importlib.util.find_spec("cuda") is None and importlib.util.find_spec("cupy") is None:
-        out["tensorrt"] = "cuda-python is not installed (pip install ksampler-rt[tensorrt])"
-    elif gpu is None:
-        out["tensorrt"] = "no NVIDIA GPU found"
-    else:
-        out["tensorrt"] = None
-    swap = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu==1.31.1"
-    for name, ep in (("onnxruntime-cuda", "CUDAExecutionProvider"), ("onnxruntime-trt", "TensorrtExecutionProvider")):
-        if ep not in providers:
-            out[name] = f"this onnxruntime has no {ep} ({swap})"
-        elif gpu is None:
-            out[name] = "no NVIDIA GPU found"
-        else:
-            out[name] = None
-    out["onnxruntime-cpu"] = None if "CPUExecutionProvider" in providers else "onnxruntime is not installed"
-    from .openvino_backend import openvino_unavailable_reason
-
-    out["openvino-cpu"] = openvino_unavailable_reason()
-    return out
+def __getattr__(name: str):
+    if name == "AUTO_ORDER":  # the order ``backend="auto"`` tries, from the registry
+        return auto_order()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def pick_backend(backend: str) -> str:
-    avail = available_backends()
-    if backend == "auto":
-        for b in AUTO_ORDER:
-            if avail.get(b) is None:
-                return b
-        raise EngineError("no backend is available: " + "; ".join(f"{k}: {v}" for k, v in avail.items()))
-    if backend not in BACKENDS:
-        raise EngineError(f"unknown backend {backend!r}: choose auto or one of {', '.join(BACKENDS)}")
-    if avail.get(backend):
-        raise EngineError(f"backend {backend} is not available: {avail[backend]}")
-    return backend
+@dataclass(frozen=True)
+class LoadOptions:
+    """How ``load_engines`` finds, builds and opens engines; every field has a usable default.
+
+    Shape request (as for ``ksampler-rt build``): ``shapes`` ('512x512,768x768' or [(w, h)]), ``batch``
+    ('1-4'), ``tokens``, ``dynamic``. For a backend whose artefact accepts any shape (ONNX Runtime,
+    OpenVINO) they only restrict what the engines accept (and pick CUDA-graph buckets); for a shape-bound
+    one (TensorRT) they select the plan. ``precision``: as ``--precision`` (None: the backend's default).
+
+    ``build_missing``: build an engine that is not cached yet; None = the backend's default (yes for ONNX
+    Runtime and OpenVINO, seconds; no for TensorRT, minutes: run ``ksampler-rt build`` once), and a miss
+    then raises an error saying why nothing usable is cached. ``verify``: checksum cached files on load.
+    ``refit`` (TensorRT): use the plan built with ``--refit`` (LoRA weights swapped without a rebuild);
+    None = that plan when it is cached, else the plain one.
+
+    Running: ``threads`` (CPU backends; None = ``$KSAMPLER_RT_ORT_THREADS`` or the usable cores),
+    ``spinning`` (ONNX Runtime CPU: busy-waiting worker threads), ``cuda_graph`` (GPU backends),
+    ``device_id`` (CUDA device).
+    """
+
+    shapes: str | Sequence | None = None
+    batch: str | int | Sequence[int] | None = None
+    tokens: str | int | Sequence[int] | None = None
+    dynamic: bool = False
+    precision: str | None = None
+    build_missing: bool | None = None
+    verify: bool = True
+    refit: bool | None = None
+    threads: int | None = None
+    spinning: bool = False
+    cuda_graph: bool = True
+    device_id: int = 0
+
+    def build_options(self, backend: str) -> BuildOptions:
+        """The ``BuildOptions`` of the artefact these options ask for."""
+        return BuildOptions.from_cli(backend, self.shapes, self.batch, self.tokens, self.dynamic, self.precision,
+                                     device_id=self.device_id, refit=bool(self.refit))
+
+
+LOAD_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LoadOptions))
 
 
 @dataclass
@@ -81,7 +79,7 @@ class EngineSet:
     clip2: Engine | None = None
     vae_decoder: Engine | None = None
     vae_encoder: Engine | None = None
-    scratch: object = field(default=None, repr=False)
+    scratch: object = field(default=None, repr=False)  # what the backend's open_set() returned (shared state)
 
     def engines(self) -> dict[str, Engine]:
         return {n: e for n in ("unet", "clip", "clip2", "vae_decoder", "vae_encoder")
@@ -146,81 +144,61 @@ class EngineSet:
         return unet
 
 
-def load_engines(export_dir, backend: str = "auto", shapes=None, *, batch=None, tokens=None, dynamic=False,
-                 precision: str | None = None, cache: EngineCache | str | None = None,
-                 build_missing: bool | None = None, models=None, threads: int | None = None,
-                 cuda_graph: bool = True, device_id: int = 0, verify: bool = True, refit: bool | None = None,
-                 log=None) -> EngineSet:
-    """Engines for every model of the export, from the engine cache.
+def load_engines(export_dir, backend: str = "auto", options: LoadOptions | None = None, *,
+                 cache: EngineCache | str | None = None, models=None, log=None, **option_fields) -> EngineSet:
+    """Engines for every model of the export (or of ``models``), from the engine cache, for ``backend``
+    ("auto" or a registered backend's name).
 
-    ``shapes`` ('512x512,768x768' or [(w, h)]), ``batch`` ('1-4'), ``tokens``, ``dynamic``: the shape
-    profiles, as for ``ksampler-rt build``. For ONNX Runtime they only restrict what the engines accept
-    (and pick CUDA-graph buckets), as for OpenVINO (which compiles per input shape on first use); for
-    TensorRT they select the plan. ``build_missing``: build an engine
-    that is not cached yet; by default yes for ONNX Runtime (seconds), no for TensorRT (minutes: run
-    ``ksampler-rt build`` once), which raises an error saying why nothing usable is cached. ``refit``
-    (TensorRT): use the plan built with ``--refit`` (LoRA weights swapped without a rebuild); None = that plan
-    when it is cached, else the plain one.
+    ``options``: a :class:`LoadOptions` (shapes, precision, build/verify policy, threads, CUDA graphs...);
+    its fields may also be given as keywords (``load_engines(d, "onnxruntime-cpu", shapes="64x64")``), which
+    override ``options``. ``cache``: an ``EngineCache`` or its root (default ``$KSAMPLER_RT_CACHE``).
+    ``log``: called with a line per build step.
     """
-    backend = pick_backend(backend)
+    if options is not None and not isinstance(options, LoadOptions):
+        raise TypeError(f"load_engines options: received {type(options).__name__}, expected LoadOptions "
+                        f"(or its fields as keywords)")
+    unknown = sorted(set(option_fields) - set(LOAD_OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"load_engines: received unexpected keyword argument(s) {unknown}, expected export_dir, "
+                        f"backend, options, cache, models, log or a LoadOptions field: {', '.join(LOAD_OPTION_NAMES)}")
+    options = replace(options or LoadOptions(), **option_fields)
+    name = pick_backend(backend)
+    impl = get_backend(name)
     cache = cache if isinstance(cache, EngineCache) else EngineCache(cache)
     manifest = load_manifest(export_dir)
-    opts = BuildOptions.from_cli(backend, shapes, batch, tokens, dynamic, precision, device_id=device_id,
-                                 refit=bool(refit))
-    if build_missing is None:
-        build_missing = backend != "tensorrt"
-    env = environment(backend, device_id)
-    req = profile_request(manifest, opts, required=backend == "tensorrt")
-    scratch = None
-    if backend == "tensorrt":
-        from .cuda import DeviceScratch
-
-        scratch = DeviceScratch()
+    if models is not None:
+        wanted = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
+        if "unet" not in wanted:
+            raise EngineError(f"models: received {wanted}, expected a selection that includes 'unet'")
+    opts = options.build_options(name)
+    build_missing = impl.builds_on_load if options.build_missing is None else options.build_missing
+    env = environment(name, options.device_id)
+    req = profile_request(manifest, opts, required=impl.shape_bound)
+    precision = resolve_precision(manifest, opts)
+    candidates = impl.lookup_options(opts, options)
+    shared = impl.open_set(options)
     engines: dict[str, Engine] = {}
-    for name, entry in manifest.models.items():
-        if models is not None and name not in models:
+    for model, entry in manifest.models.items():
+        if models is not None and model not in wanted:
             continue
         profiles = model_profiles(entry, req)
-        comps = key_components(manifest, entry, opts, resolve_precision(manifest, opts), profiles, env)
         found = None
-        if backend == "tensorrt" and refit is None:  # prefer a refittable plan when one is cached
-            from dataclasses import replace
-
-            found = cache.lookup(key_components(manifest, entry, replace(opts, refit=True),
-                                                resolve_precision(manifest, opts), profiles, env), checksums=verify)
-        if found is None:
-            found = cache.lookup(comps, checksums=verify)
-        if found is None:
+        for candidate in candidates:
+            comps = key_components(manifest, entry, candidate, precision, profiles, env)
+            found = cache.lookup(comps, checksums=options.verify)
+            if found is not None:
+                break
+        if found is None:  # comps: the last candidate's, the one that is built
             if not build_missing:
                 raise EngineError(
-                    f"no {backend} engine for {name} of {manifest.export_dir} on this machine: "
-                    f"{cache.explain_miss(comps)}. Build it once with `{rebuild_command(manifest, opts, req, False)}`")
-            found = build_model(manifest, name, opts, cache, env, log)
+                    f"no {name} engine for {model} of {manifest.export_dir} on this machine: "
+                    f"{cache.explain_miss(comps)}. Build it once with "
+                    f"`{rebuild_command(manifest, candidates[-1], req, False)}`")
+            found = build_model(manifest, model, candidates[-1], cache, env, log)
         found.check_environment(env)
-        common = dict(request=req, export_dir=str(manifest.export_dir))
         artefact = found.file(found.meta.get("artefact", "model.onnx"))
-        if backend == "onnxruntime-cpu":
-            from .ort import OrtCpuEngine
-
-            eng = OrtCpuEngine(name, entry.inputs, entry.outputs, profiles, path=artefact, threads=threads, **common)
-        elif backend == "openvino-cpu":
-            from .openvino_backend import OpenVinoCpuEngine, model_cache_dir
-
-            eng = OpenVinoCpuEngine(name, entry.inputs, entry.outputs, profiles, path=artefact, threads=threads,
-                                    model_cache=model_cache_dir(cache.root), **common)
-        elif backend in ("onnxruntime-cuda", "onnxruntime-trt"):
-            from .ort import OrtCudaEngine
-
-            eng = OrtCudaEngine(name, entry.inputs, entry.outputs, profiles, path=artefact, device_id=device_id,
-                                cuda_graph=cuda_graph and (not profiles or all(p.is_static for p in profiles)),
-                                tensorrt_ep=backend == "onnxruntime-trt",
-                                trt_cache_dir=str(cache.root / "ort-trt"), **common)
-        else:
-            from .trt_backend import TensorRTEngine
-
-            eng = TensorRTEngine(name, entry.inputs, entry.outputs, profiles, path=artefact, scratch=scratch,
-                                 cuda_graph=cuda_graph, **common)
-        engines[name] = eng
+        engines[model] = impl.make_engine(LoadJob(entry, artefact, profiles, req, str(manifest.export_dir), options,
+                                                  cache, shared))
     if "unet" not in engines:
-        raise EngineError("load_engines: the UNet was not selected (models=...)")
-    return EngineSet(manifest, backend, scratch=scratch, **engines)
+        raise EngineError(f"{manifest.export_dir}: received an export without a UNet, expected one")
+    return EngineSet(manifest, name, scratch=shared, **engines)

@@ -60,7 +60,8 @@ class ProfileRequest:
         object.__setattr__(self, "tokens", (int(self.tokens[0]), int(self.tokens[1])))
         for w, h in self.sizes:
             if w % self.latent_scale or h % self.latent_scale:
-                raise EngineError(f"image size {w}x{h} is not a multiple of the latent scale {self.latent_scale}")
+                raise EngineError(f"shapes: received {w}x{h}, expected a width and height that are multiples of "
+                                  f"the latent scale {self.latent_scale}")
 
     def cli_args(self, sizes=None, batch=None, tokens=None) -> str:
         sizes = sizes or self.sizes

@@ -38,7 +38,8 @@ def normalize_dtype(dtype) -> str:
         try:
             return _ONNX_ELEM[int(dtype)]
         except KeyError:
-            raise EngineError(f"unsupported ONNX element type {dtype}") from None
+            raise EngineError(f"dtype: received ONNX element type {dtype}, expected one of "
+                              f"{sorted(_ONNX_ELEM)} ({', '.join(sorted(set(_ONNX_ELEM.values())))})") from None
     if isinstance(dtype, str):
         s = dtype.strip().lower()
         if s in _ORT_TYPES:
@@ -97,10 +98,12 @@ class ShapeRange:
         for attr in ("min", "opt", "max"):
             object.__setattr__(self, attr, tuple(int(v) for v in getattr(self, attr)))
         if not (len(self.min) == len(self.opt) == len(self.max)):
-            raise EngineError(f"shape range with mismatched ranks: {self.min} {self.opt} {self.max}")
+            raise EngineError(f"shape range: received min={self.min} opt={self.opt} max={self.max}, expected "
+                              f"three shapes of the same rank")
         for lo, o, hi in zip(self.min, self.opt, self.max):
             if not (1 <= lo <= o <= hi):
-                raise EngineError(f"invalid shape range min={self.min} opt={self.opt} max={self.max}")
+                raise EngineError(f"shape range: received min={self.min} opt={self.opt} max={self.max}, expected "
+                                  f"1 <= min <= opt <= max in every dim")
 
     @property
     def is_static(self) -> bool:
@@ -170,10 +173,10 @@ def parse_shapes(text: str | Iterable | None) -> list[tuple[int, int]]:
                 continue
             m = _SHAPE_RE.match(str(item))
             if not m:
-                raise EngineError(f"bad image size {item!r}: expected WIDTHxHEIGHT, e.g. 512x512")
+                raise EngineError(f"shapes: received {item!r}, expected WIDTHxHEIGHT, e.g. 512x512")
             w, h = int(m.group(1)), int(m.group(2))
         if w <= 0 or h <= 0:
-            raise EngineError(f"bad image size {w}x{h}")
+            raise EngineError(f"shapes: received {w}x{h}, expected a positive width and height")
         out.append((w, h))
     return out
 
@@ -189,11 +192,11 @@ def parse_range(text: str | int | Sequence[int] | None, what: str = "batch") -> 
     else:
         m = re.match(r"^\s*(\d+)\s*(?:(?:-|\.\.)\s*(\d+))?\s*$", str(text))
         if not m:
-            raise EngineError(f"bad {what} range {text!r}: expected N or MIN-MAX, e.g. 1-4")
+            raise EngineError(f"{what}: received {text!r}, expected N or MIN-MAX, e.g. 1-4")
         lo = int(m.group(1))
         hi = int(m.group(2) or lo)
     if not 1 <= lo <= hi:
-        raise EngineError(f"bad {what} range {lo}-{hi}")
+        raise EngineError(f"{what}: received {lo}-{hi}, expected MIN-MAX with 1 <= MIN <= MAX")
     return lo, hi
 
 

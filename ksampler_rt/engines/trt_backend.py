@@ -53,7 +53,7 @@ def precision_flags(precision: str, compute_capability, *, strongly_typed: bool 
     typed network (required by weight streaming) takes its precision from the ONNX types: no flags.
     """
     if precision not in PRECISIONS:
-        raise EngineError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise EngineError(f"precision: received {precision!r}, expected one of {', '.join(PRECISIONS)}")
     cc = _cc(compute_capability)
     if strongly_typed:
         return []

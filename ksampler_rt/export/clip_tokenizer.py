@@ -49,14 +49,17 @@ def has_tokenizer_files(folder) -> bool:
 def check_tokenizer_dir(folder: str, what: str) -> str:
     """A usable CLIP tokenizer folder, or ExportError naming what is wrong."""
     if not os.path.isdir(folder):
-        raise ExportError(f"{what} {folder}: no such folder")
+        raise ExportError(f"{what}: received {folder}, expected a folder with CLIP's vocab.json and merges.txt: no "
+                          f"such folder")
     missing = [f for f in TOKENIZER_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        raise ExportError(f"{what} {folder}: missing {', '.join(missing)} (expected CLIP's vocab.json and merges.txt)")
+        raise ExportError(f"{what}: received {folder}, expected a folder with CLIP's vocab.json and merges.txt: "
+                          f"missing {', '.join(missing)}")
     vocab = read_vocab(folder, what)
     absent = [t for t in (BOS_TOKEN, EOS_TOKEN, PAD0_TOKEN) if t not in vocab]
     if absent:
-        raise ExportError(f"{what} {folder}: vocab.json has no {absent} token; not a CLIP tokenizer")
+        raise ExportError(f"{what}: received {folder}, whose vocab.json has no {absent} token; expected a CLIP "
+                          f"tokenizer")
     return os.path.abspath(folder)
 
 
@@ -67,7 +70,8 @@ def read_vocab(folder: str, what: str = "tokenizer") -> dict:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ExportError(f"{what} {folder}: cannot read vocab.json ({exc})") from None
     if not isinstance(vocab, dict):
-        raise ExportError(f"{what} {folder}: vocab.json is not a token -> id mapping")
+        raise ExportError(f"{what}: received {folder}, whose vocab.json is not a token -> id mapping; expected a "
+                          f"CLIP tokenizer")
     return vocab
 
 

@@ -47,5 +47,7 @@ def config_dir(family: str) -> str:
     return os.path.join(CONFIGS_DIR, family)
 
 
-def unsupported_family_message(what: str) -> str:
-    return f"unsupported model family {what!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
+def unsupported_family_message(what: str, name: str = "--family") -> str:
+    """'NAME: received WHAT, expected one of <the supported families>' (``name``: the option, or what was
+    detected, e.g. 'checkpoint family')."""
+    return f"{name}: received {what!r}, expected one of {', '.join(SUPPORTED_FAMILIES)}"

@@ -13,6 +13,10 @@ _RESNET_UNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj":
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
+def _unexpected(model: str, key: str, expected: str) -> ValueError:
+    return ValueError(f"{model} state dict key: received {key!r}, expected {expected}")
+
+
 def _sub(rest: str, mapping: dict) -> str:
     head, _, tail = rest.partition(".")
     return f"{mapping.get(head, head)}.{tail}" if tail else mapping.get(head, head)
@@ -42,7 +46,7 @@ def unet_to_ldm(sd: dict, config) -> dict:
             elif kind == "downsamplers":
                 nk = f"input_blocks.{(i + 1) * (L + 1)}.0.op." + ".".join(p[5:])
             else:
-                raise KeyError(k)
+                raise _unexpected("UNet", k, "down_blocks.N.{resnets,attentions,downsamplers}.*")
         elif k.startswith("mid_block."):
             kind, j = p[1], int(p[2])
             if kind == "resnets":
@@ -59,9 +63,9 @@ def unet_to_ldm(sd: dict, config) -> dict:
                 has_attn = any(x.startswith(f"up_blocks.{i}.attentions.") for x in sd)
                 nk = f"output_blocks.{i * (L + 1) + L}.{2 if has_attn else 1}.conv." + ".".join(p[5:])
             else:
-                raise KeyError(k)
+                raise _unexpected("UNet", k, "up_blocks.N.{resnets,attentions,upsamplers}.*")
         else:
-            raise KeyError(f"unexpected UNet key {k}")
+            raise _unexpected("UNet", k, "a diffusers UNet2DConditionModel parameter")
         out["model.diffusion_model." + nk] = v
     return out
 
@@ -103,7 +107,7 @@ def vae_to_ldm(sd: dict, config) -> dict:
             else:
                 nk = f"{side}.up.{i}.upsample.conv.{p[-1]}"
         else:
-            raise KeyError(f"unexpected VAE key {k}")
+            raise _unexpected("VAE", k, "a diffusers AutoencoderKL parameter")
         out["first_stage_model." + nk] = v
     return out
 
@@ -146,7 +150,7 @@ def open_clip_to_ldm(sd: dict, prefix: str, hidden: int) -> dict:
         elif k.endswith("position_ids"):
             continue
         else:
-            raise KeyError(f"unexpected CLIP key {k}")
+            raise _unexpected("CLIP", k, "a transformers CLIPTextModel parameter")
     for (base, kind), d in qkv.items():
         out[f"{base}attn.in_proj_{kind}"] = torch.cat([d["q_proj"], d["k_proj"], d["v_proj"]], 0)
     if prefix + "text_projection" not in out:  # SD2 checkpoints carry one even though diffusers drops it

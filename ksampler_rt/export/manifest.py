@@ -34,7 +34,7 @@ def versions() -> dict:
 def write_manifest(out_dir: str, manifest: dict) -> str:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
-        raise ValueError(f"manifest is missing {missing}")
+        raise ValueError(f"manifest: received one without {missing}, expected all of {list(REQUIRED_KEYS)}")
     path = os.path.join(out_dir, MANIFEST_NAME)
     with open(path, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=False)
@@ -51,7 +51,8 @@ def read_manifest(export_dir: str) -> dict:
     with open(path) as f:
         m = json.load(f)
     if m.get("format") != FORMAT:
-        raise ValueError(f"{path}: format is {m.get('format')!r}, expected {FORMAT!r}")
+        raise ValueError(f"{path}: format: received {m.get('format')!r}, expected {FORMAT!r}")
     if m.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {m.get('format_version')} not supported (expected {FORMAT_VERSION})")
+        raise ValueError(f"{path}: format_version: received {m.get('format_version')!r}, expected {FORMAT_VERSION} "
+                         f"(re-export the checkpoint with this version of ksampler-rt)")
     return m

@@ -1,7 +1,9 @@
 """Export a Stable Diffusion model (diffusers folder or single-file checkpoint) to ONNX + manifest.json.
 
-Atomic: everything is written into ``.<out>.tmp-*`` next to ``out`` and renamed into place only after
-every model exported and validated. Any failure (or Ctrl-C) removes the temp dir.
+Atomic: everything is written into ``.<out>.tmp-<pid>-*`` next to ``out`` and renamed into place only after
+every model exported and validated. Any failure, Ctrl-C, SIGTERM or SIGHUP removes the temp dir; one left by a
+killed process is removed by the next export (see ``workdirs``). The libraries' warnings and log output go to
+``<out>/export.log`` (see ``library_log``), progress lines to stderr.
 """
 from __future__ import annotations
 
@@ -15,16 +17,21 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
+from pathlib import Path
 
 import numpy as np
 
 from .errors import ExportError
 from .families import CONTEXT_OUTPUT, PAD_WITH_END, TEXT_ENCODERS, is_sdxl
+from .library_log import current as current_library_log
+from .library_log import library_output_to
 from .manifest import EXPORTER_REVISION, FORMAT, FORMAT_VERSION, versions, write_manifest
+from .workdirs import (SCRATCH_PREFIX, drop_marker, make_owned_dir, old_prefix, remove_stale_export_dirs,
+                       terminate_cleanly, tmp_prefix)
 
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of initializers above which a model uses ONNX external data
 DEFAULT_OPSET = 17
+MIN_OPSET, MAX_OPSET = 7, 23
 CLIP_LENGTH = 77
 
 
@@ -75,8 +82,9 @@ def torch_export(spec: ModelSpec, path: str, opset: int, exporter: str = "torchs
     example = spec.make_inputs(1)
     in_names = [i["name"] for i in spec.inputs]
     out_names = [o["name"] for o in spec.outputs]
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    # The exporter's warnings (TracerWarning on the UNet's shape checks...) are expected; export_model sends
+    # them to its log file (library_log), not the console.
+    with torch.no_grad():
         if exporter == "dynamo":
             dyn = {}
             for i in spec.inputs:
@@ -400,7 +408,8 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
                  prediction: str | None = None, vae: str | None = None, config: str | None = None,
                  overwrite: bool = False, exporter: str = "torchscript", tolerance: float | None = None,
                  upcast_attention: bool | None = None, tokenizer: str | None = None, no_tokenizer: bool = False,
-                 models: list[str] | tuple[str, ...] | None = None) -> dict:
+                 models: list[str] | tuple[str, ...] | None = None,
+                 library_log: str | os.PathLike | None = None) -> dict:
     """Export ``source`` into ``out``; returns the manifest.
 
     ``tokenizer``: a folder with CLIP's vocab.json + merges.txt used for every text encoder (overrides the
@@ -408,27 +417,85 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
     tokenizer folders) one is looked up locally (:func:`clip_tokenizer.find_clip_tokenizer`); when none is found the
     export fails unless ``no_tokenizer``. ``models``: export only these models (e.g. ``["unet"]``; for tests and
     debugging -- the manifest then lists only them and is not a complete export).
+
+    Progress goes to stderr as ``[export]`` step lines. What torch / transformers / diffusers warn or log on the
+    way (the TorchScript exporter's ``TracerWarning`` s...) goes to a log file instead
+    (:mod:`.library_log`): ``library_log`` if given (appended), else ``<out>/export.log`` -- or, when the export
+    fails with an error, ``<out>.export.log`` next to where ``out`` would have been; one line names the file when
+    anything was written. Working folders of exports whose process died are removed first (:mod:`.workdirs`), and
+    SIGTERM / SIGHUP / Ctrl-C during the export remove this one's.
     """
+    only = list(models) if models is not None else None
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"precision: received {precision!r}, expected 'fp32' or 'fp16'")
+    if exporter not in ("torchscript", "dynamo"):
+        raise ExportError(f"exporter: received {exporter!r}, expected 'torchscript' or 'dynamo'")
+    if not (MIN_OPSET <= int(opset) <= MAX_OPSET):
+        raise ExportError(f"opset: received {opset}, expected an integer from {MIN_OPSET} to {MAX_OPSET} "
+                          f"(default {DEFAULT_OPSET})")
+    if tokenizer and no_tokenizer:
+        raise ExportError("tokenizer: received both --tokenizer and --no-tokenizer, expected at most one of them")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not overwrite:
+        raise ExportError(f"out: received {out}, which already exists and is not empty; expected a new or empty "
+                          f"folder (pass --overwrite to replace it)")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    t0 = time.time()
+    for path in remove_stale_export_dirs(out):
+        log(f"removed {path} (left behind by an export that was killed)")
+    failed_log = out + ".export.log"
+    own_log = library_log is None
+    enclosing = current_library_log()
+    reports = own_log or enclosing is None or enclosing.path != Path(library_log).absolute()  # else its owner does
+    with terminate_cleanly():  # SIGTERM / SIGHUP unwind through the finally below (Ctrl-C does anyway)
+        tmp = scratch = captured = None
+        failed = False
+        try:
+            tmp = make_owned_dir(tmp_prefix(out), parent)
+            scratch = make_owned_dir(SCRATCH_PREFIX)
+            log_path = Path(scratch, "export.log") if own_log else Path(library_log).absolute()
+            with library_output_to(log_path) as captured:
+                manifest = _export_into(tmp, scratch, source, out, precision, family, opset, prediction, vae, config,
+                                        exporter, tolerance, upcast_attention, tokenizer, no_tokenizer, only)
+            if own_log and captured.count:
+                shutil.move(log_path, os.path.join(tmp, "export.log"))
+            drop_marker(tmp)
+            _move_into_place(tmp, out, overwrite)
+            if own_log and os.path.isfile(failed_log):
+                os.remove(failed_log)  # an earlier failed attempt's log; this export's own is in out/
+            log(f"wrote {out} in {time.time() - t0:.1f}s")
+            if reports and captured.count:
+                log(captured.summary(os.path.join(out, "export.log") if own_log else log_path))
+            return manifest
+        except Exception as exc:
+            failed = True  # (not on Ctrl-C / SIGTERM: whoever stopped the export does not want its log)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise ExportError(f"no space left on device while exporting to {out}; nothing written") from None
+            raise
+        finally:
+            if failed and own_log and captured is not None and captured.count:
+                kept = [p for p in (os.path.join(scratch, "export.log"), os.path.join(tmp, "export.log"))
+                        if os.path.isfile(p)]
+                if kept:
+                    shutil.move(kept[0], failed_log)  # its log outlives the failed export's temp folders
+                    log(captured.summary(failed_log))
+            for path in (scratch, tmp):
+                if path and os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+
+
+def _export_into(tmp: str, scratch: str, source: str, out: str, precision: str, family: str, opset: int,
+                 prediction: str | None, vae: str | None, config: str | None, exporter: str,
+                 tolerance: float | None, upcast_attention: bool | None, tokenizer: str | None,
+                 no_tokenizer: bool, only: list[str] | None) -> dict:
+    """The export proper: load, export + validate each model into ``tmp``, write the manifest there."""
     import torch
     from .source import load_source, weights_hash
     from .clip_tokenizer import check_tokenizer_dir, find_clip_tokenizer, read_vocab, write_clip_tokenizer_dir
     from .validate import TOLERANCE, validate
-    only = list(models) if models is not None else None
 
-    if precision not in ("fp32", "fp16"):
-        raise ExportError(f"--precision must be fp32 or fp16, not {precision!r}")
-    if exporter not in ("torchscript", "dynamo"):
-        raise ExportError(f"exporter must be torchscript or dynamo, not {exporter!r}")
-    if not (7 <= int(opset) <= 23):
-        raise ExportError(f"--opset {opset} not supported (use 14..21; default {DEFAULT_OPSET})")
-    if tokenizer and no_tokenizer:
-        raise ExportError("--tokenizer and --no-tokenizer exclude each other")
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    t0 = time.time()
     # tokenizer files: (folder with vocab.json + merges.txt for every tower, where it came from) or None;
     # resolved before the (long) checkpoint load so a missing tokenizer fails fast
     clip_tok = None
@@ -440,6 +507,8 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
         if any(not (config and os.path.isdir(os.path.join(config, tok)))
                for name, _, tok in TEXT_ENCODERS[fam] if only is None or name in only):
             clip_tok = find_clip_tokenizer(os.path.abspath(source))
+    kind = "single-file checkpoint" if os.path.isfile(source) else "checkpoint"
+    log(f"loading the {kind} {os.path.abspath(source)} ...")
     src = load_source(source, family, prediction, vae, config)
     src.vae_override = bool(vae)
     tol = tolerance if tolerance is not None else TOLERANCE[precision]
@@ -450,7 +519,7 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
     if only is not None:
         known = ["unet", "vae_decoder", "vae_encoder"] + [n for n, _, _ in towers]
         if not only or any(m not in known for m in only):
-            raise ExportError(f"models {only}: choose from {known} for {src.family}")
+            raise ExportError(f"models: received {only}, expected a non-empty subset of {known} for {src.family}")
         towers = [t for t in towers if t[0] in only]
     if clip_tok and towers:
         vocab = read_vocab(clip_tok[0])
@@ -458,8 +527,8 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
         for name, sub, _ in towers:
             n = int(src.modules[sub].config.vocab_size)
             if top >= n:
-                raise ExportError(f"tokenizer from {clip_tok[1]} has ids up to {top} but text encoder {name} has "
-                                  f"vocab_size {n}: not this model's tokenizer")
+                raise ExportError(f"tokenizer from {clip_tok[1]}: received ids up to {top}, expected ids below text "
+                                  f"encoder {name}'s vocab_size {n}: not this model's tokenizer")
         log(f"tokenizer for {', '.join(n for n, _, _ in towers)}: {clip_tok[1]}")
     elif towers and src.tokenizer_dirs:
         log(f"tokenizer for {', '.join(n for n, _, _ in towers)}: {src.tokenizer_source}")
@@ -467,116 +536,106 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
     need = int(sum(_param_bytes(m, precision) for m in src.modules.values()) * 1.15) + (64 << 20)
     _check_space(parent, need)
     torch.manual_seed(0)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    scratch = tempfile.mkdtemp(prefix="ksampler-rt-export-")
-    try:
-        specs, dims = build_specs(src, precision, upcast_attention)
-        if only is not None:
-            specs = [s for s in specs if s.name in only]
-        models, init_map, timings = {}, {}, {}
-        threads = max(1, min(4, torch.get_num_threads()))  # ONNX Runtime validation follows torch's setting
-        for spec in specs:
-            t = time.time()
-            sdir = os.path.join(scratch, spec.name)
-            os.makedirs(sdir)
-            torch_export(spec, os.path.join(sdir, "model.onnx"), opset, exporter)
-            fin = finalize_onnx(os.path.join(sdir, "model.onnx"), os.path.join(tmp, spec.file), spec)
-            texp = time.time() - t
-            val_args = (spec.reference, [spec.make_inputs(0), spec.make_inputs(1)], [o["name"] for o in spec.outputs],
-                        threads)
-            try:
-                res = validate(os.path.join(tmp, spec.file), *val_args)
-            except AssertionError:  # an output shape changed
-                if not fin["zero_masks_dropped"]:
-                    raise
-                res = {"max_rel_err": float("inf")}
-            if not res["max_rel_err"] <= tol and fin["zero_masks_dropped"]:
-                log(f"{spec.file}: validation failed with the zero attention masks dropped; exporting them as they are")
-                fin = finalize_onnx(os.path.join(sdir, "model.onnx"), os.path.join(tmp, spec.file), spec,
-                                    drop_zero_masks=False)
-                res = validate(os.path.join(tmp, spec.file), *val_args)
-            shutil.rmtree(sdir, ignore_errors=True)
-            log(f"{spec.file}: exported in {texp:.1f}s, validated at 2 shapes: max_abs_err {res['max_abs_err']:.3g}, "
-                f"max_rel_err {res['max_rel_err']:.3g} (tolerance {tol:g})")
-            if not res["max_rel_err"] <= tol:
-                raise ExportError(f"{spec.file} failed validation: max_rel_err {res['max_rel_err']:.3g} > tolerance "
-                                  f"{tol:g} for {precision} (max_abs_err {res['max_abs_err']:.3g}); nothing written")
-            files = [spec.file] + ([spec.file + ".data"] if fin["external_data"] else [])
-            models[spec.name] = {"file": spec.file, "inputs": spec.inputs, "outputs": spec.outputs,
-                                 "external_data": fin["external_data"],
-                                 "external_data_file": spec.file + ".data" if fin["external_data"] else None,
-                                 "precision": spec.precision,
-                                 "size_bytes": sum(os.path.getsize(os.path.join(tmp, x)) for x in files),
-                                 "validation": dict(res, tolerance=tol, reference="torch fp32 (CPU)",
-                                                    runtime="onnxruntime CPUExecutionProvider")}
-            init_map[spec.name] = fin["init_map"]
-            timings[spec.name] = round(time.time() - t, 3)
-        if is_sdxl(src.family) and "fp16" == precision and "unet" in models:
-            models["unet"]["notes"] = "fp16 weights; I/O float32"
-        if src.family in ("sd2", "sd2-v") and precision == "fp16" and upcast_attention and "unet" in models:
-            models["unet"]["notes"] = "attention scores and softmax computed in fp32 (SD2.x overflows in fp16)"
+    specs, dims = build_specs(src, precision, upcast_attention)
+    if only is not None:
+        specs = [s for s in specs if s.name in only]
+    models, init_map, timings = {}, {}, {}
+    threads = max(1, min(4, torch.get_num_threads()))  # ONNX Runtime validation follows torch's setting
+    for k, spec in enumerate(specs, 1):
+        step = f"[{k}/{len(specs)}] {spec.name}"
+        t = time.time()
+        sdir = os.path.join(scratch, spec.name)
+        os.makedirs(sdir)
+        log(f"{step}: exporting with torch.onnx ({exporter}, {spec.precision}) ...")
+        torch_export(spec, os.path.join(sdir, "model.onnx"), opset, exporter)
+        fin = finalize_onnx(os.path.join(sdir, "model.onnx"), os.path.join(tmp, spec.file), spec)
+        texp = time.time() - t
+        val_args = (spec.reference, [spec.make_inputs(0), spec.make_inputs(1)], [o["name"] for o in spec.outputs],
+                    threads)
+        log(f"{step}: validating with ONNX Runtime against torch at 2 shapes ...")
+        try:
+            res = validate(os.path.join(tmp, spec.file), *val_args)
+        except AssertionError:  # an output shape changed
+            if not fin["zero_masks_dropped"]:
+                raise
+            res = {"max_rel_err": float("inf")}
+        if not res["max_rel_err"] <= tol and fin["zero_masks_dropped"]:
+            log(f"{step}: validation failed with the zero attention masks dropped; exporting them as they are")
+            fin = finalize_onnx(os.path.join(sdir, "model.onnx"), os.path.join(tmp, spec.file), spec,
+                                drop_zero_masks=False)
+            res = validate(os.path.join(tmp, spec.file), *val_args)
+        shutil.rmtree(sdir, ignore_errors=True)
+        log(f"{step}: {spec.file} exported in {texp:.1f}s, validated: max_abs_err {res['max_abs_err']:.3g}, "
+            f"max_rel_err {res['max_rel_err']:.3g} (tolerance {tol:g})")
+        if not res["max_rel_err"] <= tol:
+            raise ExportError(f"{spec.file} failed validation: max_rel_err {res['max_rel_err']:.3g} > tolerance "
+                              f"{tol:g} for {precision} (max_abs_err {res['max_abs_err']:.3g}); nothing written")
+        files = [spec.file] + ([spec.file + ".data"] if fin["external_data"] else [])
+        models[spec.name] = {"file": spec.file, "inputs": spec.inputs, "outputs": spec.outputs,
+                             "external_data": fin["external_data"],
+                             "external_data_file": spec.file + ".data" if fin["external_data"] else None,
+                             "precision": spec.precision,
+                             "size_bytes": sum(os.path.getsize(os.path.join(tmp, x)) for x in files),
+                             "validation": dict(res, tolerance=tol, reference="torch fp32 (CPU)",
+                                                runtime="onnxruntime CPUExecutionProvider")}
+        init_map[spec.name] = fin["init_map"]
+        timings[spec.name] = round(time.time() - t, 3)
+    if is_sdxl(src.family) and "fp16" == precision and "unet" in models:
+        models["unet"]["notes"] = "fp16 weights; I/O float32"
+    if src.family in ("sd2", "sd2-v") and precision == "fp16" and upcast_attention and "unet" in models:
+        models["unet"]["notes"] = "attention scores and softmax computed in fp32 (SD2.x overflows in fp16)"
 
-        text_encoders = []
-        for name, sub, tok in towers:
-            cfg = src.modules[sub].config
-            tdir, how = os.path.join(tmp, tok), None
-            if clip_tok:
-                write_clip_tokenizer_dir(clip_tok[0], tdir, PAD_WITH_END[src.family][name], CLIP_LENGTH)
-                how = clip_tok[1]
-            elif src.tokenizer_dirs.get(tok):
-                shutil.copytree(src.tokenizer_dirs[tok], tdir)
-                how = src.tokenizer_source
-            else:
-                tdir = None
-                log(f"warning: no tokenizer files for {name} (--no-tokenizer); the workflow runner cannot encode "
-                    f"prompts with this export")
-            text_encoders.append(dict(
-                {"name": name, "file": f"{name}.onnx", "tokenizer": tok if tdir else None, "tokenizer_source": how,
-                 "hidden_size": int(cfg.hidden_size), "num_layers": int(cfg.num_hidden_layers),
-                 "all_hidden_states": True,
-                 "pooled_dim": models[name]["outputs"][3]["shape"][1],
-                 "pooled_projected": hasattr(src.modules[sub], "text_projection"),
-                 "max_length": CLIP_LENGTH, "context_output": CONTEXT_OUTPUT[src.family][name]},
-                **_tokenizer_info(tdir)))
+    text_encoders = []
+    for name, sub, tok in towers:
+        cfg = src.modules[sub].config
+        tdir, how = os.path.join(tmp, tok), None
+        if clip_tok:
+            write_clip_tokenizer_dir(clip_tok[0], tdir, PAD_WITH_END[src.family][name], CLIP_LENGTH)
+            how = clip_tok[1]
+        elif src.tokenizer_dirs.get(tok):
+            shutil.copytree(src.tokenizer_dirs[tok], tdir)
+            how = src.tokenizer_source
+        else:
+            tdir = None
+            log(f"warning: no tokenizer files for {name} (--no-tokenizer); the workflow runner cannot encode "
+                f"prompts with this export")
+        text_encoders.append(dict(
+            {"name": name, "file": f"{name}.onnx", "tokenizer": tok if tdir else None, "tokenizer_source": how,
+             "hidden_size": int(cfg.hidden_size), "num_layers": int(cfg.num_hidden_layers),
+             "all_hidden_states": True,
+             "pooled_dim": models[name]["outputs"][3]["shape"][1],
+             "pooled_projected": hasattr(src.modules[sub], "text_projection"),
+             "max_length": CLIP_LENGTH, "context_output": CONTEXT_OUTPUT[src.family][name]},
+            **_tokenizer_info(tdir)))
 
-        adm = dims["adm_channels"]
-        sdxl_adm = None
-        if adm:
-            ucfg = src.modules["unet"].config
-            n_ids = 6 if src.family == "sdxl" else 5
-            embed = int(ucfg.addition_time_embed_dim)
-            sdxl_adm = {"pooled_from": "clip2", "pooled_dim": adm - n_ids * embed, "time_embed_dim": embed,
-                        "time_ids": (["height", "width", "crop_h", "crop_w", "target_height", "target_width"]
-                                     if n_ids == 6 else ["height", "width", "crop_h", "crop_w", "aesthetic_score"]),
-                        "embedding": "comfy timestep_embedding: cat(cos, sin), max_period 10000"}
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "exporter_revision": EXPORTER_REVISION,
-            "family": src.family, "prediction": src.prediction,
-            "latent_channels": dims["latent_channels"], "latent_scale": src.latent_scale,
-            "latent_downscale": dims["vae_downscale"],
-            "schedule": src.schedule,
-            "text_encoders": text_encoders,
-            "adm_channels": adm, "sdxl_adm": sdxl_adm,
-            "models": models,
-            "precision": precision, "opset": _effective_opset(opset, exporter), "exporter": exporter,
-            "versions": versions(),
-            "weights_hash": weights_hash(src.weight_files),
-            "source": src.path, "source_kind": src.kind,
-            "initializer_map": init_map,
-            "export_seconds": timings,
-        }
-        write_manifest(tmp, manifest)
-        _move_into_place(tmp, out, overwrite)
-        log(f"wrote {out} in {time.time() - t0:.1f}s")
-        return manifest
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise ExportError(f"no space left on device while exporting to {out}; nothing written") from None
-        raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    adm = dims["adm_channels"]
+    sdxl_adm = None
+    if adm:
+        ucfg = src.modules["unet"].config
+        n_ids = 6 if src.family == "sdxl" else 5
+        embed = int(ucfg.addition_time_embed_dim)
+        sdxl_adm = {"pooled_from": "clip2", "pooled_dim": adm - n_ids * embed, "time_embed_dim": embed,
+                    "time_ids": (["height", "width", "crop_h", "crop_w", "target_height", "target_width"]
+                                 if n_ids == 6 else ["height", "width", "crop_h", "crop_w", "aesthetic_score"]),
+                    "embedding": "comfy timestep_embedding: cat(cos, sin), max_period 10000"}
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "exporter_revision": EXPORTER_REVISION,
+        "family": src.family, "prediction": src.prediction,
+        "latent_channels": dims["latent_channels"], "latent_scale": src.latent_scale,
+        "latent_downscale": dims["vae_downscale"],
+        "schedule": src.schedule,
+        "text_encoders": text_encoders,
+        "adm_channels": adm, "sdxl_adm": sdxl_adm,
+        "models": models,
+        "precision": precision, "opset": _effective_opset(opset, exporter), "exporter": exporter,
+        "versions": versions(),
+        "weights_hash": weights_hash(src.weight_files),
+        "source": src.path, "source_kind": src.kind,
+        "initializer_map": init_map,
+        "export_seconds": timings,
+    }
+    write_manifest(tmp, manifest)
+    return manifest
 
 
 def _move_into_place(tmp: str, out: str, overwrite: bool):
@@ -584,11 +643,17 @@ def _move_into_place(tmp: str, out: str, overwrite: bool):
         os.rmdir(out)
     if os.path.exists(out):
         if not overwrite:
-            raise ExportError(f"{out} appeared during the export; not replacing it")
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+            raise ExportError(f"out: {out} appeared during the export; expected it to stay absent (not replacing it)")
+        # the previous export steps aside under a name with this pid, so that a process killed between the
+        # renames leaves it findable (and removable once out is complete again, see workdirs)
+        old = tempfile.mkdtemp(prefix=f"{old_prefix(out)}{os.getpid()}-", dir=os.path.dirname(out))
         os.rmdir(old)
         os.rename(out, old)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)  # interrupted or failed: the previous export stays where it was
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)

@@ -62,14 +62,14 @@ def detect_family(keys_shapes: dict, family: str = "auto", prediction: str | Non
     if not _has_prefix(keys, UNET_PREFIX):
         for frag, what in _OTHER_FAMILIES.items():
             if any(frag in k for k in keys):
-                raise ExportError(f"checkpoint looks like {what}: " + unsupported_family_message(what)
-                                  + f"; {EXPECTED_KEYS_HINT}")
+                raise ExportError(unsupported_family_message(what, "checkpoint family") + f"; {EXPECTED_KEYS_HINT}")
         sample = ", ".join(sorted(keys)[:3]) or "no tensors"
         raise ExportError(f"not a Stable Diffusion checkpoint (found e.g. {sample}); {EXPECTED_KEYS_HINT}")
     conv_in = keys_shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in[1]) == 4 and conv_in[1][1] != 4:
-        raise ExportError(f"UNet has {conv_in[1][1]} input channels (inpainting / instruct-pix2pix / depth "
-                          f"models are not supported); " + unsupported_family_message("inpainting"))
+        raise ExportError(f"UNet input channels: received {conv_in[1][1]}, expected 4 (inpainting / "
+                          f"instruct-pix2pix / depth models are not supported); "
+                          + unsupported_family_message("inpainting", "checkpoint family"))
     if not _has_prefix(keys, VAE_PREFIX):
         raise ExportError(f"checkpoint has no VAE weights ('{VAE_PREFIX}...'); pass a full checkpoint "
                           f"(UNet-only files are not supported); {EXPECTED_KEYS_HINT}")
@@ -84,17 +84,18 @@ def detect_family(keys_shapes: dict, family: str = "auto", prediction: str | Non
         detected = "sd15"
     else:
         raise ExportError("could not tell the model family from the checkpoint's text-encoder keys; "
-                          + unsupported_family_message("unknown") + f"; {EXPECTED_KEYS_HINT}")
+                          + unsupported_family_message("unknown", "checkpoint family") + f"; {EXPECTED_KEYS_HINT}")
 
     if family not in ("auto", None):
         if family not in SUPPORTED_FAMILIES:
             raise ExportError(unsupported_family_message(family))
         base = "sd2" if family in ("sd2", "sd2-v") else family
         if base != detected:
-            raise ExportError(f"--family {family} does not match the checkpoint, which looks like {detected}")
+            raise ExportError(f"--family: received {family}, expected {detected}: the checkpoint does not match "
+                              f"{family}, it looks like {detected}")
         if family == "sd2-v":
             if prediction == "eps":
-                raise ExportError("--family sd2-v contradicts --prediction eps")
+                raise ExportError("--prediction: received eps with --family sd2-v, expected v (or no --prediction)")
             return "sd2-v", "v"
         if family == "sd2" and prediction == "v":
             return "sd2-v", "v"
@@ -155,7 +156,8 @@ def load_single_file(path: str, family: str = "auto", prediction: str | None = N
     family, prediction = detect_family(header, family, prediction)
     cfg_root = config or packaged_config_dir(family)
     if not os.path.isdir(cfg_root):
-        raise ExportError(f"config folder {cfg_root} does not exist")
+        raise ExportError(f"--config: received {cfg_root}, expected an existing diffusers-format folder: no such "
+                          f"folder")
     sd = _load_state_dict(path)
     modules = {}
     try:

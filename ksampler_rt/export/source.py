@@ -38,11 +38,9 @@ def _read_json(path):
 def schedule_from_config(sched: dict | None) -> dict:
     sched = sched or {}
     bs = sched.get("beta_schedule", "scaled_linear")
-    if bs not in ("scaled_linear", "linear"):
-        raise ExportError(f"unsupported scheduler beta_schedule {bs!r} (ComfyUI 'linear' == diffusers 'scaled_linear')")
-    if bs == "linear":
-        raise ExportError("scheduler uses diffusers beta_schedule 'linear' (not sqrt-linear); ComfyUI's SD schedule "
-                          "is 'scaled_linear' — not supported")
+    if bs != "scaled_linear":  # diffusers' 'linear' spaces the betas themselves linearly: another schedule
+        raise ExportError(f"scheduler beta_schedule: received {bs!r}, expected 'scaled_linear' (ComfyUI's SD "
+                          f"schedule, which ComfyUI calls 'linear')")
     return {"beta_schedule": "linear",  # ComfyUI's name for sqrt-space linear betas (diffusers 'scaled_linear')
             "linear_start": float(sched.get("beta_start", 0.00085)),
             "linear_end": float(sched.get("beta_end", 0.012)),
@@ -75,7 +73,8 @@ def detect_diffusers_family(root: str, model_index: dict, family: str, predictio
     sched = _read_json(sched_path) if os.path.isfile(sched_path) else {}
     pred = prediction or {"v_prediction": "v", "epsilon": "eps"}.get(sched.get("prediction_type", "epsilon"))
     if pred is None:
-        raise ExportError(f"unsupported prediction_type {sched.get('prediction_type')!r}; supported: epsilon, v_prediction")
+        raise ExportError(f"scheduler prediction_type: received {sched.get('prediction_type')!r}, expected "
+                          f"'epsilon' or 'v_prediction'")
     has_te1 = bool(model_index.get("text_encoder") and model_index["text_encoder"][0])
     has_te2 = bool(model_index.get("text_encoder_2") and model_index["text_encoder_2"][0])
     if unet_cfg.get("addition_embed_type") == "text_time":
@@ -85,7 +84,7 @@ def detect_diffusers_family(root: str, model_index: dict, family: str, predictio
     elif unet_cfg.get("addition_embed_type") not in (None,) or unet_cfg.get("in_channels", 4) != 4:
         raise ExportError(unsupported_family_message(
             f"{model_index.get('_class_name')} (in_channels={unet_cfg.get('in_channels')}, "
-            f"addition_embed_type={unet_cfg.get('addition_embed_type')})"))
+            f"addition_embed_type={unet_cfg.get('addition_embed_type')})", "checkpoint family"))
     else:
         te_path = os.path.join(root, "text_encoder", "config.json")
         if has_te1 and not os.path.isfile(te_path):
@@ -99,7 +98,8 @@ def detect_diffusers_family(root: str, model_index: dict, family: str, predictio
         raise ExportError(unsupported_family_message(family))
     base = lambda f: "sd2" if f.startswith("sd2") else f  # noqa: E731
     if base(family) != base(detected):
-        raise ExportError(f"--family {family} does not match {root}, which looks like {detected}")
+        raise ExportError(f"--family: received {family}, expected {detected}: the checkpoint {root} does not "
+                          f"match {family}, it looks like {detected}")
     if family == "sd2-v":
         pred = "v"
     elif family == "sd2" and prediction is None:
@@ -161,9 +161,10 @@ def load_source(path: str, family: str = "auto", prediction: str | None = None, 
     if family not in (None, "auto") and family not in SUPPORTED_FAMILIES:
         raise ExportError(unsupported_family_message(family))
     if prediction not in (None, "eps", "v"):
-        raise ExportError(f"--prediction must be eps or v, not {prediction!r}")
+        raise ExportError(f"--prediction: received {prediction!r}, expected 'eps' or 'v'")
     if not os.path.exists(path):
-        raise ExportError(f"{path}: no such file or folder")
+        raise ExportError(f"checkpoint: received {path}, expected a diffusers folder or a .safetensors file: no such "
+                          f"file or folder")
     path = os.path.abspath(path)
     if os.path.isdir(path):
         src = load_diffusers_folder(path, family, prediction)
@@ -180,9 +181,10 @@ def load_source(path: str, family: str = "auto", prediction: str | None = None, 
                      float(modules["vae"].config.get("scaling_factor", 0.18215)), toks, [path],
                      tokenizer_source=f"--config {cfg_root}")
     elif path.endswith((".ckpt", ".pt", ".pth", ".bin")):
-        raise ExportError(f"{path}: pickle checkpoints are not loaded (unsafe); convert to .safetensors first")
+        raise ExportError(f"checkpoint: received {path}, a pickle checkpoint (not loaded: unpickling runs code), "
+                          f"expected a .safetensors file; convert it first")
     else:
-        raise ExportError(f"{path}: expected a diffusers folder or a .safetensors checkpoint")
+        raise ExportError(f"checkpoint: received {path}, expected a diffusers folder or a .safetensors file")
     if vae:
         from .single_file import load_vae_file
         src.modules["vae"] = load_vae_file(os.path.abspath(vae), src.family)

@@ -448,9 +448,10 @@ def make_tiny_model(out_dir: str | os.PathLike, family: str = "sd15", seed: int 
     out = Path(out_dir).expanduser().absolute()
     if out.exists():
         if not out.is_dir():
-            raise NotADirectoryError(f"{out} exists and is not a directory")
+            raise NotADirectoryError(f"out: received {out}, which is a file; expected a folder (absent or empty)")
         if any(out.iterdir()) and not force:
-            raise FileExistsError(f"{out} is not empty; pass force=True (--force) to overwrite it")
+            raise FileExistsError(f"out: received {out}, which is not empty; expected an absent or empty folder "
+                                  f"(pass force=True / --force to overwrite it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -20,7 +20,7 @@ def compare(session, module, inputs: dict, output_names: list[str]):
     for name, g, r in zip(output_names, got, ref):
         r = r.detach().float().numpy()
         if g.shape != r.shape:
-            raise AssertionError(f"output {name}: ONNX shape {g.shape} != torch shape {r.shape}")
+            raise AssertionError(f"output {name}: received ONNX shape {g.shape}, expected torch's {r.shape}")
         if not np.isfinite(g).all():
             return float("inf"), float("inf")
         diff = float(np.abs(g.astype(np.float64) - r).max()) if g.size else 0.0

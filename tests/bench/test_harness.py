@@ -79,9 +79,9 @@ def test_unknown_and_unavailable_backends():
 
 
 def test_too_few_samples_for_a_percentile():
-    with pytest.raises(BenchError, match="p99 needs at least 100"):
+    with pytest.raises(BenchError, match="p99 samples: received 50, expected at least 100"):
         harness.percentiles([1.0] * 50, [99.0])
-    with pytest.raises(BenchError, match="--unet-samples 10 is too few for p95"):
+    with pytest.raises(BenchError, match="--unet-samples: received 10, expected at least 20 for p95"):
         harness.validate_config(BenchConfig(unet_samples=10, percentiles=(50.0, 95.0)))
     assert harness.required_samples(99) == 100 and harness.required_samples(95) == 20
     assert harness.percentiles([1.0, 2.0, 3.0], [50.0]) == {"p50": 2.0}
@@ -89,9 +89,9 @@ def test_too_few_samples_for_a_percentile():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(width=100, height=100), "multiple of 8"),
-    (dict(steps=1), "at least 2 steps"),
-    (dict(peers=("comfyui",)), "unknown comfyui"),
-    (dict(sampler="nope"), "--sampler 'nope'"),
+    (dict(steps=1), "--steps: received 1, expected at least 2"),
+    (dict(peers=("comfyui",)), "--peers: received unknown comfyui, expected some of"),
+    (dict(sampler="nope"), "--sampler: received 'nope', expected one of"),
     (dict(batches=(0,)), "--batches"),
 ])
 def test_bad_config(kw, match):

@@ -171,10 +171,11 @@ def test_foreign_plan_is_never_loaded(tiny_export, cache_root):
 
 def test_tensorrt_missing_plan_says_how_to_build(tiny_export, cache_root, monkeypatch):
     """Pure logic: the TensorRT miss message (no GPU involved, nothing is run)."""
-    from ksampler_rt.engines import loader
+    from ksampler_rt.engines.backends import get_backend
 
-    monkeypatch.setattr(loader, "pick_backend", lambda b: "tensorrt")
-    monkeypatch.setattr(loader, "environment", lambda b, d=0: dict(TRT_ENV))
+    trt = get_backend("tensorrt")  # as if on a GPU box with TensorRT: the backend object answers
+    monkeypatch.setattr(trt, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt, "environment", lambda device_id=0: {k: v for k, v in TRT_ENV.items() if k != "backend"})
     monkeypatch.setattr("ksampler_rt.engines.cuda.DeviceScratch.__init__", lambda self, cuda=None: None)
     with pytest.raises(EngineError, match=r"no tensorrt engine for unet .*no engine has been built.*"
                                           r"ksampler-rt build .* --backend tensorrt --shapes 512x512 --batch 1-4"):

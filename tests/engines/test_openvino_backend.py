@@ -153,7 +153,8 @@ def test_cli_build_and_list(ov, tiny_export, cache_root, capsys):
     rows = json.loads(capsys.readouterr().out)["entries"]
     assert [(r["model"], r["backend"], r["status"]) for r in rows] == [("unet", "openvino-cpu", "ok")]
     assert main(["build", str(tiny_export), "--backend", "openvino-cpu", "--precision", "fp16"]) == 2
-    assert "OpenVINO runs the export's own precision (fp32)" in capsys.readouterr().err
+    assert ("precision: received 'fp16', expected the export's own precision 'fp32' (OpenVINO runs"
+            in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("victim", ["model.bin", "model.xml"])

@@ -25,10 +25,12 @@ def test_dtype_normalization():
 def test_parse_cli_values():
     assert parse_shapes("512x512, 768X1024") == [(512, 512), (768, 1024)]
     assert parse_range("1-4") == (1, 4) and parse_range("2") == (2, 2)
-    with pytest.raises(EngineError, match="WIDTHxHEIGHT"):
+    with pytest.raises(EngineError, match=r"^shapes: received '512', expected WIDTHxHEIGHT"):
         parse_shapes("512")
-    with pytest.raises(EngineError):
+    with pytest.raises(EngineError, match=r"^batch: received 4-1, expected MIN-MAX with 1 <= MIN <= MAX"):
         parse_range("4-1")
+    with pytest.raises(EngineError, match=r"^tokens: received 'many', expected N or MIN-MAX"):
+        parse_range("many", "tokens")
 
 
 def test_roles_by_position_and_symbol():
@@ -72,7 +74,7 @@ def test_static_export_dim_conflict():
 
 
 def test_size_must_match_latent_scale():
-    with pytest.raises(EngineError, match="multiple"):
+    with pytest.raises(EngineError, match=r"shapes: received 500x512, expected .*multiples of the latent scale 8"):
         ProfileRequest(sizes=((500, 512),))
 
 

@@ -23,7 +23,7 @@ def test_precision_gating():
     with pytest.raises(EngineError, match="Q/DQ"):
         precision_flags("int8", "9.0")
     assert precision_flags("fp16", "9.0", strongly_typed=True) == []
-    with pytest.raises(EngineError, match="unknown precision"):
+    with pytest.raises(EngineError, match=r"precision: received 'fp4', expected one of fp32, fp16, bf16, fp8, int8"):
         precision_flags("fp4", "9.0")
 
 

@@ -59,11 +59,11 @@ def test_detect_families(ckpts):
 def test_detect_rejects(tmp_path, ckpts):
     with pytest.raises(ExportError, match="model.diffusion_model.input_blocks.0.0.weight"):
         detect_family({"foo.weight": ("F32", (2,)), "bar": ("F32", (1,))})
-    with pytest.raises(ExportError, match="SD3.*supported: sd15, sd2, sd2-v, sdxl, sdxl-refiner"):
+    with pytest.raises(ExportError, match="checkpoint family: received 'SD3.*', expected one of sd15, sd2, sd2-v, sdxl, sdxl-refiner"):
         detect_family({"model.joint_blocks.0.x.weight": ("F32", (2,))})
     h = read_safetensors_header(ckpts["sd15"][1])
     h["model.diffusion_model.input_blocks.0.0.weight"] = ("F32", (32, 9, 3, 3))
-    with pytest.raises(ExportError, match="9 input channels"):
+    with pytest.raises(ExportError, match="UNet input channels: received 9, expected 4"):
         detect_family(h)
     # a real safetensors file that is not SD; and a file that is not safetensors at all
     save_file({"encoder.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
