@@ -2,6 +2,29 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192   # = workflow.images.DEFAULT_MAX_IMAGE_PIXELS (not imported: keeps --help light)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The auth token: --auth-token, else --auth-token-file's first line, else $KSAMPLER_RT_AUTH_TOKEN."""
+    if args.auth_token and args.auth_token_file:
+        raise ValueError("--auth-token / --auth-token-file: received both, expected one")
+    token = args.auth_token
+    if args.auth_token_file:
+        try:
+            with open(args.auth_token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except OSError as exc:
+            raise ValueError(f"--auth-token-file: received {args.auth_token_file!r}, expected a readable file "
+                             f"({exc.strerror})") from None
+    token = token or os.environ.get("KSAMPLER_RT_AUTH_TOKEN") or None
+    if token is not None and (len(token) < 16 or not token.isprintable() or token != token.strip()):
+        raise ValueError(f"--auth-token: received {len(token)} characters, expected at least 16 printable "
+                         "characters without spaces at the ends (e.g. `python -c 'import secrets; "
+                         "print(secrets.token_urlsafe())'`)")
+    return token
 
 
 def register(subparsers) -> None:
@@ -10,7 +33,7 @@ def register(subparsers) -> None:
         description="A drop-in backend for ComfyUI API clients: same endpoints, JSON and WebSocket "
                     "messages; engines stay loaded between prompts.")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1; the server has no authentication)")
+                   help="address to bind (default 127.0.0.1; give --auth-token when binding another address)")
     p.add_argument("--port", type=int, default=8188, help="port (default 8188; 0 picks a free one)")
     p.add_argument("--models", default=None, metavar="DIR",
                    help="models folder (checkpoints/<name>/manifest.json); default $KSAMPLER_RT_MODELS or the cache")
@@ -47,6 +70,22 @@ def register(subparsers) -> None:
                    help="load this checkpoint's engines at start (repeatable)")
     p.add_argument("--fake-checkpoint", action="append", default=[], metavar="NAME",
                    help="serve NAME with a built-in analytic stand-in model (for testing API clients; no engines)")
+    p.add_argument("--no-ui", action="store_true",
+                   help="do not serve ComfyUI's web frontend at / (the API only)")
+    p.add_argument("--auth-token", default=None, metavar="TOKEN",
+                   help="require this token on every route and the WebSocket (Authorization: Bearer TOKEN; a browser "
+                        "opens /?token=TOKEN once); default $KSAMPLER_RT_AUTH_TOKEN")
+    p.add_argument("--auth-token-file", default=None, metavar="FILE",
+                   help="read the token from FILE (first line) instead of the command line")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="accept this Host name besides loopback names and the bound address (repeatable; '*' any). "
+                        "Guards against DNS rebinding")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="accept browser requests from this Origin (scheme://host[:port]) besides the server's own "
+                        "(repeatable; '*' any; 'null' for sandboxed pages)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"largest image (width x height x frames) accepted by uploads and LoadImage (default "
+                        f"{DEFAULT_MAX_IMAGE_PIXELS}, 8192x8192)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     p.set_defaults(func=run)
 
@@ -63,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
                          "pip install 'ksampler-rt[serve]'") from None
     if args.ray_concurrency is not None and args.ray_concurrency < 1:
         raise ValueError(f"--ray-concurrency: received {args.ray_concurrency}, expected a positive integer")
-    for name, value in (("--port", args.port), ("--max-queue", args.max_queue), ("--max-history", args.max_history)):
+    token = _token(args)
+    for name, value in (("--port", args.port), ("--max-queue", args.max_queue), ("--max-history", args.max_history),
+                        ("--max-image-pixels", args.max_image_pixels)):
         if value < 0 or (name != "--port" and value == 0):
             raise ValueError(f"{name}: received {value}, expected a positive integer")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -72,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
                           input_dir=args.input, temp_dir=args.temp, state_dir=args.state_dir, backend=args.backend,
                           max_queue=args.max_queue, max_history=args.max_history, cache_mb=args.cache_mb,
                           preview=args.preview, preview_size=args.preview_size, max_upload_mb=args.max_upload_mb,
-                          max_body_mb=args.max_body_mb, preload=list(args.preload))
+                          max_body_mb=args.max_body_mb, preload=list(args.preload), ui=not args.no_ui,
+                          auth_token=token, allow_hosts=list(args.allow_host), allow_origins=list(args.allow_origin),
+                          max_image_pixels=args.max_image_pixels)
     pipeline = None
     if args.fake_checkpoint:
         from .testing import fake_pipeline

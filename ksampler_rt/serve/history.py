@@ -4,7 +4,8 @@ On disk it is an append-only JSON-lines log (``history.jsonl`` in the state fold
 ``{"op": "add", "prompt_id", "entry"}`` line per finished prompt, ``{"op": "delete", ...}`` and
 ``{"op": "clear"}`` lines for removals. Loading replays the log; the log is compacted (rewritten
 atomically) when it holds many more lines than live entries. A torn last line (a crash mid-write)
-is skipped; an unreadable file is moved aside and history starts empty.
+is skipped, and so is any line that is not UTF-8 JSON or whose entry is not an object (the others load);
+a file that cannot be read at all is moved aside and history starts empty.
 """
 from __future__ import annotations
 
@@ -36,29 +37,31 @@ class History:
         if not self.path.is_file():
             return
         try:
-            with open(self.path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    line = line.strip()
-                    if not line:
+            with open(self.path, "rb") as f:   # line by line as bytes: one bad byte costs its line, not the file
+                for number, raw in enumerate(f, 1):
+                    if not raw.strip():
                         continue
                     try:
-                        self._apply(json.loads(line))
-                    except (ValueError, TypeError, KeyError, AttributeError):
-                        self.load_warnings.append(f"{self.path}:{number}: skipped an unreadable line")
+                        self._apply(json.loads(raw.decode("utf-8")))
+                    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+                        self.load_warnings.append(f"{self.path.name}:{number}: skipped an unreadable line")
                         continue
                     self._lines += 1
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
             aside = self.path.with_suffix(".jsonl.corrupt")
             os.replace(self.path, aside)
-            self.load_warnings.append(f"{self.path}: unreadable ({exc}); moved to {aside}, history starts empty")
+            self.load_warnings.append(f"{self.path.name}: unreadable ({exc.strerror}); moved to {aside.name}, "
+                                      "history starts empty")
             self._entries.clear()
             self._lines = 0
             return
         self._compact_if_needed()
 
     def _apply(self, record: dict) -> None:
-        op = record.get("op")
+        op = record.get("op")   # a record that is not an object raises AttributeError: skipped
         if op == "add":
+            if not isinstance(record["entry"], dict):
+                raise TypeError("a history entry must be an object")
             prompt_id = str(record["prompt_id"])
             self._entries.pop(prompt_id, None)
             self._entries[prompt_id] = record["entry"]
@@ -72,8 +75,12 @@ class History:
     def _append(self, record: dict) -> None:
         if self.path is None:
             return
-        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
+        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+        with open(self.path, "ab+") as f:
+            if f.tell() > 0:   # after a torn last line (a crash mid-write), start a new line
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
             f.write(line)
             f.flush()
         self._lines += 1

@@ -39,8 +39,9 @@ class QueueItem:
 
 
 class PromptQueue:
-    def __init__(self, max_pending: int = 100, on_change: Callable[[], None] | None = None):
+    def __init__(self, max_pending: int = 100, on_change: Callable[[], None] | None = None, journal=None):
         self.max_pending = max_pending
+        self.journal = journal   # a durable_queue.QueueJournal (or None): every change is logged to disk
         self.on_change = on_change or (lambda: None)
         self._heap: list[QueueItem] = []
         self._seq = itertools.count()
@@ -55,6 +56,8 @@ class PromptQueue:
             raise QueueFull(f"the queue holds {len(self._heap)} prompts, the most it takes (--max-queue "
                             f"{self.max_pending}); retry when it drains")
         heapq.heappush(self._heap, item)
+        if self.journal is not None:
+            self.journal.put(item)
         self._wake.set()
         self.on_change()
 
@@ -65,6 +68,8 @@ class PromptQueue:
             await self._wake.wait()
         item = heapq.heappop(self._heap)
         self._running[item.prompt_id] = item
+        if self.journal is not None:
+            self.journal.start(item.prompt_id)
         self.on_change()
         return item
 
@@ -78,6 +83,8 @@ class PromptQueue:
         if prompt_id not in self._running or (isinstance(item, QueueItem) and self._running[prompt_id] is not item):
             return  # finished already (done is idempotent)
         del self._running[prompt_id]
+        if self.journal is not None:
+            self.journal.done(prompt_id)
         self.on_change()
 
     @property
@@ -97,8 +104,12 @@ class PromptQueue:
     def contains(self, prompt_id: str) -> bool:
         return prompt_id in self._running or any(item.prompt_id == prompt_id for item in self._heap)
 
-    def wipe(self) -> None:
+    def wipe(self, keep_on_disk: bool = False) -> None:
+        """Drop the pending prompts (``keep_on_disk``: from memory only -- a stopping server keeps them for its
+        next start)."""
         self._heap.clear()
+        if self.journal is not None and not keep_on_disk:
+            self.journal.clear_pending()
         self.on_change()
 
     def delete(self, prompt_id: str) -> bool:
@@ -106,6 +117,8 @@ class PromptQueue:
             if item.prompt_id == prompt_id:
                 self._heap.pop(i)
                 heapq.heapify(self._heap)
+                if self.journal is not None:
+                    self.journal.delete(prompt_id)
                 self.on_change()
                 return True
         return False

@@ -24,7 +24,6 @@ import platform
 import sys
 import threading
 import time
-import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +33,13 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from ..workflow.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixels
+from .durable_queue import QueueJournal
+from .frontend import UI_MISSING, UI_OFF, add_frontend_routes, add_static_routes, find_web_root
 from .history import History
+from .internal import LogBuffer, add_internal_routes
+from .security import AccessPolicy
+from .userdata import UserStore, add_user_routes
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .prompt_queue import PromptQueue, QueueFull, QueueItem
 from .worker import LocalWorker, PromptExecutionError, PromptInterrupted, RunResult
@@ -66,6 +71,13 @@ class ServerConfig:
     max_body_mb: float = 16.0             # JSON request bodies
     ws_backlog: int = 4096                # queued messages per WebSocket client before it is dropped
     preload: list[str] = field(default_factory=list)
+    ui: bool = True                       # serve ComfyUI's frontend at / (when comfyui-frontend-package is installed)
+    auth_token: str | None = None         # required on every route and the WebSocket when set
+    allow_hosts: list[str] = field(default_factory=list)    # Host names besides loopback / the bound address
+    allow_origins: list[str] = field(default_factory=list)  # browser Origins besides the server's own
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS         # uploads and LoadImage: width x height x frames
+    max_prompt_id: int = 128              # longest client-chosen prompt_id
+    max_json_depth: int = 64              # deepest nesting of a JSON body
 
 
 def error_body(kind: str, message: str, details: str | None = None, extra: dict | None = None,
@@ -100,7 +112,10 @@ class UnsafePath(Exception):
 
 def _clean_subfolder(subfolder: str) -> tuple[str, ...]:
     if "\x00" in subfolder:
-        raise UnsafePath("subfolder: contains a NUL byte", 400)
+        raise UnsafePath("subfolder: received a NUL byte, expected a relative folder", 400)
+    if len(subfolder) > _MAX_SUBFOLDER_CHARS:
+        raise UnsafePath(f"subfolder: received {len(subfolder)} characters, expected at most {_MAX_SUBFOLDER_CHARS}",
+                         400)
     text = subfolder.replace("\\", "/")
     if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
         raise UnsafePath(f"subfolder: received {subfolder!r}, expected a relative folder", 403)
@@ -112,11 +127,22 @@ def _clean_subfolder(subfolder: str) -> tuple[str, ...]:
     return parts
 
 
+_MAX_NAME_BYTES = 255       # a file name on every common file system
+_MAX_SUBFOLDER_CHARS = 1024
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def _clean_filename(filename: str) -> str:
     if not filename or "\x00" in filename:
-        raise UnsafePath("filename: received an empty name", 400)
+        raise UnsafePath("filename: received an empty name or a NUL byte, expected a file name", 400)
+    if len(filename.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
+        raise UnsafePath(f"filename: received {len(filename)} characters, expected a name of at most "
+                         f"{_MAX_NAME_BYTES} bytes", 400)
     if filename[0] in "/\\" or ".." in filename or "/" in filename or "\\" in filename or filename.startswith("."):
-        raise UnsafePath(f"filename: received {filename!r}, expected a plain file name (no '/', '..' or "
+        raise UnsafePath(f"filename: received {_shown(filename)}, expected a plain file name (no '/', '..' or "
                          "leading '.')", 400)
     return filename
 
@@ -129,9 +155,14 @@ def safe_path(root: Path, subfolder: str, filename: str | None) -> Path:
     candidate = root_real.joinpath(*parts)
     if name is not None:
         candidate = candidate / name
-    real = candidate.resolve()
+    try:
+        real = candidate.resolve()
+    except (OSError, RuntimeError):  # a name the file system refuses; the message names no server path
+        raise UnsafePath("subfolder/filename: received a path the file system refuses, expected a short "
+                         "relative name", 400) from None
     if real != root_real and root_real not in real.parents:
-        raise UnsafePath(f"{subfolder}/{filename or ''}: resolves outside the served folder", 403)
+        raise UnsafePath(f"subfolder/filename: received {_shown(subfolder + '/' + (filename or ''))}, which "
+                         "resolves outside the served folder; expected a file inside it", 403)
     return candidate
 
 
@@ -216,6 +247,16 @@ class PromptServer:
         self.history = History(self.state_dir, c.max_history)
         for warning in self.history.load_warnings:
             log.warning("history: %s", warning)
+        if hasattr(pipeline, "max_image_pixels"):
+            pipeline.max_image_pixels = c.max_image_pixels
+        self.policy = AccessPolicy(c.host, list(c.allow_hosts), list(c.allow_origins), c.auth_token or None)
+        self.users = UserStore(self.state_dir / "user")
+        self.users.initialise()
+        self.journal = QueueJournal(self.state_dir)
+        self.orphans: dict[str, list[tuple[str, dict]]] = {}   # client id -> messages of prompts lost in a crash
+        self.logs = LogBuffer()
+        self.web_root = find_web_root() if c.ui else None
+        self._ui_missing = UI_OFF if not c.ui else UI_MISSING
         self.queue: PromptQueue | None = None
         self.number = 0
         self.clients: dict[str, _Client] = {}
@@ -233,7 +274,12 @@ class PromptServer:
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
+        log.addHandler(self.logs)   # /internal/logs: the server's own lines, INFO and up
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.INFO)
         self.queue = PromptQueue(self.config.max_queue, self._queue_changed)
+        self._recover_queue()   # on the loop: it fills the queue, which only the loop touches
+        self.queue.journal = self.journal
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
@@ -243,16 +289,16 @@ class PromptServer:
         for name in self.config.preload:
             await self._loop.run_in_executor(self._executor, self.pipeline.load_checkpoint, name)
         self._scheduler = asyncio.ensure_future(self._schedule())
-        if not _is_loopback(self.config.host):
-            log.warning("listening on %s: the server has no authentication; anyone who can reach this "
-                        "address can run prompts and read outputs", self.config.host)
+        if not _is_loopback(self.config.host) and not self.policy.token:
+            log.warning("listening on %s without --auth-token: anyone who can reach this address can run "
+                        "prompts and read outputs", self.config.host)
         log.info("ksampler-rt serve: http://%s:%s", self.config.host, self.port)
         return self.port
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         if self.queue is not None:
-            self.queue.wipe()
+            self.queue.wipe(keep_on_disk=True)   # the pending prompts run again at the next start
         self.interrupt()
         if self._scheduler is not None:
             if self.runs:  # let the running prompts stop between steps and be recorded
@@ -283,6 +329,52 @@ class PromptServer:
             self.worker.close()
         except Exception:  # noqa: BLE001
             pass
+        log.removeHandler(self.logs)
+
+    def _recover_queue(self) -> None:
+        """Queue again what the queue log says was pending; record what was running when the last process
+        ended (a crash: a clean stop finishes its running prompts) as failed, in the history and for the
+        client that submitted it when it reconnects."""
+        pending, lost = self.journal.recover()
+        for warning in self.journal.warnings:
+            log.warning("queue: %s", warning)
+        now = int(time.time() * 1000)
+        for record in lost:
+            prompt_id = record["prompt_id"]
+            message = ("the server process ended while this prompt was running (killed or crashed); it did not "
+                       "finish and is not run again")
+            item = QueueItem(float(record["number"]), 0, prompt_id, record["prompt"], record["extra_data"],
+                             list(record.get("outputs") or []))
+            messages = [("execution_start", {"prompt_id": prompt_id, "timestamp": now}),
+                        ("execution_error", {"prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [],
+                                             "exception_message": message, "exception_type": "ServerRestarted",
+                                             "traceback": [], "current_inputs": {}, "current_outputs": [],
+                                             "timestamp": now})]
+            if prompt_id not in self.history:
+                self.history.add(prompt_id, {"prompt": item.as_comfy(), "outputs": {},
+                                             "status": {"status_str": "error", "completed": False, "messages": messages},
+                                             "meta": {}})
+            sid = record["extra_data"].get("client_id")
+            if isinstance(sid, str) and sid:
+                self.orphans.setdefault(sid, []).extend(messages + [("executing", {"node": None,
+                                                                                  "prompt_id": prompt_id})])
+            log.warning("prompt %s was running when the server stopped last; recorded as failed", prompt_id)
+        self.journal.recover()  # the same state: the lost prompts are done now, the pending ones are re-put below
+        for prompt_id in [r["prompt_id"] for r in lost]:
+            self.journal.done(prompt_id)
+        limit, self.queue.max_pending = self.queue.max_pending, 1 << 62   # all of them, whatever --max-queue is now
+        for record in pending:
+            self.journal.delete(record["prompt_id"])
+            item = QueueItem(float(record["number"]), self.queue.next_seq(), record["prompt_id"], record["prompt"],
+                             record["extra_data"], list(record.get("outputs") or []))
+            self.queue.journal = self.journal
+            self.queue.put(item)
+            self.number = max(self.number, int(item.number) + 1)
+        self.queue.journal = None
+        self.queue.max_pending = limit
+        self.journal.compact()
+        if pending:
+            log.info("queue: %d prompt(s) pending from the last run queued again", len(pending))
 
     # -- messages -------------------------------------------------------------------------------------
     def send(self, event: str, data: Any, sid: str | None = None) -> None:
@@ -457,8 +549,8 @@ class PromptServer:
     async def _read_json(self, request: web.Request, *, allow_empty: bool = False):
         """The JSON body, bounded by ``max_body_mb``; a web.Response on failure."""
         if request.content_length is not None and request.content_length > self.max_body:
-            return _json(error_body("request_too_large", f"the request body has {request.content_length} bytes, "
-                                    f"more than the {self.max_body} this server accepts"), 413)
+            return _json(error_body("request_too_large", f"request body: received {request.content_length} bytes, "
+                                    f"expected at most {self.max_body} (--max-body-mb)"), 413)
         body = bytearray()
         while True:
             chunk = await request.content.read(1 << 16)
@@ -466,16 +558,43 @@ class PromptServer:
                 break
             body += chunk
             if len(body) > self.max_body:
-                return _json(error_body("request_too_large", f"the request body is larger than the "
-                                        f"{self.max_body} bytes this server accepts"), 413)
+                return _json(error_body("request_too_large", f"request body: received more than "
+                                        f"{self.max_body} bytes, expected at most {self.max_body} (--max-body-mb)"),
+                                 413)
         if not body.strip():
             if allow_empty:
                 return {}
             return _json(error_body("invalid_json", "the request body is empty, expected a JSON object"), 400)
         try:
-            return json.loads(body)
+            data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _json(error_body("invalid_json", f"the request body is not valid JSON ({exc})"), 400)
+        except RecursionError:
+            data = None
+            depth = None
+        else:
+            depth = _json_depth(data, self.config.max_json_depth)
+        if depth is None or depth > self.config.max_json_depth:
+            return _json(error_body("invalid_json", f"the request body: received JSON nested deeper than "
+                                    f"{self.config.max_json_depth} levels, expected at most "
+                                    f"{self.config.max_json_depth}"), 400)
+        return data
+
+    def _prompt_id_problem(self, prompt_id) -> str | None:
+        """Why a client-chosen prompt_id is refused (None: it is fine). Ids key the history, file names of
+        clients and WebSocket messages: a bounded printable string, never one in use."""
+        limit = self.config.max_prompt_id
+        if not isinstance(prompt_id, str):
+            return f"prompt_id: received a JSON {type(prompt_id).__name__}, expected a string"
+        if len(prompt_id) > limit:
+            return f"prompt_id: received {len(prompt_id)} characters, expected at most {limit}"
+        if not prompt_id.isprintable() or prompt_id != prompt_id.strip():
+            return (f"prompt_id: received {prompt_id!r}, expected printable characters without leading or trailing "
+                    "spaces")
+        if self.queue.contains(prompt_id) or prompt_id in self.history:
+            return (f"prompt_id: received {prompt_id!r}, which is already queued, running or in the history; "
+                    "expected a new id")
+        return None
 
     def _folder(self, kind: str | None) -> Path | None:
         return {"output": self.output_dir, "input": self.input_dir, "temp": self.temp_dir}.get(kind or "output")
@@ -483,29 +602,25 @@ class PromptServer:
     # -- the application --------------------------------------------------------------------------------
     def _make_app(self) -> web.Application:
         @web.middleware
-        async def guard(request: web.Request, handler):
-            # A web page must not drive a loopback server from the user's browser (ComfyUI's rule).
-            origin, host = request.headers.get("Origin"), request.headers.get("Host")
-            if origin and host and origin != "null":
-                host_split = urllib.parse.urlsplit("//" + host.lower())
-                origin_split = urllib.parse.urlsplit(origin.lower())
-                if _is_loopback(host_split.hostname) and (
-                        host_split.hostname != origin_split.hostname
-                        or (host_split.port is not None and origin_split.port is not None
-                            and host_split.port != origin_split.port)):
-                    return web.Response(status=403, text="Origin does not match Host")
+        async def errors(request: web.Request, handler):
             try:
                 return await handler(request)
             except web.HTTPException:
                 raise
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 -- details (paths, values) go to the log, not to the client
                 log.exception("%s %s failed", request.method, request.path)
-                return _json(error_body("server_error", f"{type(exc).__name__}: {exc}"), 500)
+                return _json(error_body("server_error", "the server failed on this request; the server log has "
+                                        "the details"), 500)
 
-        app = web.Application(client_max_size=int(self.config.max_upload_mb * 1024 * 1024), middlewares=[guard])
+        # Host / Origin / token first: nothing runs for a request that may not be here.
+        app = web.Application(client_max_size=int(self.config.max_upload_mb * 1024 * 1024),
+                              middlewares=[self.policy.middleware(), errors])
         r = web.RouteTableDef()
+        add_user_routes(r, self.users, self.max_body, self._read_json)
+        add_frontend_routes(r, self.web_root, self._ui_missing)
+        add_internal_routes(r, self.logs, self._folder_paths, lambda kind: self._folder(kind))
 
         @r.get("/ws")
         async def websocket(request: web.Request):
@@ -518,6 +633,8 @@ class PromptServer:
             client = self.clients[sid] = _Client(sid, ws, self.config.ws_backlog)
             self.metrics.ws_clients.set(len(self.clients))
             client.push(json.dumps({"type": "status", "data": {"status": self.queue_info(), "sid": sid}}))
+            for event, data in self.orphans.pop(sid, []):  # its prompts that a crash of the last process ended
+                client.push(json.dumps({"type": event, "data": data}, default=str))
             for run in list(self.runs.values()):  # a reconnecting client learns where its prompts are
                 if run.sid == sid and run.last_node is not None:
                     client.push(json.dumps({"type": "executing", "data": {
@@ -576,10 +693,14 @@ class PromptServer:
                                             "a finite number"), 400)
             else:
                 number = None  # taken after validation, so queue order is the order of the answers
-            prompt_id = str(data.get("prompt_id") or uuid.uuid4())
-            if self.queue.contains(prompt_id):
-                return _json(error_body("invalid_prompt", f"prompt_id: {prompt_id!r} is already queued or running"),
-                             400)
+            prompt_id = data.get("prompt_id")
+            if prompt_id is None or prompt_id == "":
+                prompt_id = str(uuid.uuid4())
+            else:
+                problem = self._prompt_id_problem(prompt_id)
+                if problem:
+                    self.metrics.rejected.labels("bad_request").inc()
+                    return _json(error_body("invalid_prompt", problem), 400)
             extra_data = data.get("extra_data") or {}
             if not isinstance(extra_data, dict):
                 return _json(error_body("invalid_prompt", "extra_data: expected a JSON object"), 400)
@@ -597,9 +718,9 @@ class PromptServer:
                 return _json(error_body("invalid_prompt", f"the prompt cannot be read: {type(exc).__name__}: {exc}"),
                              400)
             self.metrics.stage.labels("validate").observe(time.perf_counter() - t0)
-            if self.queue.contains(prompt_id):
-                return _json(error_body("invalid_prompt", f"prompt_id: {prompt_id!r} is already queued or running"),
-                             400)
+            if data.get("prompt_id") and (self.queue.contains(prompt_id) or prompt_id in self.history):
+                return _json(error_body("invalid_prompt", f"prompt_id: received {prompt_id!r}, which is already "
+                                        "queued, running or in the history; expected a new id"), 400)
             if number is None:
                 number = -self.number if data.get("front") else self.number
                 self.number += 1
@@ -707,9 +828,36 @@ class PromptServer:
         async def upload_image(request):
             return await self._upload(request)
 
+        @r.post("/upload/mask")
+        async def upload_mask(request):
+            return await self._upload(request, mask=True)
+
+        @r.get("/view_metadata/{folder_name}")
+        async def view_metadata(request):
+            return await self._view_metadata(request)
+
+        @r.get("/experiment/models")
+        async def experiment_models(request):
+            return _json([{"name": name, "folders": folders} for name, folders in self._folder_paths().items()
+                          if name in ("checkpoints", "loras")])
+
+        @r.get("/experiment/models/{folder}")
+        async def experiment_models_in(request):
+            names = self._model_names(request.match_info["folder"])
+            if names is None:
+                return web.Response(status=404)
+            return _json([{"name": name, "pathIndex": 0} for name in names])
+
         @r.get("/system_stats")
         async def system_stats(request):
-            return _json(await asyncio.get_running_loop().run_in_executor(None, self._system_stats))
+            stats = await asyncio.get_running_loop().run_in_executor(None, self._system_stats)
+            # The command line can hold a token and local paths: only a caller that proved the token sees it.
+            # "--disable-api-nodes" (ComfyUI's flag) is true here -- no Comfy.org API nodes -- and tells the
+            # frontend not to ask api.comfy.org for releases.
+            argv = (_redacted_argv(stats["system"].get("argv") or []) if self.policy.authenticated(request)
+                    else ["ksampler-rt", "serve"])
+            stats["system"]["argv"] = argv + ["--disable-api-nodes"]
+            return _json(stats)
 
         @r.get("/features")
         async def features(request):
@@ -725,21 +873,70 @@ class PromptServer:
 
         @r.get("/models/{folder}")
         async def models_in(request):
-            registry = self.pipeline.registry
-            folder = request.match_info["folder"]
-            if folder == "checkpoints":  # what CheckpointLoaderSimple accepts
-                loader = self.pipeline.specs.get("CheckpointLoaderSimple")
-                return _json(loader.inputs["ckpt_name"].combo_values() if loader else registry.checkpoint_names())
-            if folder == "loras":
-                return _json(registry.lora_names())
-            return web.Response(status=404)
+            names = self._model_names(request.match_info["folder"])
+            return web.Response(status=404) if names is None else _json(names)
 
         @r.get("/metrics")
         async def metrics(request):
             return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+        # ComfyUI registers every route under /x and /api/x (the frontend calls /api/x).
+        for route in r:
+            if isinstance(route, web.RouteDef):
+                app.router.add_route(route.method, "/api" + route.path, route.handler, **route.kwargs)
         app.add_routes(r)
+        add_static_routes(app, self.web_root, self._ui_missing, self.users.user_dir / "user.css")
         return app
+
+    def _folder_paths(self) -> dict[str, list[str]]:
+        """ComfyUI's /internal/folder_paths: model folder name -> the folders it is read from."""
+        registry = getattr(self.pipeline, "registry", None)
+        out = {}
+        if registry is not None:
+            out = {"checkpoints": [str(registry.checkpoints_dir)], "loras": [str(registry.loras_dir)]}
+        return {**out, "output": [str(self.output_dir)], "input": [str(self.input_dir)], "temp": [str(self.temp_dir)]}
+
+    def _model_names(self, folder: str) -> list[str] | None:
+        """The model names of a folder as the loaders list them (None: not a folder of this server)."""
+        registry = self.pipeline.registry
+        if folder == "checkpoints":  # what CheckpointLoaderSimple accepts
+            loader = self.pipeline.specs.get("CheckpointLoaderSimple")
+            return loader.inputs["ckpt_name"].combo_values() if loader else registry.checkpoint_names()
+        if folder == "loras":
+            return registry.lora_names()
+        return None
+
+    def _mask_original(self, ref) -> Path:
+        """The image ``original_ref`` (JSON {filename, subfolder, type}) of /upload/mask names."""
+        try:
+            ref = json.loads(ref) if isinstance(ref, str) else None
+        except ValueError:
+            ref = None
+        if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str):
+            raise UnsafePath('original_ref: expected JSON {"filename", "subfolder", "type"} of the masked image', 400)
+        filename, kind = ref["filename"], ref.get("type") or "output"
+        for annotation in _FOLDER_TYPES:
+            if filename.endswith(f" [{annotation}]"):
+                filename, kind = filename[: -len(annotation) - 3], annotation
+        root = self._folder(kind)
+        if root is None:
+            raise UnsafePath(f"original_ref.type: received {_shown(str(kind))}, expected one of {_FOLDER_TYPES}", 400)
+        path = safe_path(root, str(ref.get("subfolder") or ""), filename)
+        if not path.is_file():
+            raise UnsafePath(f"original_ref: received {_shown(filename)}, expected an existing image", 404)
+        return path
+
+    async def _view_metadata(self, request: web.Request) -> web.Response:
+        """ComfyUI's /view_metadata/{folder}?filename=x.safetensors: the file's ``__metadata__`` header."""
+        folder, filename = request.match_info["folder_name"], request.query.get("filename", "")
+        if folder != "loras" or not filename.endswith(".safetensors"):
+            return web.Response(status=404)   # checkpoints here are engine exports, not .safetensors files
+        try:
+            path = self.pipeline.registry.lora(filename)
+        except (FileNotFoundError, OSError, ValueError):
+            return web.Response(status=404)
+        metadata = await asyncio.get_running_loop().run_in_executor(None, _safetensors_metadata, path)
+        return web.Response(status=404) if metadata is None else _json(metadata)
 
     def _features(self) -> dict:
         return {"supports_preview_metadata": False,
@@ -767,9 +964,10 @@ class PromptServer:
         disposition = {"Content-Disposition": f'filename="{path.name}"'}
         if "preview" in q or q.get("channel") in ("rgb", "a"):
             body, content_type = await asyncio.get_running_loop().run_in_executor(
-                None, _render_view, path, q.get("preview"), q.get("channel", ""))
+                None, _render_view, path, q.get("preview"), q.get("channel", ""), self.config.max_image_pixels)
             if body is None:
-                return web.Response(status=400, text="the file is not an image")
+                return web.Response(status=400, text=content_type or "filename: received a file that is not an "
+                                    "image, expected an image for preview / channel")
             return web.Response(body=body, content_type=content_type, headers=disposition)
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         if content_type in _FORCE_DOWNLOAD:
@@ -777,7 +975,7 @@ class PromptServer:
         return web.FileResponse(path, headers={**disposition, "Content-Type": content_type})
 
     # -- /upload/image --------------------------------------------------------------------------------------
-    async def _upload(self, request: web.Request) -> web.Response:
+    async def _upload(self, request: web.Request, mask: bool = False) -> web.Response:
         try:
             post = await request.post()
         except web.HTTPRequestEntityTooLarge:
@@ -795,9 +993,16 @@ class PromptServer:
                          400)
         subfolder = str(post.get("subfolder") or "")
         overwrite = str(post.get("overwrite") or "").lower() in ("true", "1")
+        mask_onto = None
+        if mask:  # /upload/mask: the upload's alpha goes onto the image named by original_ref
+            try:
+                mask_onto = self._mask_original(post.get("original_ref"))
+            except UnsafePath as exc:
+                return _json(error_body("invalid_filename", str(exc)), exc.status)
         try:
             name = await asyncio.get_running_loop().run_in_executor(
-                None, _store_upload, root, subfolder, image.filename or "", image.file, overwrite)
+                None, _store_upload, root, subfolder, image.filename or "", image.file, overwrite,
+                self.config.max_image_pixels, mask_onto)
         except UnsafePath as exc:
             return _json(error_body("invalid_filename", str(exc)), exc.status)
         except ValueError as exc:
@@ -815,11 +1020,11 @@ class PromptServer:
             ram_total, ram_free = info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
         except (OSError, ValueError, IndexError):
             pass
+        from ..engines.backends import device_type, pick_backend
+
         backend = getattr(self.pipeline, "backend", "auto")
         if backend == "auto":
             try:
-                from ..engines.loader import pick_backend
-
                 backend = pick_backend("auto")
             except Exception:  # noqa: BLE001 -- stats are best effort
                 pass
@@ -829,9 +1034,54 @@ class PromptServer:
                        "python_version": sys.version, "pytorch_version": None, "embedded_python": False,
                        "argv": sys.argv},
             "devices": [{"name": f"ksampler-rt ({backend}) on {platform.machine()}",
-                         "type": "cpu" if backend in ("onnxruntime-cpu", "openvino-cpu", "auto") else "cuda", "index": 0,
+                         "type": device_type(backend), "index": 0,
                          "vram_total": 0, "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}],
         }
+
+
+def _json_depth(value, limit: int) -> int:
+    """Nesting depth of parsed JSON (iteratively; stops counting past ``limit``)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > limit:
+                return depth
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _safetensors_metadata(path: Path, max_header: int = 1 << 20) -> dict | None:
+    """The ``__metadata__`` of a safetensors header (comfy.utils.safetensors_header, 1 MiB at most)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size <= 0 or size > max_header:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, RecursionError):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else None
+
+
+def _redacted_argv(argv: list[str]) -> list[str]:
+    """argv with the value of --auth-token hidden."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append("***")
+            hide = False
+        elif arg == "--auth-token":
+            out.append(arg)
+            hide = True
+        elif arg.startswith("--auth-token="):
+            out.append("--auth-token=***")
+        else:
+            out.append(str(arg))
+    return out
 
 
 def _id_list(value) -> list[str]:
@@ -839,13 +1089,17 @@ def _id_list(value) -> list[str]:
     return [str(v) for v in value if isinstance(v, (str, int))] if isinstance(value, list) else []
 
 
-def _render_view(path: Path, preview: str | None, channel: str):
-    """ComfyUI's /view ``preview=fmt;quality`` and ``channel=rgb|a`` conversions."""
+def _render_view(path: Path, preview: str | None, channel: str, max_pixels: int | None = None):
+    """ComfyUI's /view ``preview=fmt;quality`` and ``channel=rgb|a`` conversions (images within the pixel cap:
+    these decode the whole image)."""
     from PIL import Image
 
     try:
         img = Image.open(path)
+        check_pixels(img, path.name, max_pixels)
         img.load()
+    except ValueError as exc:
+        return None, str(exc) if "--max-image-pixels" in str(exc) else None
     except Exception:  # noqa: BLE001
         return None, None
     buffer = io.BytesIO()
@@ -867,17 +1121,43 @@ def _render_view(path: Path, preview: str | None, channel: str):
     return buffer.getvalue(), "image/png"
 
 
-def _store_upload(root: Path, subfolder: str, filename: str, stream, overwrite: bool) -> str:
-    """Write an uploaded image inside ``root`` (never outside); the stored file name."""
+def _store_upload(root: Path, subfolder: str, filename: str, stream, overwrite: bool,
+                  max_pixels: int | None = None, mask_onto: Path | None = None) -> str:
+    """Write an uploaded image inside ``root`` (never outside); the stored file name. ``mask_onto``: ComfyUI's
+    /upload/mask -- the stored image is that original with the upload's alpha channel (metadata kept)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     path = safe_path(root, subfolder, filename)
     data = stream.read()
     try:
         with Image.open(io.BytesIO(data)) as img:
+            check_pixels(img, filename, max_pixels)  # from the header, before anything is decoded
             img.verify()
+    except ValueError as exc:
+        if "--max-image-pixels" in str(exc):
+            raise
+        raise ValueError(f"image: received {_shown(filename)}, which is not a readable image; expected PNG, "
+                         "JPEG, WebP, ...") from None
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"image: {filename!r} is not a readable image ({type(exc).__name__})") from None
+        raise ValueError(f"image: received {_shown(filename)}, which is not a readable image "
+                         f"({type(exc).__name__}); expected PNG, JPEG, WebP, ...") from None
+    if mask_onto is not None:
+        with Image.open(mask_onto) as original:
+            check_pixels(original, mask_onto.name, max_pixels)
+            metadata = PngInfo()
+            for key, value in getattr(original, "text", {}).items():
+                metadata.add_text(key, value)
+            rgba = original.convert("RGBA")
+        with Image.open(io.BytesIO(data)) as upload:
+            alpha = upload.convert("RGBA").getchannel("A")
+        if alpha.size != rgba.size:
+            raise ValueError(f"image: received a {alpha.size[0]}x{alpha.size[1]} mask, expected the original's size "
+                             f"{rgba.size[0]}x{rgba.size[1]}")
+        rgba.putalpha(alpha)
+        buffer = io.BytesIO()
+        rgba.save(buffer, format="PNG", compress_level=4, pnginfo=metadata)
+        data = buffer.getvalue()
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     if folder.resolve() != root.resolve() and root.resolve() not in folder.resolve().parents:

@@ -50,8 +50,20 @@ def run(args) -> int:
         print(f"ksampler-rt run: {exc}", file=sys.stderr)
         return 2
     bars = _ProgressBars()
+    current: dict = {}
+
+    def on_event(kind: str, data) -> None:
+        if kind == "executing" and isinstance(data, dict) and data.get("node") is not None:
+            current["node"] = data["node"]
+
     try:
-        result = pipe.run_workflow(plan, on_step=bars, extra_pnginfo=_ui_workflow(args.workflow))
+        result = pipe.run_workflow(plan, on_step=bars, on_event=on_event, extra_pnginfo=_ui_workflow(args.workflow))
+    except (ValueError, OSError, RuntimeError) as exc:
+        # the node that failed and, in the message, the input (e.g. "filename_prefix: received ...")
+        node = current.get("node")
+        where = f"node {node} ({plan.prompt[node]['class_type']})" if node in plan.prompt else "the workflow"
+        print(f"ksampler-rt run: {where} failed: {exc}", file=sys.stderr)
+        return 1
     finally:
         bars.close()
     for node_id, ui in result.ui.items():

@@ -52,6 +52,6 @@ CONDITIONING_NODE_SPECS = {
                                               "end_step": Input("INT", 10000, 1, 10000)},
                  ("CONDITIONING",), category="advanced/conditioning",
                  description="ksampler-rt: use this conditioning for steps start_step <= i < end_step only",
-                 run=conditioning_set_step_range),
+                 python_module="custom_nodes.ksampler_rt", run=conditioning_set_step_range),
     )
 }

@@ -7,6 +7,7 @@ between prompts through an :class:`OutputCache`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -14,17 +15,26 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .graph import Plan, is_link
+from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .spec import NodeSpec
 
 
 def resolve_input(input_dir, name: str) -> Path:
     """A file of the input folder by name; never anything outside it (``..``, absolute paths, symlinks out)."""
     root = Path(input_dir).resolve()
-    path = (root / name).resolve()
-    if root not in path.parents:
-        raise ValueError(f"image: received {name!r}, which is outside the input folder {root}")
-    if not path.is_file():
-        raise FileNotFoundError(f"image: {name!r} is not in the input folder {root}")
+    shown = name if len(name) <= 200 else name[:200] + "..."
+    try:
+        if "\x00" in name:
+            raise ValueError("NUL byte")
+        path = (root / name).resolve()
+        inside = root in path.parents
+        exists = inside and path.is_file()
+    except (OSError, ValueError):  # a name the file system refuses (too long, NUL): no server path in the message
+        raise ValueError(f"image: received {shown!r}, expected the name of a file in the input folder") from None
+    if not inside:
+        raise ValueError(f"image: received {shown!r}, expected a file inside the input folder")
+    if not exists:
+        raise FileNotFoundError(f"image: received {shown!r}, expected a file of the input folder (it is not there)")
     return path
 
 
@@ -49,6 +59,7 @@ class ExecutionContext:
     on_event: EventSink | None = None
     is_interrupted: Callable[[], bool] = lambda: False
     on_step: Callable[[str, int, int, Any, Any], None] | None = None
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS   # LoadImage's cap (width x height x frames)
 
     def input_path(self, name: str) -> Path:
         return resolve_input(self.input_dir, name)
@@ -56,6 +67,11 @@ class ExecutionContext:
     def check_interrupt(self) -> None:
         if self.is_interrupted():
             raise Interrupted("interrupted")
+
+    def send_binary(self, frame: bytes) -> None:
+        """A ready binary WebSocket frame for the client (the ``preview`` event; SaveImageWebsocket's images)."""
+        if self.on_event:
+            self.on_event("preview", frame)
 
     def progress(self, node_id: str, value: int, total: int, x=None, denoised=None) -> None:
         if self.on_event:
@@ -65,16 +81,27 @@ class ExecutionContext:
 
 
 def _signature(prompt: Mapping, node_id: str, memo: dict) -> str:
-    """A key for a node's output: its class, widget values and its inputs' keys, recursively."""
-    if node_id in memo:
-        return memo[node_id]
-    node = prompt[node_id]
-    parts = {}
-    for name, value in sorted((node.get("inputs") or {}).items()):
-        parts[name] = ["link", _signature(prompt, str(value[0]), memo), value[1]] if is_link(value) else value
-    key = json.dumps([node["class_type"], parts], sort_keys=True, default=str)
-    memo[node_id] = key
-    return key
+    """A key for a node's output: a digest of its class, widget values and its inputs' keys, recursively
+    (computed with an explicit stack: a chain of thousands of nodes needs no Python recursion)."""
+    stack = [node_id]
+    while stack:
+        current = stack[-1]
+        if current in memo:
+            stack.pop()
+            continue
+        inputs = prompt[current].get("inputs") or {}
+        missing = [str(v[0]) for v in inputs.values() if is_link(v) and str(v[0]) not in memo]
+        if missing:
+            stack.extend(missing)
+            continue
+        parts = {name: ["link", memo[str(value[0])], value[1]] if is_link(value) else value
+                 for name, value in sorted(inputs.items())}
+        # a digest, not the text: a node's key embeds its inputs' keys, so text keys would grow with the depth
+        # of the graph (exponentially, with JSON escaping each level)
+        text = json.dumps([prompt[current]["class_type"], parts], sort_keys=True, default=str)
+        memo[current] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        stack.pop()
+    return memo[node_id]
 
 
 class OutputCache:
@@ -108,7 +135,7 @@ class ExecutionResult:
 
 
 # Nodes whose results depend on files or the outside world are never served from the cache.
-_UNCACHEABLE = {"SaveImage", "PreviewImage", "LoadImage"}
+_UNCACHEABLE = {"SaveImage", "PreviewImage", "LoadImage", "SaveImageWebsocket"}
 
 
 def execute(plan: Plan, specs: Mapping[str, NodeSpec], ctx: ExecutionContext,
@@ -141,8 +168,10 @@ def execute(plan: Plan, specs: Mapping[str, NodeSpec], ctx: ExecutionContext,
                 kwargs[name] = value
         out = spec.run(ctx, node_id, **kwargs)
         if isinstance(out, dict) and "ui" in out:
-            result.ui[node_id] = out["ui"]
             result.outputs[node_id] = ()
+            if not out["ui"]:
+                continue  # ComfyUI sends "executed" and keeps history outputs only for a non-empty ui
+            result.ui[node_id] = out["ui"]
             emit("executed", {"node": node_id, "display_node": node_id, "output": out["ui"], "prompt_id": ctx.prompt_id})
         else:
             result.outputs[node_id] = out

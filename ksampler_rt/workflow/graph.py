@@ -48,11 +48,27 @@ def load_workflow(source: str | Path | Mapping, specs: Mapping[str, NodeSpec]) -
     if isinstance(source, Mapping):
         data = source
     else:
-        text = Path(source).read_text(encoding="utf-8") if not str(source).lstrip().startswith("{") else str(source)
+        is_text = str(source).lstrip().startswith("{")
+        if is_text:
+            text = str(source)
+        else:
+            path = Path(source)
+            if path.is_dir():
+                raise WorkflowError(f"workflow: received {str(source)!r}, a folder; expected a workflow JSON file",
+                                    error_type="invalid_prompt")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise WorkflowError(f"workflow: received {str(source)!r}, expected an existing JSON file (it does "
+                                    "not exist)", error_type="invalid_prompt") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise WorkflowError(f"workflow: received {str(source)!r}, expected a readable UTF-8 JSON file "
+                                    f"({type(exc).__name__})", error_type="invalid_prompt") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise WorkflowError(f"workflow: {source} is not valid JSON ({exc})", error_type="invalid_prompt") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise WorkflowError(f"workflow: {source if not is_text else 'the text'} is not valid JSON ({exc})",
+                                error_type="invalid_prompt") from None
     if not isinstance(data, Mapping):
         raise WorkflowError(f"workflow: received a JSON {type(data).__name__}, expected an object", error_type="invalid_prompt")
     if "nodes" in data and "links" in data:
@@ -62,43 +78,86 @@ def load_workflow(source: str | Path | Mapping, specs: Mapping[str, NodeSpec]) -
     return {str(k): v for k, v in data.items()}
 
 
+def _ui_error(message: str) -> WorkflowError:
+    return WorkflowError(f"workflow (UI format): {message}", error_type="invalid_prompt")
+
+
+def _ui_links(workflow: Mapping) -> dict:
+    """link id -> [source node id, output slot] of the UI format's ``links`` list."""
+    raw = workflow.get("links") or []
+    if not isinstance(raw, list):
+        raise _ui_error(f"links: received a JSON {type(raw).__name__}, expected a list of "
+                        "[id, from_node, from_slot, to_node, to_slot, type]")
+    links = {}
+    for i, link in enumerate(raw):
+        if isinstance(link, Mapping):  # the newer object form {id, origin_id, origin_slot, ...}
+            link = [link.get("id"), link.get("origin_id"), link.get("origin_slot")]
+        if (not isinstance(link, list) or len(link) < 3 or not isinstance(link[1], (int, str))
+                or isinstance(link[2], bool) or not isinstance(link[2], int) or not isinstance(link[0], (int, str))):
+            shown = repr(link) if len(repr(link)) <= 80 else repr(link)[:80] + "..."
+            raise _ui_error(f"links[{i}]: received {shown}, expected [id, from_node, from_slot, to_node, to_slot, type]")
+        links[link[0]] = [str(link[1]), int(link[2])]
+    return links
+
+
 def ui_to_api(workflow: Mapping, specs: Mapping[str, NodeSpec]) -> dict:
     """Convert the frontend's format: links become [src, slot], widgets_values become named inputs."""
-    links = {}
-    for link in workflow.get("links") or []:
-        link_id, src, src_slot = link[0], link[1], link[2]
-        links[link_id] = [str(src), int(src_slot)]
+    nodes = workflow.get("nodes")
+    if not isinstance(nodes, list):
+        raise _ui_error(f"nodes: received a JSON {type(nodes).__name__}, expected a list of node objects")
+    for i, node in enumerate(nodes):
+        if not isinstance(node, Mapping):
+            raise _ui_error(f"nodes[{i}]: received a JSON {type(node).__name__}, expected a node object")
+        if not isinstance(node.get("id"), (int, str)) or isinstance(node.get("id"), bool):
+            raise _ui_error(f"nodes[{i}] ({node.get('type', '?')}): id: received {node.get('id')!r}, expected a "
+                            "node id (an integer)")
+    links = _ui_links(workflow)
     # A PrimitiveNode only feeds its value into the widget it is linked to; the frontend keeps that
     # value in the target's widgets_values, so its links are dropped and the widget value is used.
-    primitives = {str(n["id"]) for n in workflow["nodes"] if n.get("type") == "PrimitiveNode"}
+    primitives = {str(n["id"]) for n in nodes if n.get("type") == "PrimitiveNode"}
     prompt = {}
-    for node in workflow["nodes"]:
+    for node in nodes:
         node_id, class_type = str(node["id"]), node.get("type")
         if node.get("mode", 0) in (2, 4):  # muted / bypassed nodes do not run
             if node.get("mode") == 4:
-                raise WorkflowError(f"node {node_id} ({class_type}): bypassed nodes are not supported; "
-                                    "received mode 4, expected 0 (or 2, muted)", error_type="invalid_prompt")
+                raise WorkflowError(f"node {node_id} ({class_type}): mode: received 4 (bypassed), expected 0 (or 2, "
+                                    "muted); bypassed nodes are not supported", error_type="invalid_prompt")
             continue
         if class_type in ("Note", "MarkdownNote", "Reroute", "PrimitiveNode"):
             if class_type == "Reroute":
                 raise WorkflowError(f"node {node_id}: Reroute nodes are not supported; export the workflow in API format")
             continue
-        spec = specs.get(class_type)
+        spec = specs.get(class_type) if isinstance(class_type, str) else None
         if spec is None:
             prompt[node_id] = {"class_type": class_type, "inputs": {}}
             continue
         inputs: dict[str, Any] = {}
         linked = set()
-        for item in node.get("inputs") or []:
-            if item.get("link") is not None:
-                if item["link"] not in links:
-                    raise WorkflowError(f"node {node_id} ({class_type}) input {item['name']!r}: link "
-                                        f"{item['link']} is not in the workflow's links")
-                if links[item["link"]][0] in primitives:
+        node_inputs = node.get("inputs") or []
+        if not isinstance(node_inputs, list):
+            raise _ui_error(f"node {node_id} ({class_type}) inputs: received a JSON {type(node_inputs).__name__}, "
+                            "expected a list of {name, type, link}")
+        for j, item in enumerate(node_inputs):
+            if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+                raise _ui_error(f"node {node_id} ({class_type}) inputs[{j}]: received {item!r}, expected an object "
+                                "with a 'name' string and a 'link'")
+            link = item.get("link")
+            if link is not None:
+                if not isinstance(link, (int, str)) or isinstance(link, bool) or link not in links:
+                    raise WorkflowError(f"node {node_id} ({class_type}) input {item['name']!r}: link: received "
+                                        f"{link!r}, expected the id of one of the workflow's links",
+                                        error_type="invalid_prompt")
+                if links[link][0] in primitives:
                     continue
-                inputs[item["name"]] = links[item["link"]]
+                inputs[item["name"]] = links[link]
                 linked.add(item["name"])
-        values = list(node.get("widgets_values") or [])
+        values = node.get("widgets_values") or []
+        if isinstance(values, Mapping):  # the frontend's object form for some nodes: {name: value}
+            values = [values[name] for name in spec.widget_names() if name in values]
+        if not isinstance(values, list):
+            raise _ui_error(f"node {node_id} ({class_type}) widgets_values: received a JSON {type(values).__name__}, "
+                            "expected a list")
+        values = list(values)
         for name in spec.widget_names():
             if not values:
                 break
@@ -110,6 +169,44 @@ def ui_to_api(workflow: Mapping, specs: Mapping[str, NodeSpec]) -> dict:
                 inputs[name] = value
         prompt[node_id] = {"class_type": class_type, "inputs": inputs}
     return prompt
+
+
+def _topological_order(prompt: Mapping, specs: Mapping[str, NodeSpec], outputs: list[str]) -> list[str]:
+    """The output nodes and their ancestors, each after its inputs (depth-first from each output, as ComfyUI);
+    iterative, so a chain of thousands of nodes needs no recursion. Raises WorkflowError on a cycle."""
+    done: set[str] = set()
+    order: list[str] = []
+    for out in outputs:
+        if out in done:
+            continue
+        on_path = {out}
+        stack = [(out, iter(_link_sources(prompt, specs, out)))]
+        while stack:
+            node_id, sources = stack[-1]
+            for src in sources:
+                if src in done:
+                    continue
+                if src in on_path:
+                    raise WorkflowError(f"node {src}: the workflow has a cycle through it", error_type="invalid_prompt")
+                on_path.add(src)
+                stack.append((src, iter(_link_sources(prompt, specs, src))))
+                break
+            else:
+                stack.pop()
+                on_path.discard(node_id)
+                done.add(node_id)
+                order.append(node_id)
+    return order
+
+
+def _link_sources(prompt: Mapping, specs: Mapping[str, NodeSpec], node_id: str) -> list[str]:
+    node = prompt[node_id]
+    spec = specs[node["class_type"]]
+    inputs = node.get("inputs")
+    if not isinstance(inputs, Mapping):
+        return []
+    return [str(value[0]) for name, value in inputs.items()
+            if is_link(value) and name in spec.inputs and str(value[0]) in prompt]
 
 
 @dataclass
@@ -136,15 +233,18 @@ def validate(prompt: Mapping, specs: Mapping[str, NodeSpec],
              check: Callable[[str, str, NodeSpec, dict], list[tuple[str, str]]] | None = None) -> Plan:
     """Check the whole prompt before anything runs; raise WorkflowError listing every problem."""
     errors: dict = {}
-    if not prompt:
-        raise WorkflowError("workflow: it has no nodes", error_type="invalid_prompt")
+    if not prompt:  # ComfyUI 0.3.64 answers an empty graph with prompt_no_outputs
+        raise WorkflowError("workflow: it has no nodes, expected at least one output node (e.g. SaveImage)",
+                            error_type="prompt_no_outputs")
     for node_id, node in prompt.items():
-        if not isinstance(node, Mapping) or "class_type" not in node:
-            raise WorkflowError(f"node {node_id}: received {node!r}, expected an object with 'class_type' and 'inputs'",
-                                error_type="invalid_prompt")
+        if not isinstance(node, Mapping) or not isinstance(node.get("class_type"), str):
+            shown = repr(node) if len(repr(node)) <= 200 else repr(node)[:200] + "..."
+            raise WorkflowError(f"node {node_id}: received {shown}, expected an object with a 'class_type' string "
+                                "and 'inputs'", error_type="invalid_prompt")
         if node["class_type"] not in specs:
             raise WorkflowError(
-                f"node {node_id}: unknown node type {node['class_type']!r}; supported types: {', '.join(sorted(specs))}",
+                f"node {node_id}: class_type: received {node['class_type']!r}, expected one of: "
+                f"{', '.join(sorted(specs))}",
                 {node_id: {"errors": [{"type": "invalid_prompt", "message": f"Cannot execute because node "
                            f"{node['class_type']} does not exist.", "details": f"Node ID '#{node_id}'",
                            "extra_info": {}}], "dependent_outputs": [], "class_type": node["class_type"]}},
@@ -154,34 +254,22 @@ def validate(prompt: Mapping, specs: Mapping[str, NodeSpec],
         raise WorkflowError("workflow: it has no output node (e.g. SaveImage, PreviewImage)",
                             error_type="prompt_no_outputs")
 
-    needed, order, visiting = set(), [], set()
-
-    def visit(node_id: str):
-        if node_id in needed:
-            return
-        if node_id in visiting:
-            raise WorkflowError(f"node {node_id}: the workflow has a cycle through it", error_type="invalid_prompt")
-        visiting.add(node_id)
-        node = prompt[node_id]
-        spec = specs[node["class_type"]]
-        for name, value in (node.get("inputs") or {}).items():
-            if is_link(value) and name in spec.inputs:
-                src = str(value[0])
-                if src in prompt:
-                    visit(src)  # raises on a cycle (src still being visited)
-        visiting.discard(node_id)
-        needed.add(node_id)
-        order.append(node_id)
-
-    for out in outputs:
-        visit(out)
+    order = _topological_order(prompt, specs, outputs)
 
     coerced: dict[str, dict] = {}
     for node_id in order:
         node = prompt[node_id]
         class_type = node["class_type"]
         spec = specs[class_type]
+        if spec.unsupported:
+            _node_error(errors, node_id, class_type, "node_not_supported",
+                        f"{spec.display_name or class_type} cannot run here: {spec.unsupported}")
+            continue
         given = node.get("inputs") or {}
+        if not isinstance(given, Mapping):
+            _node_error(errors, node_id, class_type, "invalid_input",
+                        f"inputs: received a JSON {type(given).__name__}, expected an object {{name: value}}")
+            continue
         values: dict[str, Any] = {}
         for name, inp in spec.inputs.items():
             if name not in given:

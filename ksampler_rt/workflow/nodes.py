@@ -6,6 +6,8 @@ checkpoints, reports progress, and holds the input/output folders.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ..runtime import SAMPLER_NAMES, SCHEDULER_NAMES, ksampler, ksampler_advanced
@@ -13,6 +15,7 @@ from ..runtime.continuation import CONTINUATION_MODES
 from . import images as imageio
 from .latent_ops import CROP_METHODS, UPSCALE_METHODS, common_upscale
 from .conditioning_nodes import CONDITIONING_NODE_SPECS
+from .listed_nodes import listed_node_specs
 from .spec import SEED_MAX, Input, NodeSpec
 
 MAX_RESOLUTION = 16384
@@ -43,6 +46,14 @@ def _lora_loader(lora_path):
             path = ModelRegistry().lora(lora_name)
         return load_lora(model, clip, path, strength_model, strength_clip)
     return lora_loader
+
+
+def _lora_loader_model_only(lora_path):
+    load = _lora_loader(lora_path)
+
+    def lora_loader_model_only(ctx, node_id, model, lora_name, strength_model):
+        return (load(ctx, node_id, model, None, lora_name, strength_model, 0.0)[0],)
+    return lora_loader_model_only
 
 
 def clip_text_encode(ctx, node_id, text, clip):
@@ -122,13 +133,23 @@ def vae_encode(ctx, node_id, pixels, vae):
 
 
 def load_image(ctx, node_id, image):
-    return imageio.load_image(ctx.input_path(image))
+    return imageio.load_image(ctx.input_path(image), ctx.max_image_pixels)
 
 
 def save_image(ctx, node_id, images, filename_prefix):
     results = imageio.save_images(images, ctx.output_dir, filename_prefix, prompt=ctx.prompt,
                                   extra_pnginfo=ctx.extra_pnginfo)
     return {"ui": {"images": results}}
+
+
+def save_image_websocket(ctx, node_id, images):
+    """ComfyUI's SaveImageWebsocket (custom_nodes/websocket_image_save.py): each image goes to the client as
+    a binary PNG frame (event 1, format 2) after a progress message, and nothing is written to disk."""
+    images = np.asarray(images)
+    for step, image in enumerate(images):
+        ctx.progress(node_id, step, len(images))
+        ctx.send_binary(imageio.encode_png_frame(imageio.to_uint8(image)))
+    return {"ui": {}}
 
 
 def preview_image(ctx, node_id, images):
@@ -159,6 +180,10 @@ def build_node_specs(checkpoint_names, input_images, lora_names=None, lora_path=
                                 "strength_model": Input("FLOAT", 1.0, -100.0, 100.0, 0.01),
                                 "strength_clip": Input("FLOAT", 1.0, -100.0, 100.0, 0.01)},
                  ("MODEL", "CLIP"), category="loaders", run=_lora_loader(lora_path)),
+        NodeSpec("LoraLoaderModelOnly", {"model": Input("MODEL"),
+                                         "lora_name": Input("COMBO", options=lora_names or (lambda: [])),
+                                         "strength_model": Input("FLOAT", 1.0, -100.0, 100.0, 0.01)},
+                 ("MODEL",), category="loaders", run=_lora_loader_model_only(lora_path)),
         NodeSpec("CLIPTextEncode", {"text": Input("STRING", multiline=True), "clip": Input("CLIP")},
                  ("CONDITIONING",), category="conditioning", run=clip_text_encode),
         NodeSpec("CLIPSetLastLayer", {"clip": Input("CLIP"),
@@ -195,6 +220,8 @@ def build_node_specs(checkpoint_names, input_images, lora_names=None, lora_path=
                  output_node=True, category="image", run=save_image),
         NodeSpec("PreviewImage", {"images": Input("IMAGE")}, (), output_node=True, category="image",
                  run=preview_image),
+        NodeSpec("SaveImageWebsocket", {"images": Input("IMAGE")}, (), output_node=True, category="api/image",
+                 python_module="custom_nodes.websocket_image_save", run=save_image_websocket),
         NodeSpec("LatentUpscale", {"samples": Input("LATENT"),
                                    "upscale_method": Input("COMBO", options=UPSCALE_METHODS),
                                    "width": Input("INT", 512, 0, MAX_RESOLUTION, 8),
@@ -209,4 +236,20 @@ def build_node_specs(checkpoint_names, input_images, lora_names=None, lora_path=
     ]
     table = {spec.class_type: spec for spec in specs}
     table.update(CONDITIONING_NODE_SPECS)
-    return table
+    for name, spec in listed_node_specs().items():
+        table.setdefault(name, spec)
+    return {name: replace(spec, display_name=spec.display_name or DISPLAY_NAMES.get(name, ""))
+            for name, spec in table.items()}
+
+
+# ComfyUI 0.3.64's NODE_DISPLAY_NAME_MAPPINGS (nodes.py) for the nodes served here; the frontend shows these.
+DISPLAY_NAMES = {
+    "KSampler": "KSampler", "KSamplerAdvanced": "KSampler (Advanced)",
+    "CheckpointLoaderSimple": "Load Checkpoint", "LoraLoader": "Load LoRA",
+    "CLIPTextEncode": "CLIP Text Encode (Prompt)", "CLIPSetLastLayer": "CLIP Set Last Layer",
+    "ConditioningCombine": "Conditioning (Combine)",
+    "VAEDecode": "VAE Decode", "VAEEncode": "VAE Encode", "EmptyLatentImage": "Empty Latent Image",
+    "LatentUpscale": "Upscale Latent", "LatentFromBatch": "Latent From Batch",
+    "RepeatLatentBatch": "Repeat Latent Batch",
+    "SaveImage": "Save Image", "PreviewImage": "Preview Image", "LoadImage": "Load Image",
+}

@@ -18,6 +18,7 @@ import numpy as np
 
 from .executor import EventSink, ExecutionContext, ExecutionResult, OutputCache, execute, resolve_input
 from .graph import Plan, load_workflow, validate
+from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .nodes import build_node_specs
 from .registry import ModelRegistry
 
@@ -55,6 +56,7 @@ class Pipeline:
         self.log = log or (lambda message: None)
         self._checkpoints: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self.max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # LoadImage's cap; the server sets its own
         self.specs = build_node_specs(self.registry.checkpoint_names, self._input_images,
                                       self.registry.lora_names, self.registry.lora)
 
@@ -97,15 +99,21 @@ class Pipeline:
 
     def _checker(self, prompt: Mapping):
         """Checks that need files, run at validation so a bad workflow fails before any engine runs:
-        LoadImage's file must decode; CLIPSetLastLayer's layer must be one the checkpoint's export provides."""
-        from .images import check_image
+        LoadImage's file must decode within the pixel cap; SaveImage's filename_prefix must stay inside the output
+        folder; CLIPSetLastLayer's layer must be one the checkpoint's export provides."""
+        from .images import check_filename_prefix, check_image
 
         def check(node_id: str, class_type: str, spec, values: dict) -> list[tuple[str, str]]:
             if class_type == "LoadImage" and isinstance(values.get("image"), str):
                 try:
-                    check_image(resolve_input(self.input_dir, values["image"]))
+                    check_image(resolve_input(self.input_dir, values["image"]), self.max_image_pixels)
                 except (ValueError, OSError) as exc:
                     return [("image", str(exc))]
+            if class_type == "SaveImage" and isinstance(values.get("filename_prefix"), str):
+                try:
+                    check_filename_prefix(values["filename_prefix"])
+                except ValueError as exc:
+                    return [("filename_prefix", str(exc).partition(": ")[2])]
             if class_type == "CLIPSetLastLayer" and isinstance(values.get("stop_at_clip_layer"), int):
                 message = self._clip_layer_problem(prompt, values.get("clip"), values["stop_at_clip_layer"])
                 if message:
@@ -145,7 +153,8 @@ class Pipeline:
         ctx = ExecutionContext(load_checkpoint=self.load_checkpoint, output_dir=self.output_dir,
                                input_dir=self.input_dir, temp_dir=self.temp_dir, prompt=plan.prompt,
                                extra_pnginfo=extra_pnginfo, prompt_id=prompt_id, on_event=on_event,
-                               is_interrupted=is_interrupted, on_step=on_step)
+                               is_interrupted=is_interrupted, on_step=on_step,
+                               max_image_pixels=self.max_image_pixels)
         return execute(plan, self.specs, ctx, cache)
 
     # -- three-line Python API ---------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Each node declares its inputs in ComfyUI's ``INPUT_TYPES`` order (that order maps a UI-format
 ``widgets_values`` list onto names), its output types, and whether it is an output node.
-Ranges and defaults are ComfyUI 0.3.64's (nodes.py).
+Ranges and defaults are ComfyUI 0.3.64's (nodes.py); ``object_info`` describes a node as ComfyUI's
+``server.py`` ``node_info`` does (display name, category, ``python_module``).
 """
 from __future__ import annotations
 
@@ -90,6 +91,12 @@ class NodeSpec:
     category: str = ""
     description: str = ""
     run: Callable[..., tuple] | None = field(default=None, compare=False)
+    display_name: str = ""               # ComfyUI's NODE_DISPLAY_NAME_MAPPINGS entry ("" = the class name)
+    python_module: str = "nodes"         # where ComfyUI defines it: "nodes", "comfy_extras....", "custom_nodes...."
+    # Why this product cannot run the node (None: it can). Such nodes are listed -- the frontend looks the
+    # standard loaders up by name -- and every prompt using one fails validation with this reason.
+    unsupported: str | None = None
+    deprecated: bool = False
 
     def widget_names(self) -> list[str]:
         return [name for name, spec in self.inputs.items() if spec.is_widget]
@@ -104,10 +111,12 @@ class NodeSpec:
             "output_is_list": [False] * len(self.outputs),
             "output_name": list(self.output_names or self.outputs),
             "name": self.class_type,
-            "display_name": self.class_type,
+            "display_name": self.display_name or self.class_type,
             "description": self.description,
-            "python_module": "ksampler_rt",
+            "python_module": self.python_module,
             "category": self.category,
             "output_node": self.output_node,
         }
+        if self.deprecated:
+            info["deprecated"] = True
         return info

@@ -299,7 +299,7 @@ def test_exception_in_a_prompt_is_execution_error_and_next_runs(servers):
     assert of_type(good_messages, "execution_success")
 
 
-def test_restart_keeps_history_with_an_empty_queue(servers):
+def test_restart_keeps_history_and_runs_the_pending_prompts_again(servers):
     srv = servers.start(model="fake", delay=0.02)
 
     async def first_life():
@@ -310,35 +310,34 @@ def test_restart_keeps_history_with_an_empty_queue(servers):
             pending = await client.submit(txt2img(steps=300, seed=9))
             queued = await client.submit(txt2img(steps=2, seed=10))
             await client.close()
-            return done, pending, queued
+            return done, pending, queued, client.client_id
 
-    done, pending, queued = run(first_life())
-    servers.stop_all()  # the running prompt is interrupted, the queued one dropped
+    done, pending, queued, client_id = run(first_life())
+    servers.stop_all()  # a clean stop: the running prompt is interrupted, the queued one kept on disk
     srv2 = servers.start(model="fake")
 
     async def second_life():
         async with aiohttp.ClientSession() as session:
-            client = Client(session, srv2.url)
+            client = Client(session, srv2.url, client_id)   # the same client reconnects
+            await client.connect()
+            await client.wait_done(queued["prompt_id"])
             history = await client.get_json("/history")
             queue = await client.get_json("/queue")
-            one = await client.get_json("/history", max_items=1)
             png = await client.view(history[done["prompt_id"]]["outputs"]["9"]["images"][0])
-            await client.connect()
             again = await client.submit(txt2img(steps=2, seed=11))
             await client.wait_done(again["prompt_id"])
             after = await client.get_json("/history")
             await client.close()
-            return history, queue, one, png, after, again
+            return history, queue, png, after, again
 
-    history, queue, one, png, after, again = run(second_life())
+    history, queue, png, after, again = run(second_life())
     assert queue == {"queue_running": [], "queue_pending": []}
     assert history[done["prompt_id"]]["status"]["status_str"] == "success"
     assert history[pending["prompt_id"]]["status"]["messages"][-1][0] == "execution_interrupted"
-    assert queued["prompt_id"] not in history
-    assert list(one) == [pending["prompt_id"]]
+    assert history[queued["prompt_id"]]["status"]["status_str"] == "success"   # queued before the stop, run after
+    assert history[queued["prompt_id"]]["prompt"][1] == queued["prompt_id"]
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(after)[-1] == again["prompt_id"] and len(after) == 3
-
+    assert list(after)[-1] == again["prompt_id"] and len(after) == 4
 
 def test_info_endpoints_metrics_and_origin_guard(server):
     async def main():

@@ -48,10 +48,12 @@ def test_history_persists_replays_and_compacts(tmp_path):
     assert History(tmp_path).get() == {}
 
 
-def test_history_unreadable_file_is_moved_aside(tmp_path):
+def test_history_bad_bytes_cost_their_line_only(tmp_path):
     (tmp_path / "history.jsonl").write_bytes(b"\xff\xfe\x00garbage")
     h = History(tmp_path)
-    assert h.get() == {} and (tmp_path / "history.jsonl.corrupt").is_file() and h.load_warnings
+    assert h.get() == {} and h.load_warnings and not (tmp_path / "history.jsonl.corrupt").exists()
+    h.add("p", {"prompt": [0, "p", {}, {}, []], "outputs": {}, "status": {}})
+    assert list(History(tmp_path).get()) == ["p"]
 
 
 def test_bounded_cache_evicts_by_bytes_and_entries():

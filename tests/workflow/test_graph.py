@@ -49,8 +49,9 @@ def test_not_json_is_rejected(tmp_path):
 
 def test_unknown_node_type_names_node_and_supported_types():
     prompt = api("txt2img.json")
-    prompt["9"]["class_type"] = "UpscaleModelLoader"
-    with pytest.raises(WorkflowError, match=r"node 9: unknown node type 'UpscaleModelLoader'; supported types: .*KSampler"):
+    prompt["9"]["class_type"] = "ImageUpscaleWithModel"
+    with pytest.raises(WorkflowError, match=r"node 9: class_type: received 'ImageUpscaleWithModel', expected one of: "
+                                            r".*KSampler"):
         validate(prompt, SPECS)
 
 

@@ -111,11 +111,11 @@ def test_bad_values_and_links(tiny_sd15, tmp_path, capsys, no_engines, setting, 
 
 def test_unknown_node_type(tiny_sd15, tmp_path, capsys, no_engines):
     prompt = json.loads((EXAMPLES / "txt2img.json").read_text())
-    prompt["50"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "4x.pth"}}
+    prompt["50"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["4", 0], "image": ["8", 0]}}
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(prompt))
     err = _bad(tiny_sd15, tmp_path, capsys, path)
-    assert "node 50: unknown node type 'UpscaleModelLoader'" in err and "KSamplerAdvanced" in err
+    assert "node 50: class_type: received 'ImageUpscaleWithModel', expected one of:" in err and "KSamplerAdvanced" in err
 
 
 def test_unreadable_image(tiny_sd15, tmp_path, capsys, no_engines):
