@@ -47,30 +47,27 @@ ENV_MKL = "MKL_ENABLE_INSTRUCTIONS"
 _X86 = ("x86_64", "amd64", "i686", "i386")
 
 
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """The ``flags`` line of /proc/cpuinfo (empty where there is none)."""
+@lru_cache(maxsize=None)
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line's value in /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo", "r", encoding="ascii", errors="replace") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@lru_cache(maxsize=1)
-def cpu_vendor() -> str:
-    """The ``vendor_id`` of /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``; empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo", "r", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_flags() -> frozenset:
+    """The ``flags`` line of /proc/cpuinfo (empty where there is none)."""
+    return frozenset(_cpuinfo("flags").split())
+
+
+def cpu_vendor() -> str:
+    """The ``vendor_id`` of /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``; empty where there is none)."""
+    return _cpuinfo("vendor_id")
 
 
 def _hardware_capability(machine: str, flags: frozenset) -> str:

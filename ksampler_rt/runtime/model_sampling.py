@@ -44,7 +44,21 @@ def _rescale_zero_terminal_snr(sigmas: np.ndarray) -> np.ndarray:
     return ((1 - alphas_bar) / alphas_bar) ** 0.5
 
 
-class ModelSamplingDiscrete:
+class _SigmaTable:
+    """A model sampling's ``sigmas`` table, ascending; its ends are sigma_min and sigma_max."""
+
+    sigmas: np.ndarray
+
+    @property
+    def sigma_min(self) -> np.float32:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> np.float32:
+        return self.sigmas[-1]
+
+
+class ModelSamplingDiscrete(_SigmaTable):
     """The 1000-step discrete VP schedule of SD1.x / SD2.x / SDXL in sigma (Karras) form."""
 
     sigma_data = 1.0
@@ -66,14 +80,6 @@ class ModelSamplingDiscrete:
         self._timestep_cache: dict[float, np.float32] = {}
 
     # -- the table -------------------------------------------------------------------------
-    @property
-    def sigma_min(self) -> np.float32:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> np.float32:
-        return self.sigmas[-1]
-
     def timestep(self, sigma) -> np.ndarray:
         """Nearest table index for each sigma, as float32 (what the UNet receives)."""
         sigma = np.asarray(sigma, dtype=np.float32)
@@ -227,7 +233,7 @@ def flux_shift(width: int, height: int, max_shift: float = 1.15, base_shift: flo
 _F32 = np.float32
 
 
-class _Const:
+class _Const(_SigmaTable):
     """ComfyUI's ``CONST`` prediction (rectified flow), float32 as torch computes it on the CPU."""
 
     prediction = "const"
@@ -251,13 +257,6 @@ class _Const:
     def inverse_noise_scaling(self, sigma, x: np.ndarray) -> np.ndarray:
         return x / (_F32(1.0) - _sigma_column(sigma, x.ndim))
 
-    @property
-    def sigma_min(self) -> np.float32:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> np.float32:
-        return self.sigmas[-1]
 
 
 class ModelSamplingDiscreteFlow(_Const):
