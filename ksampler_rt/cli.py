@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "ksampler_rt.serve.cli",
     "ksampler_rt.serve.deploy_cli",
     "ksampler_rt.bench.cli",
+    "ksampler_rt.bench.gpu_check",
     "ksampler_rt.demo",
 )
 

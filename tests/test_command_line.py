@@ -20,5 +20,6 @@ print(" ".join(sorted(parser._subparsers._group_actions[0].choices)))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == sorted(["bench", "build", "demo", "deploy", "engines", "export", "make-tiny-model",
+    assert out.stdout.split() == sorted(["bench", "build", "demo", "deploy", "engines", "export", "gpu-check",
+                                         "make-tiny-model",
                                          "register", "run", "serve"])

@@ -60,7 +60,7 @@ def _cores() -> int:
 
 def run(export_dir, backends, sizes, batch, repeat, models=None, log=print):
     from ksampler_rt.engines import LoadOptions, available_backends, get_backend, load_engines
-    from ksampler_rt.engines.ort import OrtCudaEngine
+    from ksampler_rt.engines.ort_cuda import OrtCudaEngine
 
     avail = available_backends()
     rows = []
@@ -83,13 +83,18 @@ def run(export_dir, backends, sizes, batch, repeat, models=None, log=print):
                         feeds = _feeds(eng, batch, w, h, scale)
                         med, best = _time(lambda: eng(**feeds), repeat)
                         io_bytes = sum(a.nbytes for a in feeds.values())
+                        # graphs: whether the engine really ran with CUDA graphs (the "cuda-graph" row must)
                         rows.append(dict(model=name, shape=f"{w}x{h}", batch=batch, backend=backend,
-                                         variant=label, median_ms=med, min_ms=best, in_bytes=io_bytes))
-                        if isinstance(eng, OrtCudaEngine) and not eng.tensorrt_ep and opts.cuda_graph:
-                            sess = eng.session  # the same session without IO binding: plain run()
+                                         variant=label, median_ms=med, min_ms=best, in_bytes=io_bytes,
+                                         graphs=bool(getattr(eng, "cuda_graph", False))))
+                        if isinstance(eng, OrtCudaEngine) and not eng.tensorrt_ep and not eng.cuda_graph:
+                            # the same graph-less session without IO binding: plain run() (a graph session
+                            # must not be run without its binding: it would capture under graph id 0)
+                            sess = eng.session
                             m2, b2 = _time(lambda: sess.run(None, feeds), repeat)
                             rows.append(dict(model=name, shape=f"{w}x{h}", batch=batch, backend=backend,
-                                             variant="no-iobinding", median_ms=m2, min_ms=b2, in_bytes=io_bytes))
+                                             variant="no-iobinding", median_ms=m2, min_ms=b2, in_bytes=io_bytes,
+                                             graphs=False))
                         if name == "unet":
                             rows[-1]["copy"] = _copy_cost(gpu, eng, feeds, repeat)
     return rows
@@ -125,10 +130,11 @@ def _copy_cost(gpu, eng, feeds, repeat):
 
 
 def print_table(rows, out=print):
-    out(f"{'model':<12} {'shape':<10} {'b':>2} {'backend':<17} {'variant':<18} {'median ms':>10} {'min ms':>9}")
+    out(f"{'model':<12} {'shape':<10} {'b':>2} {'backend':<17} {'variant':<18} {'graphs':>6} {'median ms':>10} "
+        f"{'min ms':>9}")
     for r in rows:
         out(f"{r['model']:<12} {r['shape']:<10} {r['batch']:>2} {r['backend']:<17} {r['variant']:<18} "
-            f"{r['median_ms']:>10.3f} {r['min_ms']:>9.3f}")
+            f"{'yes' if r.get('graphs') else 'no':>6} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f}")
     copies = [r for r in rows if "copy" in r]
     if copies:
         out("\nnumpy contract copy cost per sampling step (UNet inputs + output):")

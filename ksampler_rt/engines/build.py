@@ -17,6 +17,10 @@ from .spec import EngineError, ShapeProfile, parse_range, parse_shapes
 
 _default_precision = Backend.resolve_precision
 
+#: Context lengths a build accepts unless ``--tokens`` says otherwise: ComfyUI encodes prompts past 75 tokens
+#: as further 77-token chunks, so 1-3 chunks (77-231) let a default build take prompts up to 225 tokens.
+DEFAULT_TOKENS = (77, 231)
+
 
 def __getattr__(name: str):
     # The backend lists of earlier versions, computed from the registry (a backend registered later shows up).
@@ -36,7 +40,7 @@ class BuildOptions:
     batch: tuple | None = None
     tokens: tuple | None = None
     dynamic: bool = False
-    precision: str | None = None  # None = fp16 for tensorrt, the export's precision for ONNX Runtime / OpenVINO
+    precision: str | None = None  # None = the export's precision (per model: see Backend.model_precision)
     refit: bool = False
     weight_streaming: bool = False
     device_id: int = 0
@@ -58,7 +62,8 @@ def profile_request(manifest: ExportManifest, opts: BuildOptions, *, required: b
     if not required and not (opts.sizes or opts.batch or opts.tokens or opts.dynamic):
         return None
     return ProfileRequest(sizes=tuple(opts.sizes or default_sizes(manifest)), batch=opts.batch or (1, 4),
-                          tokens=opts.tokens or (77, 77), dynamic=opts.dynamic, latent_scale=manifest.latent_scale)
+                          tokens=opts.tokens or DEFAULT_TOKENS, dynamic=opts.dynamic,
+                          latent_scale=manifest.latent_scale)
 
 
 def resolve_precision(manifest: ExportManifest, opts: BuildOptions) -> str:
@@ -87,7 +92,7 @@ def key_components(manifest: ExportManifest, entry: ModelEntry, opts: BuildOptio
         "source": {"file": entry.path.name, "size": entry.path.stat().st_size},
         "precision": precision,
         "profiles": [p.canonical() for p in profiles] if backend.shape_bound else "any",
-        "options": backend.key_options(opts),
+        "options": {**backend.key_options(opts), **backend.export_key(manifest)},
         **{k: v for k, v in env.items() if k != "backend"},
     }
 
@@ -118,7 +123,7 @@ def build_model(manifest: ExportManifest, name: str, opts: BuildOptions, cache: 
     env = env or environment(opts.backend, opts.device_id)
     req = profile_request(manifest, opts, required=backend.shape_bound)
     profiles = model_profiles(entry, req)
-    precision = resolve_precision(manifest, opts)
+    precision = backend.model_precision(resolve_precision(manifest, opts), entry, manifest)
     comps = key_components(manifest, entry, opts, precision, profiles, env)
     if not opts.force:
         found = cache.lookup(comps)

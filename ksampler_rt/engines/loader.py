@@ -41,11 +41,12 @@ class LoadOptions:
     Runtime and OpenVINO, seconds; no for TensorRT, minutes: run ``ksampler-rt build`` once), and a miss
     then raises an error saying why nothing usable is cached. ``verify``: checksum cached files on load.
     ``refit`` (TensorRT): use the plan built with ``--refit`` (LoRA weights swapped without a rebuild);
-    None = that plan when it is cached, else the plain one.
+    None = the plain plan when it is cached (TensorRT 11.3 lists a known issue where REFIT builds can drop a
+    GEMM bias), else a cached refittable one, else the plain one is built.
 
     Running: ``threads`` (CPU backends; None = ``$KSAMPLER_RT_ORT_THREADS`` or the usable cores),
     ``spinning`` (ONNX Runtime CPU: busy-waiting worker threads), ``cuda_graph`` (GPU backends),
-    ``device_id`` (CUDA device).
+    ``device_id`` (CUDA device). CUDA graphs are captured per shape bucket, batch and size ranges included.
     """
 
     shapes: str | Sequence | None = None
@@ -182,19 +183,21 @@ def load_engines(export_dir, backend: str = "auto", options: LoadOptions | None 
         if models is not None and model not in wanted:
             continue
         profiles = model_profiles(entry, req)
+        built_in = impl.model_precision(precision, entry, manifest)
         found = None
         for candidate in candidates:
-            comps = key_components(manifest, entry, candidate, precision, profiles, env)
+            comps = key_components(manifest, entry, candidate, built_in, profiles, env)
             found = cache.lookup(comps, checksums=options.verify)
             if found is not None:
                 break
-        if found is None:  # comps: the last candidate's, the one that is built
+        if found is None:  # the first candidate is the one that is built
+            comps = key_components(manifest, entry, candidates[0], built_in, profiles, env)
             if not build_missing:
                 raise EngineError(
                     f"no {name} engine for {model} of {manifest.export_dir} on this machine: "
                     f"{cache.explain_miss(comps)}. Build it once with "
-                    f"`{rebuild_command(manifest, candidates[-1], req, False)}`")
-            found = build_model(manifest, model, candidates[-1], cache, env, log)
+                    f"`{rebuild_command(manifest, candidates[0], req, False)}`")
+            found = build_model(manifest, model, candidates[0], cache, env, log)
         found.check_environment(env)
         artefact = found.file(found.meta.get("artefact", "model.onnx"))
         engines[model] = impl.make_engine(LoadJob(entry, artefact, profiles, req, str(manifest.export_dir), options,

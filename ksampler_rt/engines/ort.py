@@ -1,4 +1,5 @@
-"""ONNX Runtime backends: CPU, CUDA (IO binding + CUDA graphs), and the TensorRT execution provider.
+"""ONNX Runtime backends: CPU here; CUDA (IO binding + CUDA graphs) and the TensorRT execution provider in
+``ort_cuda`` (``OrtCudaEngine``, importable from this module too).
 
 ``onnxruntime`` (CPU build) is a core dependency; the CUDA / TensorRT providers need the
 ``onnxruntime-gpu`` wheel *instead of* it (``pip uninstall -y onnxruntime && pip install
@@ -203,149 +204,10 @@ class OrtCpuEngine(Engine):
         return dict(zip(self.output_names, results))
 
 
-class _Bucket:
-    """Fixed device buffers + an IO binding for one exact set of input shapes."""
+def __getattr__(name: str):
+    # The CUDA / TensorRT EP engine lives in ort_cuda (IO binding, graphs, copies); importable from here too.
+    if name in ("OrtCudaEngine", "WeightSessions", "preload_cuda_libraries"):
+        from . import ort_cuda
 
-    __slots__ = ("binding", "inputs", "outputs", "graph_id", "run_options", "calls")
-
-
-class OrtCudaEngine(Engine):
-    """ONNX Runtime with the CUDA (optionally TensorRT) execution provider.
-
-    Per shape bucket (one exact set of input shapes) the engine keeps device ``OrtValue``s for every input
-    and output, bound once with IO binding: a call copies the numpy inputs into them
-    (``update_inplace``), runs, and copies the outputs back; nothing is allocated per call. With
-    ``cuda_graph=True`` (static buckets) the session is created with ``enable_cuda_graph`` and each bucket
-    gets its own graph id (run option ``gpu_graph_id``): the first call per bucket captures, later calls
-    replay. Written against the documented onnxruntime-gpu API; not run on this project's CPU CI.
-    """
-
-    backend = "onnxruntime-cuda"
-
-    def __init__(self, model, inputs, outputs, profiles=None, *, path, device_id: int = 0,
-                 cuda_graph: bool = True, tensorrt_ep: bool = False, trt_cache_dir: str | None = None,
-                 fp16: bool = False, max_buckets: int = 8, overrides: dict | None = None, **kw):
-        super().__init__(model, inputs, outputs, profiles, source=str(path), **kw)
-        self.overrides = dict(overrides or {})
-        self._keep = None
-        if tensorrt_ep:
-            self.backend = "onnxruntime-trt"
-            self._set_validator()
-        self.path = Path(path)
-        self.device_id = device_id
-        self.cuda_graph = cuda_graph
-        self.tensorrt_ep = tensorrt_ep
-        self.trt_cache_dir = trt_cache_dir
-        self.fp16 = fp16
-        self.max_buckets = max_buckets
-        self.session = None
-        self._buckets: dict[tuple, _Bucket] = {}
-
-    def providers(self) -> list:
-        cuda_opts = {"device_id": str(self.device_id), "cudnn_conv_algo_search": "EXHAUSTIVE",
-                     "do_copy_in_default_stream": "1"}
-        if self.cuda_graph:
-            cuda_opts["enable_cuda_graph"] = "1"
-        providers = []
-        if self.tensorrt_ep:
-            trt_opts = {"device_id": str(self.device_id), "trt_fp16_enable": "1" if self.fp16 else "0",
-                        "trt_engine_cache_enable": "1", "trt_timing_cache_enable": "1"}
-            if self.trt_cache_dir:
-                trt_opts["trt_engine_cache_path"] = str(self.trt_cache_dir)
-                trt_opts["trt_timing_cache_path"] = str(self.trt_cache_dir)
-            if self.cuda_graph:
-                trt_opts["trt_cuda_graph_enable"] = "1"
-            if self.profiles:
-                for key, attr in (("trt_profile_min_shapes", "min"), ("trt_profile_opt_shapes", "opt"),
-                                  ("trt_profile_max_shapes", "max")):
-                    trt_opts[key] = ",".join(
-                        f"{n}:{'x'.join(map(str, getattr(p[n], attr)))}" for p in self.profiles for n in p.ranges)
-            providers.append((TRT_EP, trt_opts))
-        providers.append((CUDA_EP, cuda_opts))
-        return providers
-
-    def _load(self):
-        ort = _ort()
-        available = ort.get_available_providers()
-        wanted = [TRT_EP, CUDA_EP] if self.tensorrt_ep else [CUDA_EP]
-        for p in wanted:
-            if p not in available:
-                raise EngineError(f"{self.model}: {p} is not available in this onnxruntime ({available}); "
-                                  f"install the GPU build: {GPU_SWAP}")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        source, self._keep = session_source(self.path, self.overrides, so)
-        try:
-            self.session = ort.InferenceSession(source, sess_options=so, providers=self.providers())
-        except Exception as exc:
-            hint = (" (CUDA graphs need every node on the GPU; retry with cuda_graph=False)"
-                    if self.cuda_graph else "")
-            raise EngineError(f"{self.model}: creating the ONNX Runtime GPU session failed: {exc}{hint}") from exc
-        check_providers(self.session, wanted, self.model)
-        ins, outs = session_specs(self.session)
-        check_io_matches(self.model, self.inputs, ins, "inputs", str(self.path))
-        check_io_matches(self.model, self.outputs, outs, "outputs", str(self.path))
-
-    def _release(self):
-        self._buckets.clear()  # drops the device OrtValues
-        self.session = None
-        self._keep = None
-
-    def with_weights(self, overrides: dict[str, np.ndarray]) -> "OrtCudaEngine":
-        """As :meth:`OrtCpuEngine.with_weights`: a second session over the export's ONNX with ``overrides``
-        (the TensorRT EP then builds its own engine for it: use the ``tensorrt`` backend to refit instead)."""
-        if not overrides:
-            return self
-        raw = export_onnx_path(self.export_dir, self.model)
-        eng = OrtCudaEngine(self.model, self.inputs, self.outputs, self.profiles, path=raw,
-                            device_id=self.device_id, cuda_graph=self.cuda_graph, tensorrt_ep=self.tensorrt_ep,
-                            trt_cache_dir=self.trt_cache_dir, fp16=self.fp16, max_buckets=self.max_buckets,
-                            overrides=overrides, request=self.request, export_dir=self.export_dir)
-        eng.source = f"{raw} (+{len(overrides)} overridden weights)"
-        return eng
-
-    def _bucket(self, feeds) -> _Bucket:
-        ort = _ort()
-        key = tuple((n, feeds[n].shape) for n in self.input_names)
-        b = self._buckets.get(key)
-        if b is not None:
-            return b
-        if len(self._buckets) >= self.max_buckets:
-            raise EngineError(f"{self.model}: more than {self.max_buckets} distinct input shapes; each keeps its "
-                              f"own device buffers (and CUDA graph). Raise max_buckets or use fewer sizes")
-        dev = ("cuda", self.device_id)
-        b = _Bucket()
-        b.calls = 0
-        b.inputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(feeds[n].shape), feeds[n].dtype.type, *dev)
-                    for n in self.input_names}
-        b.binding = self.session.io_binding()
-        for n, v in b.inputs.items():
-            v.update_inplace(feeds[n])
-            b.binding.bind_ortvalue_input(n, v)
-        # One plain run (graph id -1 = no capture) with ORT-allocated outputs tells us their shapes.
-        warm = ort.RunOptions()
-        warm.add_run_config_entry("gpu_graph_id", "-1")
-        for n in self.output_names:
-            b.binding.bind_output(n, *dev)
-        self.session.run_with_iobinding(b.binding, warm)
-        shapes = [o.shape() for o in b.binding.get_outputs()]
-        b.binding.clear_binding_outputs()
-        b.outputs = {}
-        for spec, shape in zip(self.outputs, shapes):
-            v = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(spec.dtype).type, *dev)
-            b.binding.bind_ortvalue_output(spec.name, v)
-            b.outputs[spec.name] = v
-        b.graph_id = len(self._buckets) if self.cuda_graph else -1
-        b.run_options = ort.RunOptions()
-        b.run_options.add_run_config_entry("gpu_graph_id", str(b.graph_id))
-        self._buckets[key] = b
-        return b
-
-    def _run(self, feeds, profile_index):
-        b = self._bucket(feeds)
-        for n, v in b.inputs.items():
-            v.update_inplace(np.ascontiguousarray(feeds[n]))
-        self.session.run_with_iobinding(b.binding, b.run_options)
-        b.calls += 1
-        return {n: v.numpy() for n, v in b.outputs.items()}
+        return getattr(ort_cuda, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -145,7 +145,9 @@ def test_environments_are_the_machine_facts_of_earlier_versions():
         "openvino-cpu": {**cpu_info(), "openvino": ov},
         "onnxruntime-cuda": {**gpu, "onnxruntime": ort.__version__},
         "onnxruntime-trt": {**gpu, "onnxruntime": ort.__version__, "tensorrt": version("tensorrt")},
-        "tensorrt": {**gpu, "tensorrt": version("tensorrt")},
+        # TensorRT plans do not depend on the driver (issue 23): no driver facts in its key
+        "tensorrt": {**{k: v for k, v in gpu.items() if k not in ("driver", "nvidia_driver")},
+                     "tensorrt": version("tensorrt")},
     }
     for name, facts in expected.items():
         assert registry.environment(name) == {"backend": name, **facts}

@@ -37,6 +37,14 @@ class OnnxRuntimeBackend(Backend):
     def machine_facts(self, device_id: int) -> dict:
         return self.cpu_facts() if self.device_type == "cpu" else self.gpu_facts(device_id)
 
+    def build_source(self, job: BuildJob, tmp: Path) -> Path:
+        """The ONNX file the build session optimizes (the export's own by default; the CUDA backend fuses
+        it first). A file written into ``tmp`` must not be named ``model.onnx*``."""
+        return job.entry.path
+
+    def before_session(self, ort) -> None:
+        """Called before the build session is created (the CUDA backends preload CUDA libraries)."""
+
     def builder(self, job: BuildJob) -> Callable[[Path], dict]:
         entry, provs = job.entry, self.build_providers(job.options.device_id)
         level = self.level
@@ -47,11 +55,16 @@ class OnnxRuntimeBackend(Backend):
             from ..ort import check_providers, cpu_session_options
 
             out = tmp / "model.onnx"
+            source = self.build_source(job, tmp)
+            self.before_session(ort)
             so = cpu_session_options(level=level, optimized_model_path=str(out),
                                      external_data_min_bytes=EXTERNAL_DATA_MIN_BYTES)
-            session = ort.InferenceSession(str(entry.path), sess_options=so, providers=provs)
+            session = ort.InferenceSession(str(source), sess_options=so, providers=provs)
             check_providers(session, [p[0] if isinstance(p, tuple) else p for p in provs], entry.name)
             del session
+            if Path(source).parent == tmp:  # an intermediate file of this build (e.g. the fused model)
+                for f in tmp.glob(Path(source).name + "*"):
+                    f.unlink()
             if not out.is_file():
                 raise EngineError(f"ONNX Runtime did not write the optimized model for {entry.name}")
             data = tmp / "model.onnx.data"

@@ -112,6 +112,16 @@ class Backend:
         """Build options that change the artefact (part of the cache key); none by default."""
         return {}
 
+    def export_key(self, manifest: "ExportManifest") -> dict:
+        """Facts of the export (beyond its weights hash and file) that change the artefact, added to the key's
+        ``options`` (TensorRT: the exporter revision); none by default."""
+        return {}
+
+    def model_precision(self, precision: str, entry: "ModelEntry", manifest: "ExportManifest") -> str:
+        """The precision ``entry`` is built in, given the set's ``precision`` (the cache key records it); the
+        same by default."""
+        return precision
+
     def check_build(self, env: dict) -> None:
         """Refuse to build on this machine, before anything is built (a CUDA backend without a GPU)."""
         if self.device_type == "cuda" and not env.get("gpu"):
@@ -126,7 +136,7 @@ class Backend:
 
     # --- loading --------------------------------------------------------------------------------------
     def lookup_options(self, options: "BuildOptions", load: "LoadOptions") -> list["BuildOptions"]:
-        """The build options whose cached artefacts ``load_engines`` accepts, best first; the last one is
+        """The build options whose cached artefacts ``load_engines`` accepts, best first; the first one is
         what it builds when none is cached."""
         return [options]
 

@@ -1,6 +1,12 @@
-"""``tensorrt``: native TensorRT >= 10 (``pip install ksampler-rt[tensorrt]``). The artefact is a serialized
-plan with one optimisation profile per shape bucket, so it is shape-bound; a build takes minutes, so
-``load_engines`` does not build a missing plan unless asked (``ksampler-rt build`` once per machine)."""
+"""``tensorrt``: native TensorRT 10.x / 11.x (``pip install ksampler-rt[tensorrt]``). The artefact is a
+serialized plan with one optimisation profile per shape bucket, so it is shape-bound; a build takes minutes,
+so ``load_engines`` does not build a missing plan unless asked (``ksampler-rt build`` once per machine).
+
+Precision comes from the export: each model is built in the precision the export gave it (an fp16 export's
+fp32 VAE stays fp32); TensorRT 11 builds strongly typed networks (its only mode), TensorRT 10 the flag
+path with the export's fp32 layers pinned. The cache key holds the precision actually built, whether the
+network was strongly typed, the exporter revision (a new exporter can change the graph behind the same
+weights) and no driver version (a plan depends on TensorRT, the GPU and CUDA, not on the driver)."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..envinfo import module_version
+from ..spec import EngineError
 from .base import Backend, BuildJob, LoadJob
 
 INSTALL = "pip install ksampler-rt[tensorrt]"
@@ -34,13 +41,46 @@ class TensorRT(Backend):
         return None
 
     def environment(self, device_id: int = 0) -> dict:
-        return {**self.gpu_facts(device_id), "tensorrt": module_version("tensorrt")}
+        facts = self.gpu_facts(device_id)
+        for driver in ("driver", "nvidia_driver"):  # plans do not depend on the driver: no rebuild on update
+            facts.pop(driver, None)
+        return {**facts, "tensorrt": module_version("tensorrt")}
+
+    @staticmethod
+    def installed_major() -> int | None:
+        v = module_version("tensorrt")
+        try:
+            return int(str(v).split(".")[0]) if v else None
+        except ValueError:
+            return None
 
     def resolve_precision(self, export_precision: str, requested: str | None) -> str:
-        return requested or "fp16"  # TensorRT converts; fp16 is the fast default on every GPU it supports
+        """The export's precision by default. TensorRT 10 can convert (``--precision fp16`` on an fp32 export,
+        the builder flag path); TensorRT 11 builds strongly typed networks only, so it runs the export's own."""
+        p = requested or export_precision
+        major = self.installed_major()
+        if p != export_precision and major is not None and major >= 11:
+            raise EngineError(f"precision: received {p!r}, expected the export's own precision "
+                              f"{export_precision!r} (TensorRT {major} builds strongly typed networks, whose "
+                              f"precision is the ONNX file's); re-export with `--precision {p}`")
+        return p
+
+    def model_precision(self, precision: str, entry, manifest) -> str:
+        """What ``entry`` is built in: ``precision``, except a model the export kept in fp32 inside a half
+        precision export (the SDXL VAE), which is built fp32 unless a conversion was asked for."""
+        if precision == manifest.precision and precision in ("fp16", "bf16"):
+            floats = [s.dtype for s in entry.inputs if s.dtype.startswith("float")]
+            if floats and all(d == "float32" for d in floats):
+                return "fp32"
+        return precision
 
     def key_options(self, options) -> dict:
-        return {"refit": options.refit, "weight_streaming": options.weight_streaming}
+        major = self.installed_major()
+        return {"refit": options.refit, "weight_streaming": options.weight_streaming,
+                "strongly_typed": bool(options.weight_streaming or (major is not None and major >= 11))}
+
+    def export_key(self, manifest) -> dict:
+        return {"exporter_revision": manifest.data.get("exporter_revision")}
 
     def builder(self, job: BuildJob) -> Callable[[Path], dict]:
         from ..trt_backend import build_plan, import_tensorrt
@@ -51,15 +91,18 @@ class TensorRT(Backend):
         def build(tmp: Path) -> dict:
             plan = build_plan(job.entry.path, job.profiles, job.precision, env.get("compute_capability"),
                               refit=opts.refit, weight_streaming=opts.weight_streaming,
-                              timing_cache=job.cache.timing_cache_path(env))
+                              timing_cache=job.cache.timing_cache_path(env),
+                              quantized_export=bool(job.manifest.data.get("quantized")))
             (tmp / "engine.plan").write_bytes(plan)
             return {"artefact": "engine.plan"}
 
         return build
 
     def lookup_options(self, options, load) -> list:
-        # refit=None: a refittable plan (LoRA without a rebuild) when one is cached, else the plain one
-        return [replace(options, refit=True), options] if load.refit is None else [options]
+        # refit=None: the plain plan first (TensorRT 11.3 lists a known issue where REFIT builds can drop a
+        # GEMM bias, and refittable plans can be slower), a refittable one only when no plain plan is cached.
+        # The first candidate is what is built on a miss: the plain plan.
+        return [options, replace(options, refit=True)] if load.refit is None else [options]
 
     def open_set(self, load):
         from ..cuda import DeviceScratch
