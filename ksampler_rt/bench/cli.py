@@ -19,7 +19,27 @@ def _size(value: str) -> tuple[int, int]:
         raise ValueError(f"--size: received {value!r}, expected WIDTHxHEIGHT, e.g. 256x256") from None
 
 
+def bench_precision(args) -> int:
+    """``--precision``: each precision's speed and quality (ksampler_rt.bench.precision)."""
+    from .precision import DEFAULT_PEERS, PrecisionBenchConfig, format_report, run, save, split_precisions
+
+    w, h = _size(args.size) if args.size else (None, None)
+    peers = DEFAULT_PEERS if args.peers is None else tuple(p for p in _csv(args.peers) if p != "none")
+    fields = dict(model=args.model, precisions=tuple(split_precisions(args.precision)), width=w, height=h,
+                  steps=args.steps, cfg=args.cfg, seed=args.seed, repeats=args.repeats, threads=args.threads,
+                  peers=peers, out=args.out)
+    if args.backend:
+        fields["backends"] = tuple(_csv(args.backend))
+    cfg = PrecisionBenchConfig(**{k: v for k, v in fields.items() if v is not None})
+    result = run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_report(result))
+    print(f"\nwrote {save(result, cfg.out)}")
+    return 0
+
+
 def bench(args) -> int:
+    if getattr(args, "precision", None):
+        return bench_precision(args)
     from .harness import BenchConfig, format_report, run, save
 
     w, h = _size(args.size) if args.size else (None, None)
@@ -91,4 +111,10 @@ def register(subparsers) -> None:
                    help="also time the UNet under ONNX Runtime CPU session variants (optimisation level, threads, "
                         "spinning, transformer fusions), interleaved")
     p.add_argument("--no-chart", action="store_true", help="do not write the PNG")
+    p.add_argument("--precision", default=None,
+                   help="precision benchmark instead: comma list of precisions (fp32, bf16, fp16, int8, auto; a "
+                        "per-network spec such as unet=bf16,vae=fp32 after a ';'), each run end to end on the CPU "
+                        "backends (default openvino-cpu, onnxruntime-cpu) with its latent relative L2 and image "
+                        "PSNR against the fp32 run of the same seed, beside diffusers eager fp32 and torch bf16 "
+                        "autocast (--peers diffusers,diffusers-bf16)")
     p.set_defaults(func=bench)

@@ -21,11 +21,14 @@ def register(subparsers) -> None:
                    help=f"default: the best available ({' > '.join(auto_order())})")
     p.add_argument("--shapes", help="image sizes WxH, comma separated (default 512x512; 1024x1024 for SDXL)")
     p.add_argument("--batch", help="batch range MIN-MAX (default 1-4)")
-    p.add_argument("--tokens", help="UNet context length range, e.g. 77-231 (default 77)")
+    p.add_argument("--tokens", help="UNet context length range (default 77-231: prompts up to 3 chunks of 75 tokens)")
     p.add_argument("--dynamic", action="store_true",
                    help="one dynamic profile spanning all --shapes instead of one static profile per size")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "fp8", "int8"),
-                   help="TensorRT: default fp16; ONNX Runtime and OpenVINO run the export's precision")
+    p.add_argument("--precision", type=_precision_arg,
+                   help="fp32, fp16, bf16, fp8, int8 or auto, or per network (unet=bf16,vae=fp32); default: the "
+                        "export's precision. openvino-cpu: bf16 / fp16 / int8 where the CPU runs them natively "
+                        "(refused otherwise), auto = the fastest within the documented quality bound "
+                        "(docs/engines.md, Precision)")
     p.add_argument("--refit", action="store_true", help="TensorRT: refittable engine (swap weights, e.g. LoRA)")
     p.add_argument("--weight-streaming", action="store_true", help="TensorRT: allow streaming weights from host")
     p.add_argument("--models", help="comma separated subset (unet,clip,clip2,vae_decoder,vae_encoder)")
@@ -67,7 +70,23 @@ def _build(args) -> int:
     built = build_engines(args.export_dir, opts, models=models, cache=EngineCache(args.cache),
                           log=lambda m: print(m, flush=True))
     print(f"{len(built)} engine(s) ready for {backend} in {time.perf_counter() - t0:.1f} s")
+    if args.precision:  # say what was picked (auto) or built, per model
+        print(f"precision {args.precision}: " + ", ".join(f"{n}={e.components.get('precision')}"
+                                                          for n, e in built.items()))
     return 0
+
+
+def _precision_arg(value: str) -> str:
+    import argparse
+
+    from .precision import parse_precision
+    from .spec import EngineError
+
+    try:
+        spec = parse_precision(value)
+    except EngineError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec.canonical() if spec else None
 
 
 def _row(entry, here: dict | None) -> dict:

@@ -12,8 +12,11 @@ first call with that signature, in a small LRU (``max_compiled``: default 2, or
 memory bound too). Each compiled model has one reused
 ``InferRequest``. Compile settings: ``INFERENCE_NUM_THREADS`` (the same default as ONNX Runtime CPU:
 ``$KSAMPLER_RT_ORT_THREADS`` or the usable cores), ``PERFORMANCE_HINT=LATENCY``, no CPU pinning and
-``INFERENCE_PRECISION_HINT=f32`` -- an fp32 export computes in fp32 (OpenVINO would otherwise pick bf16 on
-CPUs with AMX / AVX-512 BF16); the compiled model's precision is checked after compiling.
+``INFERENCE_PRECISION_HINT`` set from the engine's precision (``ksampler-rt build --precision``, see
+``ksampler_rt.engines.precision``): ``f32`` by default -- an fp32 export computes in fp32 (OpenVINO would
+otherwise pick bf16 on CPUs with AMX / AVX-512 BF16) -- ``bf16`` / ``f16`` when asked for, and ``f32`` for
+``int8`` (NNCF int8 weight compression at build time, activations in fp32). The compiled model's precision
+is checked after compiling: a CPU that cannot run the hint is an error, never a silent fallback.
 
 OpenVINO's own model cache (``CACHE_DIR``) is off by default (measured on the development box, a 220M-
 parameter UNet: a cache hit compiles in about half the time, but the first compile is slower, each
@@ -36,6 +39,11 @@ from .spec import EngineError, TensorSpec
 INSTALL = "pip install 'ksampler-rt[openvino]'"
 MODEL_CACHE_ENV = "KSAMPLER_RT_OV_MODEL_CACHE"
 MAX_COMPILED_ENV = "KSAMPLER_RT_OV_MAX_COMPILED"
+
+#: ``--precision`` -> OpenVINO's INFERENCE_PRECISION_HINT (int8 = int8-compressed weights, fp32 activations)
+INFERENCE_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+#: The artefact's record of the precision it was built in (written by the openvino-cpu builder).
+PRECISION_FILE = "precision.json"
 
 
 def default_max_compiled() -> int:
@@ -177,9 +185,13 @@ class OpenVinoCpuEngine(Engine):
 
     def __init__(self, model, inputs, outputs, profiles=None, *, path, threads: int | None = None,
                  max_compiled: int | None = None, model_cache: str | None = None,
-                 overrides: dict | None = None, **kw):
+                 overrides: dict | None = None, precision: str = "fp32", **kw):
         super().__init__(model, inputs, outputs, profiles, source=str(path), **kw)
+        if precision not in INFERENCE_HINTS:
+            raise EngineError(f"{model} precision: received {precision!r}, expected one of "
+                              f"{', '.join(INFERENCE_HINTS)} (openvino-cpu)")
         self.path = Path(path)
+        self.precision = precision
         self.threads = threads
         self.max_compiled = max(1, int(max_compiled if max_compiled is not None else default_max_compiled()))
         self.model_cache = model_cache
@@ -197,7 +209,8 @@ class OpenVinoCpuEngine(Engine):
         # (Ray replicas with $KSAMPLER_RT_ORT_THREADS each, or a shared box) would pile onto the same cores;
         # measured on the shared development box, unpinned was faster too (tiny UNet: 106 vs 142 ms median).
         cfg = {"INFERENCE_NUM_THREADS": int(self.threads or default_cpu_threads()),
-               "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
+               "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": INFERENCE_HINTS[self.precision],
+               "ENABLE_CPU_PINNING": False}
         if self.model_cache:
             cfg["CACHE_DIR"] = str(self.model_cache)
         return cfg
@@ -246,9 +259,15 @@ class OpenVinoCpuEngine(Engine):
         to the engine cache. The new model is read and compiled on first use (or ``load()``)."""
         if not overrides:
             return self
+        if self.precision == "int8":
+            # the int8 IR's weights are compressed constants: overriding them would mean running the raw fp32
+            # export instead, a silent change of precision
+            raise EngineError(f"{self.model}: received weight overrides (e.g. a LoRA) for an int8 openvino-cpu "
+                              f"engine, expected an fp32 / bf16 / fp16 engine (build with --precision bf16)")
         eng = OpenVinoCpuEngine(self.model, self.inputs, self.outputs, self.profiles, path=self.path,
                                 threads=self.threads, max_compiled=self.max_compiled, model_cache=None,
-                                overrides=overrides, request=self.request, export_dir=self.export_dir)
+                                overrides=overrides, precision=self.precision, request=self.request,
+                                export_dir=self.export_dir)
         eng.source = f"{self.path} (+{len(overrides)} overridden weights)"
         return eng
 
@@ -267,8 +286,11 @@ class OpenVinoCpuEngine(Engine):
             raise EngineError(f"{self.model}: OpenVINO could not compile for the input shapes {sig}: {exc}") \
                 from exc
         prec = compiled.get_property("INFERENCE_PRECISION_HINT")
-        if np.dtype(prec.to_dtype()) != np.float32:
-            raise EngineError(f"{self.model}: OpenVINO compiled with inference precision {prec}, not f32")
+        want = INFERENCE_HINTS[self.precision]
+        # get_type_name(): "f32" / "bf16" / "f16" (to_dtype() maps bf16 to float16, so it cannot tell them apart)
+        if prec.get_type_name() != want:
+            raise EngineError(f"{self.model}: OpenVINO compiled with inference precision {prec}, expected {want} "
+                              f"({self.precision}); this CPU does not run it natively")
         c = _Compiled()
         c.compiled = compiled
         c.request = compiled.create_infer_request()

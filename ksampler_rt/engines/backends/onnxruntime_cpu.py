@@ -18,6 +18,16 @@ class OnnxRuntimeCpu(OnnxRuntimeBackend):
     def build_providers(self, device_id: int) -> list:
         return ["CPUExecutionProvider"]
 
+    def resolve_precision(self, export_precision: str, requested: str | None) -> str:
+        # --precision auto: the export's own precision -- fp16 has no native ONNX Runtime CPU kernels and int8
+        # dynamic quantization was measured slower than fp32 on the UNet (docs/engines.md, "Precision")
+        from ..precision import AUTO, parse_precision
+
+        spec = parse_precision(requested)
+        if spec is not None and {spec.default, *(p for _, p in spec.per)} <= {AUTO, None, export_precision}:
+            requested = None
+        return super().resolve_precision(export_precision, requested)
+
     def make_engine(self, job: LoadJob):
         from ..ort import OrtCpuEngine
 
