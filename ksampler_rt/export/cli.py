@@ -9,10 +9,12 @@ from .families import FAMILY_CHOICES
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="export a Stable Diffusion checkpoint to ONNX (+ manifest.json)",
+        "export", help="export a Stable Diffusion / SD3.5 / FLUX.1 checkpoint to ONNX (+ manifest.json)",
         description="Export a diffusers folder or a single-file .safetensors checkpoint (SD1.x, SD2.x, SDXL "
                     "base/refiner) to unet.onnx, clip.onnx[, clip2.onnx], vae_decoder.onnx, vae_encoder.onnx and "
-                    "manifest.json. Every model is validated against torch with ONNX Runtime (CPU) at two shapes. "
+                    "manifest.json; SD3.5 / FLUX.1 (diffusers folder, SD3.5 all-in-one file or a FLUX transformer "
+                    "file in Black Forest Labs' layout) to transformer.onnx, clip_l.onnx[, clip_g.onnx], "
+                    "t5xxl.onnx, vae_decoder.onnx, vae_encoder.onnx and manifest.json (see docs/export.md). Every model is validated against torch with ONNX Runtime (CPU) at two shapes. "
                     "The output directory appears only when everything succeeded.")
     p.add_argument("checkpoint", help="diffusers folder (model_index.json, unet/, ...) or .safetensors file")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty, see --overwrite)")
@@ -32,6 +34,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-tokenizer", action="store_true",
                    help="export a single-file checkpoint without tokenizer files (the workflow runner then cannot "
                         "encode prompts with it)")
+    p.add_argument("--clip-l", default=None, metavar="FILE",
+                   help="SD3.5 / FLUX.1 single files: CLIP-L text encoder file (clip_l.safetensors, HF keys)")
+    p.add_argument("--clip-g", default=None, metavar="FILE",
+                   help="SD3.5 single files: CLIP-G text encoder file (clip_g.safetensors, HF keys)")
+    p.add_argument("--t5", default=None, metavar="FILE",
+                   help="SD3.5 / FLUX.1 single files: T5-XXL encoder file (t5xxl_fp16.safetensors, HF keys)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (atomically)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter (default torchscript: much faster, keeps parameter names)")
@@ -49,7 +57,7 @@ def run(args) -> int:
     m = export_model(args.checkpoint, args.out, precision=args.precision, family=args.family, opset=args.opset,
                      prediction=args.prediction, vae=args.vae, config=args.config, overwrite=args.overwrite,
                      exporter=args.exporter, tolerance=args.tolerance, tokenizer=args.tokenizer,
-                     no_tokenizer=args.no_tokenizer)
+                     no_tokenizer=args.no_tokenizer, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5)
     for name, info in m["models"].items():
         v = info["validation"]
         print(f"{name:12s} {info['file']:18s} {info['size_bytes'] / 1e6:9.1f} MB  {info['precision']}  "
@@ -57,4 +65,6 @@ def run(args) -> int:
     for te in m["text_encoders"]:
         print(f"tokenizer {te['name']:6s} {te['tokenizer'] or '-':12s} from {te.get('tokenizer_source') or 'nowhere'}")
     print(f"family {m['family']}  prediction {m['prediction']}  -> {os.path.abspath(args.out)}")
+    if m.get("complete") is False:
+        print(f"note: partial export ({', '.join(m['models'])}); the other networks come from other exports")
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 
 SUPPORTED_FAMILIES = ("sd15", "sd2", "sd2-v", "sdxl", "sdxl-refiner")
-FAMILY_CHOICES = ("auto",) + SUPPORTED_FAMILIES
+#: SD3 / SD3.5 and FLUX.1 dev / schnell: exported by :mod:`.flow_export` (transformer, T5, CLIP-L/G, 16-ch VAE).
+FLOW_FAMILIES = ("sd3", "flux", "flux-schnell")
+FAMILY_CHOICES = ("auto",) + SUPPORTED_FAMILIES + FLOW_FAMILIES
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -50,4 +52,4 @@ def config_dir(family: str) -> str:
 def unsupported_family_message(what: str, name: str = "--family") -> str:
     """'NAME: received WHAT, expected one of <the supported families>' (``name``: the option, or what was
     detected, e.g. 'checkpoint family')."""
-    return f"{name}: received {what!r}, expected one of {', '.join(SUPPORTED_FAMILIES)}"
+    return f"{name}: received {what!r}, expected one of {', '.join(SUPPORTED_FAMILIES + FLOW_FAMILIES)}"

@@ -409,7 +409,8 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
                  overwrite: bool = False, exporter: str = "torchscript", tolerance: float | None = None,
                  upcast_attention: bool | None = None, tokenizer: str | None = None, no_tokenizer: bool = False,
                  models: list[str] | tuple[str, ...] | None = None,
-                 library_log: str | os.PathLike | None = None) -> dict:
+                 library_log: str | os.PathLike | None = None, clip_l: str | None = None,
+                 clip_g: str | None = None, t5: str | None = None) -> dict:
     """Export ``source`` into ``out``; returns the manifest.
 
     ``tokenizer``: a folder with CLIP's vocab.json + merges.txt used for every text encoder (overrides the
@@ -457,7 +458,8 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
             log_path = Path(scratch, "export.log") if own_log else Path(library_log).absolute()
             with library_output_to(log_path) as captured:
                 manifest = _export_into(tmp, scratch, source, out, precision, family, opset, prediction, vae, config,
-                                        exporter, tolerance, upcast_attention, tokenizer, no_tokenizer, only)
+                                        exporter, tolerance, upcast_attention, tokenizer, no_tokenizer, only,
+                                        {"clip_l": clip_l, "clip_g": clip_g, "t5": t5})
             if own_log and captured.count:
                 shutil.move(log_path, os.path.join(tmp, "export.log"))
             drop_marker(tmp)
@@ -488,12 +490,24 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
 def _export_into(tmp: str, scratch: str, source: str, out: str, precision: str, family: str, opset: int,
                  prediction: str | None, vae: str | None, config: str | None, exporter: str,
                  tolerance: float | None, upcast_attention: bool | None, tokenizer: str | None,
-                 no_tokenizer: bool, only: list[str] | None) -> dict:
+                 no_tokenizer: bool, only: list[str] | None, flow_files: dict | None = None) -> dict:
     """The export proper: load, export + validate each model into ``tmp``, write the manifest there."""
+    from .flow_export import export_flow_into, flow_family_of
+
+    flow = flow_family_of(source, family)
+    if flow is not None:  # SD3.5 / FLUX.1
+        if prediction:
+            raise ExportError(f"--prediction: received {prediction!r}, expected none for the flow family {flow} "
+                              f"(rectified flow)")
+        return export_flow_into(tmp, scratch, source, flow, precision, opset, exporter, tolerance, tokenizer,
+                                no_tokenizer, only, vae=vae, config=config, **(flow_files or {}))
+    if flow_files and any(flow_files.values()):
+        raise ExportError(f"--clip-l / --clip-g / --t5: received {flow_files}, expected them only with an SD3.5 / "
+                          f"FLUX.1 checkpoint; {source} is none")
     import torch
     from .source import load_source, weights_hash
     from .clip_tokenizer import check_tokenizer_dir, find_clip_tokenizer, read_vocab, write_clip_tokenizer_dir
-    from .validate import TOLERANCE, validate
+    from .validate import TOLERANCE
 
     parent = os.path.dirname(out)
     # tokenizer files: (folder with vocab.json + merges.txt for every tower, where it came from) or None;
@@ -539,47 +553,7 @@ def _export_into(tmp: str, scratch: str, source: str, out: str, precision: str, 
     specs, dims = build_specs(src, precision, upcast_attention)
     if only is not None:
         specs = [s for s in specs if s.name in only]
-    models, init_map, timings = {}, {}, {}
-    threads = max(1, min(4, torch.get_num_threads()))  # ONNX Runtime validation follows torch's setting
-    for k, spec in enumerate(specs, 1):
-        step = f"[{k}/{len(specs)}] {spec.name}"
-        t = time.time()
-        sdir = os.path.join(scratch, spec.name)
-        os.makedirs(sdir)
-        log(f"{step}: exporting with torch.onnx ({exporter}, {spec.precision}) ...")
-        torch_export(spec, os.path.join(sdir, "model.onnx"), opset, exporter)
-        fin = finalize_onnx(os.path.join(sdir, "model.onnx"), os.path.join(tmp, spec.file), spec)
-        texp = time.time() - t
-        val_args = (spec.reference, [spec.make_inputs(0), spec.make_inputs(1)], [o["name"] for o in spec.outputs],
-                    threads)
-        log(f"{step}: validating with ONNX Runtime against torch at 2 shapes ...")
-        try:
-            res = validate(os.path.join(tmp, spec.file), *val_args)
-        except AssertionError:  # an output shape changed
-            if not fin["zero_masks_dropped"]:
-                raise
-            res = {"max_rel_err": float("inf")}
-        if not res["max_rel_err"] <= tol and fin["zero_masks_dropped"]:
-            log(f"{step}: validation failed with the zero attention masks dropped; exporting them as they are")
-            fin = finalize_onnx(os.path.join(sdir, "model.onnx"), os.path.join(tmp, spec.file), spec,
-                                drop_zero_masks=False)
-            res = validate(os.path.join(tmp, spec.file), *val_args)
-        shutil.rmtree(sdir, ignore_errors=True)
-        log(f"{step}: {spec.file} exported in {texp:.1f}s, validated: max_abs_err {res['max_abs_err']:.3g}, "
-            f"max_rel_err {res['max_rel_err']:.3g} (tolerance {tol:g})")
-        if not res["max_rel_err"] <= tol:
-            raise ExportError(f"{spec.file} failed validation: max_rel_err {res['max_rel_err']:.3g} > tolerance "
-                              f"{tol:g} for {precision} (max_abs_err {res['max_abs_err']:.3g}); nothing written")
-        files = [spec.file] + ([spec.file + ".data"] if fin["external_data"] else [])
-        models[spec.name] = {"file": spec.file, "inputs": spec.inputs, "outputs": spec.outputs,
-                             "external_data": fin["external_data"],
-                             "external_data_file": spec.file + ".data" if fin["external_data"] else None,
-                             "precision": spec.precision,
-                             "size_bytes": sum(os.path.getsize(os.path.join(tmp, x)) for x in files),
-                             "validation": dict(res, tolerance=tol, reference="torch fp32 (CPU)",
-                                                runtime="onnxruntime CPUExecutionProvider")}
-        init_map[spec.name] = fin["init_map"]
-        timings[spec.name] = round(time.time() - t, 3)
+    models, init_map, timings = export_specs(specs, tmp, scratch, opset, exporter, tol, precision)
     if is_sdxl(src.family) and "fp16" == precision and "unet" in models:
         models["unet"]["notes"] = "fp16 weights; I/O float32"
     if src.family in ("sd2", "sd2-v") and precision == "fp16" and upcast_attention and "unet" in models:
@@ -636,6 +610,58 @@ def _export_into(tmp: str, scratch: str, source: str, out: str, precision: str, 
     }
     write_manifest(tmp, manifest)
     return manifest
+
+
+def export_specs(specs: list, tmp: str, scratch: str, opset: int, exporter: str, tol: float,
+                 precision: str) -> tuple[dict, dict, dict]:
+    """Export each spec into ``tmp`` (scratch files in ``scratch``) and validate it against torch with ONNX
+    Runtime at two shapes; returns (manifest ``models`` entries, initializer maps, seconds per model).
+    Raises :class:`ExportError` when a model misses ``tol``."""
+    import torch
+    from .validate import validate
+
+    models, init_map, timings = {}, {}, {}
+    threads = max(1, min(4, torch.get_num_threads()))  # ONNX Runtime validation follows torch's setting
+    for k, spec in enumerate(specs, 1):
+        step = f"[{k}/{len(specs)}] {spec.name}"
+        t = time.time()
+        sdir = os.path.join(scratch, spec.name)
+        os.makedirs(sdir)
+        log(f"{step}: exporting with torch.onnx ({exporter}, {spec.precision}) ...")
+        torch_export(spec, os.path.join(sdir, "model.onnx"), opset, exporter)
+        fin = finalize_onnx(os.path.join(sdir, "model.onnx"), os.path.join(tmp, spec.file), spec)
+        texp = time.time() - t
+        val_args = (spec.reference, [spec.make_inputs(0), spec.make_inputs(1)], [o["name"] for o in spec.outputs],
+                    threads)
+        log(f"{step}: validating with ONNX Runtime against torch at 2 shapes ...")
+        try:
+            res = validate(os.path.join(tmp, spec.file), *val_args)
+        except AssertionError:  # an output shape changed
+            if not fin["zero_masks_dropped"]:
+                raise
+            res = {"max_rel_err": float("inf")}
+        if not res["max_rel_err"] <= tol and fin["zero_masks_dropped"]:
+            log(f"{step}: validation failed with the zero attention masks dropped; exporting them as they are")
+            fin = finalize_onnx(os.path.join(sdir, "model.onnx"), os.path.join(tmp, spec.file), spec,
+                                drop_zero_masks=False)
+            res = validate(os.path.join(tmp, spec.file), *val_args)
+        shutil.rmtree(sdir, ignore_errors=True)
+        log(f"{step}: {spec.file} exported in {texp:.1f}s, validated: max_abs_err {res['max_abs_err']:.3g}, "
+            f"max_rel_err {res['max_rel_err']:.3g} (tolerance {tol:g})")
+        if not res["max_rel_err"] <= tol:
+            raise ExportError(f"{spec.file} failed validation: max_rel_err {res['max_rel_err']:.3g} > tolerance "
+                              f"{tol:g} for {precision} (max_abs_err {res['max_abs_err']:.3g}); nothing written")
+        files = [spec.file] + ([spec.file + ".data"] if fin["external_data"] else [])
+        models[spec.name] = {"file": spec.file, "inputs": spec.inputs, "outputs": spec.outputs,
+                             "external_data": fin["external_data"],
+                             "external_data_file": spec.file + ".data" if fin["external_data"] else None,
+                             "precision": spec.precision,
+                             "size_bytes": sum(os.path.getsize(os.path.join(tmp, x)) for x in files),
+                             "validation": dict(res, tolerance=tol, reference="torch fp32 (CPU)",
+                                                runtime="onnxruntime CPUExecutionProvider")}
+        init_map[spec.name] = fin["init_map"]
+        timings[spec.name] = round(time.time() - t, 3)
+    return models, init_map, timings
 
 
 def _move_into_place(tmp: str, out: str, overwrite: bool):

@@ -108,9 +108,13 @@ what would you like to see? make it bright, simple, clean, colorful, and very sm
 """
 
 
+#: The flow families (SD3.5, FLUX.1 dev / schnell), built by :mod:`.tiny_flow`.
+TINY_FLOW_FAMILIES = ("sd3", "flux", "flux-schnell")
+
+
 def _check_family(family: str) -> str:
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"family: received {family!r}, expected one of {TINY_FAMILIES}")
+    if family not in TINY_FAMILIES + TINY_FLOW_FAMILIES:
+        raise ValueError(f"family: received {family!r}, expected one of {TINY_FAMILIES + TINY_FLOW_FAMILIES}")
     return family
 
 
@@ -349,6 +353,11 @@ def _scheduler(family: str):
 
 
 def _build_into(out: Path, family: str, seed: int) -> None:
+    if family in TINY_FLOW_FAMILIES:
+        from .tiny_flow import build_flow_into
+
+        build_flow_into(out, family, seed)
+        return
     import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -568,7 +577,8 @@ def make_tiny_lora(out_file: str | os.PathLike, seed: int = 0, family: str = "sd
     own spread. Same seed -> byte-identical file. Nothing is downloaded."""
     import numpy as np
 
-    _check_family(family)
+    if family not in TINY_FAMILIES:  # no tiny LoRA for the flow families yet
+        raise ValueError(f"family: received {family!r}, expected one of {TINY_FAMILIES}")
     out = Path(out_file).expanduser().absolute()
     tensors = {}
     for stem, down_shape, up_shape in _tiny_lora_layers(family):

@@ -8,17 +8,18 @@ import argparse
 from pathlib import Path
 
 _FAMILIES = ("sd15", "sd2-v", "sdxl")  # = tiny.TINY_FAMILIES, repeated to keep this import light
+_FLOW_FAMILIES = ("sd3", "flux", "flux-schnell")  # = tiny.TINY_FLOW_FAMILIES (SD3.5, FLUX.1 dev / schnell)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "make-tiny-model",
-        help="write a tiny random-weight Stable Diffusion folder (diffusers layout) for tests",
+        help="write a tiny random-weight SD / SDXL / SD3.5 / FLUX.1 folder (diffusers layout) for tests",
         description="Build a deterministic tiny random-weight Stable Diffusion checkpoint in "
                     "diffusers folder layout, without downloading anything.",
     )
     p.add_argument("out", metavar="OUT", help="output folder (must be empty or absent)")
-    p.add_argument("--family", default="sd15", choices=_FAMILIES,
+    p.add_argument("--family", default="sd15", choices=_FAMILIES + _FLOW_FAMILIES,
                    help="model family (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
@@ -31,6 +32,8 @@ def _run(args: argparse.Namespace) -> int:
     out = make_tiny_model(args.out, family=args.family, seed=args.seed, force=args.force)
     for f in sorted(p for p in Path(out).rglob("*") if p.is_file()):
         print(f)
+    if args.family in _FLOW_FAMILIES:
+        return 0  # no tiny LoRA for the flow families yet
     # the matching tiny LoRA (kohya layout), next to the model folder
     lora = make_tiny_lora(Path(out).parent / f"{Path(out).name}-{TINY_LORA_NAME}", seed=args.seed,
                           family=args.family)

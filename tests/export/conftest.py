@@ -36,3 +36,15 @@ def tiny_sd2v_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
     return _build(tmp_path_factory, "sdxl")
+
+
+# The flow families (SD3.5 layout, FLUX.1 dev, FLUX.1 schnell), see ksampler_rt/export/tiny_flow.py.
+@pytest.fixture(scope="session")
+def tiny_flow_dir(tmp_path_factory):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = _build(tmp_path_factory, family)
+        return cache[family]
+    return get

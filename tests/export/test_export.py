@@ -191,8 +191,9 @@ def test_folder_missing_component(tmp_path, tiny_sd15_dir):
 
 
 def test_unsupported_family(tmp_path, tiny_sd15_dir):
-    with pytest.raises(ExportError, match="--family: received 'sd3', expected one of sd15, sd2, sd2-v, sdxl, sdxl-refiner"):
-        export_model(str(tiny_sd15_dir), str(tmp_path / "out"), family="sd3")
+    with pytest.raises(ExportError, match="--family: received 'sd4', expected one of sd15, sd2, sd2-v, sdxl, "
+                                          "sdxl-refiner, sd3, flux, flux-schnell"):
+        export_model(str(tiny_sd15_dir), str(tmp_path / "out"), family="sd4")
     with pytest.raises(ExportError, match="--family: received sdxl, expected sd15: .* does not match"):
         export_model(str(tiny_sd15_dir), str(tmp_path / "out"), family="sdxl")
 
@@ -202,7 +203,7 @@ def test_cli_errors(tmp_path, tiny_sd15_dir, capsys):
     assert main(["export", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["export", str(tiny_sd15_dir), "--out", str(tmp_path / "o"), "--family", "flux"])
+        main(["export", str(tiny_sd15_dir), "--out", str(tmp_path / "o"), "--family", "sd4"])
     assert e.value.code == 2
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")

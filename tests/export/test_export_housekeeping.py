@@ -243,6 +243,9 @@ def test_signal_during_export_removes_its_folders(tmp_path, tiny_sd15_dir, sig):
         if child.poll() is None:
             child.kill()
             child.wait()
-    # the process still ends by that signal (SIGINT: KeyboardInterrupt, which Python turns into the same)
-    assert child.returncode == -getattr(signal, sig), err
+    if sig == "SIGTERM":  # re-sent after the clean-up: the process still ends by that signal
+        assert child.returncode == -signal.SIGTERM, err
+    else:  # Ctrl-C ends the export as a KeyboardInterrupt (Python reports it as -SIGINT or as exit status 1,
+        # depending on what runs at interpreter exit); either way it is the interrupt that ended it
+        assert child.returncode in (-signal.SIGINT, 1) and "KeyboardInterrupt" in err, (child.returncode, err)
     assert not list(systmp.glob("ksampler-rt-export-*")) and not list(tmp_path.glob(".out*")), err

@@ -148,7 +148,7 @@ def test_refuses_non_empty_dir_and_force(tmp_path, tiny_sd15_dir):
 
 
 def test_unknown_family(tmp_path):
-    msg = "family: received 'x', expected one of ('sd15', 'sd2-v', 'sdxl')"
+    msg = "family: received 'x', expected one of ('sd15', 'sd2-v', 'sdxl', 'sd3', 'flux', 'flux-schnell')"
     with pytest.raises(ValueError) as exc:
         tiny.make_tiny_model(tmp_path / "m", "x")
     assert str(exc.value) == msg
@@ -172,7 +172,12 @@ def test_cli(tmp_path, capsys, tiny_sd15_dir):
     assert main(["make-tiny-model", str(out), "--force"]) == 0
     assert _hashes(out) == h0
     with pytest.raises(SystemExit):
-        main(["make-tiny-model", str(out), "--family", "sd3"])
+        main(["make-tiny-model", str(out), "--family", "sd4"])
+    flow = tmp_path / "cli-flux"
+    assert main(["make-tiny-model", str(flow), "--family", "flux-schnell"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert str(flow / "transformer" / "diffusion_pytorch_model.safetensors") in printed
+    assert str(flow / "tokenizer_2" / "tokenizer.json") in printed
 
 
 def test_ensure_tiny_model_caches(tmp_path, monkeypatch, tiny_sd2v_dir):
@@ -196,5 +201,6 @@ def test_ensure_tiny_model_caches(tmp_path, monkeypatch, tiny_sd2v_dir):
 def test_light_imports():
     code = ("import sys, ksampler_rt.export.tiny_cli, ksampler_rt.export.tiny as t; "
             "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules; "
-            "assert t.TINY_FAMILIES == ksampler_rt.export.tiny_cli._FAMILIES")
+            "assert t.TINY_FAMILIES == ksampler_rt.export.tiny_cli._FAMILIES; "
+            "assert t.TINY_FLOW_FAMILIES == ksampler_rt.export.tiny_cli._FLOW_FAMILIES")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
