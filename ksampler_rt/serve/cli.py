@@ -54,6 +54,13 @@ def register(subparsers) -> None:
     p.add_argument("--ray-concurrency", type=int, default=None, metavar="N",
                    help="--workers ray: prompts kept in flight at once (default: replicas x max ongoing requests "
                         "per replica, the deployment's capacity)")
+    p.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="step-level batching: run up to N prompts at once and merge their compatible UNet calls "
+                        "into engine calls of up to N rows (cond + uncond rows count; default 1: off). With "
+                        "--workers ray: per replica (see docs/server.md)")
+    p.add_argument("--batch-wait-ms", type=float, default=None, metavar="MS",
+                   help="longest wait of a UNet call for batch partners while other prompts are running "
+                        "(default 2; a lone prompt never waits)")
     p.add_argument("--max-queue", type=int, default=100, metavar="N",
                    help="waiting prompts before POST /prompt answers 429 (default 100)")
     p.add_argument("--max-history", type=int, default=10000, metavar="N", help="history entries kept (default 10000)")
@@ -102,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
                          "pip install 'ksampler-rt[serve]'") from None
     if args.ray_concurrency is not None and args.ray_concurrency < 1:
         raise ValueError(f"--ray-concurrency: received {args.ray_concurrency}, expected a positive integer")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch: received {args.max_batch}, expected a positive integer (1: no batching)")
+    if args.batch_wait_ms is not None and not 0 <= args.batch_wait_ms <= 10_000:
+        raise ValueError(f"--batch-wait-ms: received {args.batch_wait_ms:g}, expected milliseconds in [0, 10000]")
     token = _token(args)
     for name, value in (("--port", args.port), ("--max-queue", args.max_queue), ("--max-history", args.max_history),
                         ("--max-image-pixels", args.max_image_pixels)):
@@ -115,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
                           preview=args.preview, preview_size=args.preview_size, max_upload_mb=args.max_upload_mb,
                           max_body_mb=args.max_body_mb, preload=list(args.preload), ui=not args.no_ui,
                           auth_token=token, allow_hosts=list(args.allow_host), allow_origins=list(args.allow_origin),
-                          max_image_pixels=args.max_image_pixels)
+                          max_image_pixels=args.max_image_pixels, max_batch=args.max_batch,
+                          batch_wait_ms=args.batch_wait_ms)
     pipeline = None
     if args.fake_checkpoint:
         from .testing import fake_pipeline
@@ -130,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
 
             app = RayAppConfig(models_dir=args.models, backend=args.backend, num_replicas=args.ray_replicas,
                                preload=list(args.preload), preview=args.preview, preview_size=args.preview_size,
-                               cache_mb=args.cache_mb)
+                               cache_mb=args.cache_mb, max_batch_size=args.max_batch,
+                               **({} if args.batch_wait_ms is None
+                                  else {"batch_wait_timeout_s": args.batch_wait_ms / 1000.0}))
             server = make_ray_server(config, address=args.ray_address, app_config=app, pipeline=pipeline,
                                      concurrency=args.ray_concurrency)
         else:

@@ -29,10 +29,11 @@ def register(subparsers) -> None:
     r.add_argument("--gpus-per-replica", type=float, default=None, metavar="G",
                    help="GPUs per replica (default 1 when the cluster has GPUs, else 0)")
     r.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C", help="CPUs per replica (default 1)")
-    r.add_argument("--max-batch-size", type=int, default=1, metavar="N",
-                   help="prompts per replica at once, their UNet calls batched with serve.batch (default 1: off)")
-    r.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
-                   help="how long a batch waits to fill (default 5)")
+    r.add_argument("--max-batch", "--max-batch-size", dest="max_batch_size", type=int, default=1, metavar="N",
+                   help="step-level batching in each replica: up to N prompts at once, their compatible UNet calls "
+                        "merged into engine calls of up to N rows (default 1: off)")
+    r.add_argument("--batch-wait-ms", type=float, default=2.0, metavar="MS",
+                   help="longest wait of a UNet call for batch partners (default 2; a lone prompt never waits)")
     r.add_argument("--shared-output", default=None, metavar="DIR",
                    help="replicas write images into this folder shared with the front (default: send them back)")
     r.add_argument("--preview", action="store_true", help="stream latent previews")
@@ -65,6 +66,10 @@ def serve_config(config) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.max_batch_size < 1:
+        raise ValueError(f"--max-batch: received {args.max_batch_size}, expected a positive integer (1: no batching)")
+    if not 0 <= args.batch_wait_ms <= 10_000:
+        raise ValueError(f"--batch-wait-ms: received {args.batch_wait_ms:g}, expected milliseconds in [0, 10000]")
     if args.replicas < 1:
         raise ValueError(f"--replicas: received {args.replicas}, expected at least 1")
     if (args.min_replicas is None) != (args.max_replicas is None):

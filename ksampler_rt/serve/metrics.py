@@ -7,6 +7,8 @@ from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 -- re-exported f
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0, 300.0, 600.0)
 _RATE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -37,6 +39,15 @@ class Metrics:
                                     buckets=_RATE_BUCKETS, registry=r)
         self.ws_clients = Gauge("ksampler_rt_websocket_clients", "Connected WebSocket clients", registry=r)
         self.images = Counter("ksampler_rt_images", "Images written by output nodes", registry=r)
+        self.engine_batch_rows = Histogram(
+            "ksampler_rt_engine_batch_rows", "Rows (latents, cond and uncond) per UNet engine call; calls merged "
+            "across concurrent prompts by step-level batching", buckets=_BATCH_BUCKETS, registry=r)
+        self.engine_batch_prompts = Histogram(
+            "ksampler_rt_engine_batch_prompts", "Prompts whose rows shared one UNet engine call",
+            buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_wait = Histogram(
+            "ksampler_rt_batch_wait_seconds", "Time a prompt's UNet calls waited for batch partners, one "
+            "observation per prompt (the sum over its steps)", buckets=_WAIT_BUCKETS, registry=r)
 
     def observe_run(self, result) -> None:
         """Record a worker's RunResult."""
@@ -49,6 +60,11 @@ class Metrics:
                 self.steps_per_second.set(rate)
                 self.steps_rate.observe(rate)
         self.cached_nodes.inc(len(result.cached))
+        for rows, prompts in getattr(result, "engine_batches", None) or ():
+            self.engine_batch_rows.observe(rows)
+            self.engine_batch_prompts.observe(prompts)
+        if getattr(result, "engine_batches", None) or getattr(result, "batch_wait_s", 0.0):
+            self.batch_wait.observe(float(result.batch_wait_s))
         for ui in result.outputs.values():
             if isinstance(ui, dict):
                 self.images.inc(len(ui.get("images") or ()))

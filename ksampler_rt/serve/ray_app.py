@@ -9,9 +9,12 @@ ends with one ``result`` / ``error`` / ``interrupted`` record. Output images tra
 ``executed`` records as bytes (the front writes them into its own output folder, so ``/view`` works)
 unless the replica writes into storage shared with the front (``shared_output``).
 
-Request batching (``serve.batch``): with ``max_batch_size > 1`` a replica takes that many prompts at
-once and the UNet calls of concurrent prompts with the same model and shapes are merged into one
-engine call (one batched UNet evaluation per sampling step instead of one per prompt).
+Step-level batching: with ``max_batch_size > 1`` a replica runs that many prompts at once (each on its
+own thread) and their compatible UNet calls meet at the pipeline's gather point
+(:class:`~ksampler_rt.runtime.batching.BatchingUNet`, within the replica): one engine call of up to
+``max_batch_size`` rows per step instead of one per prompt. The same gather point makes every UNet
+call of a replica run on one engine thread where the backend needs it (ORT CUDA graphs, TensorRT),
+although prompts arrive on threads of their own.
 
 Start it with ``ksampler-rt deploy ray`` or ``serve run ksampler_rt.serve.ray_app:build_app``
 (arguments as ``key=value``), or let ``ksampler-rt serve --workers ray`` deploy it.
@@ -49,8 +52,8 @@ class RayAppConfig:
     num_gpus: float = 0.0                 # 1 on GPU clusters: a replica owns one GPU
     num_cpus: float = 1.0
     ort_threads: int | None = None        # $KSAMPLER_RT_ORT_THREADS inside replicas (CPU backend)
-    max_batch_size: int = 1               # > 1: prompts per replica at once, UNet calls batched
-    batch_wait_timeout_s: float = 0.005
+    max_batch_size: int = 1               # > 1: prompts per replica at once and rows per UNet call (batching)
+    batch_wait_timeout_s: float = 0.002   # longest wait for batch partners (ksampler-rt --batch-wait-ms / 1000)
     cache_mb: float = 512.0
     preview: bool = False
     preview_size: int = 512
@@ -147,51 +150,6 @@ def collect_files(ui: dict | None, roots: dict[str, Path], *, remove: bool = Tru
     return files
 
 
-# -- batching the UNet calls of concurrent prompts ------------------------------------------------------
-class _BatchedUNet:
-    """Wraps a replica's UNet callable: calls from prompt threads go through ``serve.batch`` on the
-    replica's event loop; calls with the same shapes are concatenated into one engine call."""
-
-    def __init__(self, unet, submit):
-        self.inner = unet
-        self._submit = submit
-
-    def __call__(self, x, timestep, context=None, **kwargs):
-        return self._submit(self.inner, x, timestep, context, kwargs)
-
-    def __getattr__(self, name):  # engines expose release(), names, ...
-        return getattr(self.inner, name)
-
-
-def _run_group(unet, items) -> list:
-    import numpy as np
-
-    if len(items) == 1:
-        x, t, ctx, kw = items[0]
-        return [unet(x, t, ctx, **kw)]
-    sizes = [np.asarray(it[0]).shape[0] for it in items]
-    x = np.concatenate([it[0] for it in items])
-    t = np.concatenate([np.broadcast_to(np.asarray(it[1], np.float32).reshape(-1), (n,))
-                        for it, n in zip(items, sizes)])
-    ctx = None if items[0][2] is None else np.concatenate([it[2] for it in items])
-    kw = {k: np.concatenate([it[3][k] for it in items]) for k in items[0][3]}
-    try:
-        out = np.asarray(unet(x, t, ctx, **kw))
-    except Exception:  # noqa: BLE001 -- e.g. more rows than the engine's batch profile: one call each
-        return [unet(x_, t_, c_, **k_) for x_, t_, c_, k_ in items]
-    bounds = np.cumsum([0] + sizes)
-    return [out[bounds[i]:bounds[i + 1]] for i in range(len(items))]
-
-
-def _shape_key(unet, x, t, ctx, kw) -> tuple:
-    import numpy as np
-
-    def sig(a):
-        return None if a is None else (tuple(np.shape(a)[1:]), str(np.asarray(a).dtype))
-
-    return (id(unet), sig(x), sig(ctx), tuple(sorted((k, sig(v)) for k, v in kw.items())))
-
-
 # -- the deployment -------------------------------------------------------------------------------------
 class KSamplerReplica:
     """One replica: a Pipeline with loaded engines, executing prompts and streaming their events."""
@@ -211,64 +169,22 @@ class KSamplerReplica:
         output_dir = Path(c.shared_output).resolve() if c.shared_output else self.workdir / "output"
         self.private_output = self.workdir / "output"
         self.pipeline = Pipeline(c.models_dir, backend=c.backend, output_dir=self.private_output,
-                                 input_dir=self.workdir / "input", temp_dir=self.workdir / "temp", log=None)
+                                 input_dir=self.workdir / "input", temp_dir=self.workdir / "temp", log=None,
+                                 max_batch=max(1, int(c.max_batch_size)),
+                                 batch_wait_ms=1000.0 * float(c.batch_wait_timeout_s))
         self.shared_output = output_dir if c.shared_output else None
         for folder in (self.private_output, self.pipeline.input_dir, self.pipeline.temp_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.worker = LocalWorker(self.pipeline, cache_bytes=int(c.cache_mb * 1024 * 1024), preview=c.preview,
-                                  preview_size=c.preview_size)
+                                  preview_size=c.preview_size, concurrency=max(1, int(c.max_batch_size)))
         self.replica_id, self.pid, self.node = _replica_identity()
         self.busy = 0
         self.prompts_done = 0
-        self.batches: list[int] = []   # sizes of the batched UNet calls (max_batch_size > 1)
+        self.batches: list[int] = []   # prompts per UNet engine call (the calls of finished prompts)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._input_lock = threading.Lock()
-        if c.max_batch_size > 1:
-            self._install_batching()
         for name in c.preload:
             self.pipeline.load_checkpoint(name)
-
-    # -- batching ------------------------------------------------------------------------------------
-    def _install_batching(self) -> None:
-        from ray import serve
-
-        load = self.pipeline.load_checkpoint
-        wrapped: set[int] = set()
-
-        def load_checkpoint(name: str):
-            checkpoint = load(name)
-            model = checkpoint[0] if isinstance(checkpoint, tuple) else checkpoint.model
-            if id(model) not in wrapped:
-                model.unet = _BatchedUNet(model.unet, self._submit_unet)
-                wrapped.add(id(model))
-            return checkpoint
-
-        self.pipeline.load_checkpoint = load_checkpoint
-
-        @serve.batch(max_batch_size=self.config.max_batch_size,
-                     batch_wait_timeout_s=self.config.batch_wait_timeout_s)
-        async def unet_batch(calls: list) -> list:
-            self.batches.append(len(calls))
-            groups: dict[tuple, list[int]] = {}
-            for i, call in enumerate(calls):
-                groups.setdefault(_shape_key(*call), []).append(i)
-            results: list = [None] * len(calls)
-            loop = asyncio.get_running_loop()
-            for indices in groups.values():
-                unet = calls[indices[0]][0]
-                outs = await loop.run_in_executor(None, _run_group, unet, [calls[i][1:] for i in indices])
-                for i, out in zip(indices, outs):
-                    results[i] = out
-            return results
-
-        self._unet_batch = unet_batch
-
-    def _submit_unet(self, unet, x, t, ctx, kw):
-        """From a prompt thread: one UNet call through the batcher on the replica's loop."""
-        import numpy as np
-
-        future = asyncio.run_coroutine_threadsafe(self._unet_batch((unet, np.asarray(x), t, ctx, kw)), self._loop)
-        return future.result()
 
     # -- prompts ---------------------------------------------------------------------------------------
     def _write_inputs(self, inputs: dict | None) -> None:
@@ -321,8 +237,10 @@ class KSamplerReplica:
                 self._write_inputs(request.get("inputs"))
                 result = worker.run(prompt_id, request["prompt"], request.get("extra_data") or {}, on_event,
                                          stop.is_set)
+                self.batches.extend(prompts for _, prompts in result.engine_batches)
                 put((RESULT, {"outputs": result.outputs, "node_seconds": result.node_seconds,
-                              "sampling": result.sampling, "cached": result.cached, "seconds": result.seconds}))
+                              "sampling": result.sampling, "cached": result.cached, "seconds": result.seconds,
+                              "engine_batches": result.engine_batches, "batch_wait_s": result.batch_wait_s}))
             except PromptInterrupted as exc:
                 put((INTERRUPTED, exc.details, exc.outputs))
             except PromptExecutionError as exc:

@@ -141,7 +141,9 @@ class RayWorker:
                         return RunResult(outputs=outputs if outputs or not payload["outputs"] else payload["outputs"],
                                          node_seconds=[tuple(x) for x in payload["node_seconds"]],
                                          sampling=[tuple(x) for x in payload["sampling"]],
-                                         cached=list(payload["cached"]), seconds=time.perf_counter() - start)
+                                         cached=list(payload["cached"]), seconds=time.perf_counter() - start,
+                                         engine_batches=[tuple(x) for x in payload.get("engine_batches", ())],
+                                         batch_wait_s=float(payload.get("batch_wait_s", 0.0)))
                     elif kind == ERROR:
                         stat["status"] = "error"
                         raise PromptExecutionError(record[1], outputs)

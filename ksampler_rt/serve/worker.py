@@ -37,6 +37,8 @@ class RunResult:
     sampling: list[tuple[str, int, float]] = field(default_factory=list)      # (node id, steps, seconds)
     cached: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    engine_batches: list[tuple[int, int]] = field(default_factory=list)  # (rows, prompts) of UNet calls it led
+    batch_wait_s: float = 0.0   # seconds its UNet calls waited for partners (step-level batching)
 
 
 class PromptExecutionError(Exception):
@@ -156,19 +158,41 @@ def _current_inputs(prompt: Mapping, node_id: str | None) -> dict:
 class LocalWorker:
     """Runs prompts in this process through a loaded :class:`~ksampler_rt.workflow.pipeline.Pipeline`:
     engines stay loaded between prompts and node outputs of an unchanged graph prefix are reused.
-    One prompt at a time (the engines and the cache are shared)."""
 
-    concurrency = 1
+    ``concurrency``: prompts run at once, each on its own thread (default 1). Above 1 the pipeline should
+    batch (``Pipeline(max_batch=...)``): the prompts' UNet calls then meet at its gather point
+    (:mod:`ksampler_rt.runtime.batching`) and are merged into one engine call per step. ``free`` waits for
+    the running prompts before unloading anything."""
 
     def __init__(self, pipeline, *, cache_bytes: int = 1 << 30, cache_entries: int = 256,
-                 preview: bool = False, preview_size: int = 512):
+                 preview: bool = False, preview_size: int = 512, concurrency: int = 1):
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency: received {concurrency!r}, expected a positive integer")
         self.pipeline = pipeline
         self.cache = BoundedOutputCache(cache_bytes, cache_entries)
         self.preview = preview
         self.preview_size = preview_size
+        self.concurrency = concurrency
+        self._gate = threading.Condition()
+        self._running = 0
+        self._freeing = False
 
     def run(self, prompt_id: str, prompt: dict, extra_data: dict, on_event: EventSink,
             is_interrupted: Callable[[], bool]) -> RunResult:
+        with self._gate:
+            while self._freeing:
+                self._gate.wait()
+            self._running += 1
+        try:
+            return self._run(prompt_id, prompt, extra_data, on_event, is_interrupted)
+        finally:
+            with self._gate:
+                self._running -= 1
+                self._gate.notify_all()
+
+    def _run(self, prompt_id: str, prompt: dict, extra_data: dict, on_event: EventSink,
+             is_interrupted: Callable[[], bool]) -> RunResult:
+        from ..runtime.batching import Withdrawn, run_scope
         from ..workflow.executor import Interrupted
 
         start = time.perf_counter()
@@ -211,10 +235,15 @@ class LocalWorker:
         try:
             plan = self.pipeline.prepare(prompt)
             plan_prompt = plan.prompt
-            self.pipeline.run_workflow(plan, prompt_id=prompt_id, extra_pnginfo=extra_data.get("extra_pnginfo"),
-                                       on_event=sink, on_step=on_step, is_interrupted=is_interrupted,
-                                       cache=self.cache)
-        except Interrupted:
+            with run_scope(is_interrupted) as batching:   # this prompt's seat at the UNet gather point
+                try:
+                    self.pipeline.run_workflow(plan, prompt_id=prompt_id,
+                                               extra_pnginfo=extra_data.get("extra_pnginfo"), on_event=sink,
+                                               on_step=on_step, is_interrupted=is_interrupted, cache=self.cache)
+                finally:
+                    result.engine_batches = list(batching.engine_calls)
+                    result.batch_wait_s = batching.wait_s
+        except (Interrupted, Withdrawn):
             node = state["current"]
             raise PromptInterrupted({
                 "prompt_id": prompt_id, "node_id": node,
@@ -267,11 +296,19 @@ class LocalWorker:
         return on_step
 
     def free(self, unload_models: bool = False, free_memory: bool = False) -> None:
-        if free_memory:
-            self.cache.clear()
-        if unload_models or free_memory:
+        if not (unload_models or free_memory):
+            return
+        with self._gate:   # never unload engines under a running prompt; new prompts wait meanwhile
+            self._freeing = True
+            while self._running:
+                self._gate.wait()
+        try:
             self.cache.clear()  # cached outputs hold the models
             self.pipeline.release()
+        finally:
+            with self._gate:
+                self._freeing = False
+                self._gate.notify_all()
 
     def close(self) -> None:
         self.cache.clear()

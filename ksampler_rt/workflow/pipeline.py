@@ -4,6 +4,9 @@
     pipe = Pipeline()                                   # models from the local registry
     image = pipe.txt2img("tiny-sd15", "a red apple", seed=42)
     result = pipe.run_workflow("examples/workflows/txt2img.json")
+
+``max_batch`` > 1 merges the UNet calls of runs made at the same time from several threads (the server's
+prompts) into one engine call per step: see :mod:`ksampler_rt.runtime.batching`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,15 @@ from .graph import Plan, load_workflow, validate
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .nodes import build_node_specs
 from .registry import ModelRegistry
+
+# Backends whose engines hold one inference request each (openvino_backend: ``create_infer_request`` once
+# per compiled shape): prompts running side by side must not enter them at once.
+_ONE_REQUEST_BACKENDS = frozenset({"openvino-cpu"})
+
+# Backends whose UNet sessions must always be entered from one thread (ORT CUDA graphs replay on the
+# capturing thread; TensorRT execution contexts are per thread): their calls go through the gather
+# point's engine thread even without batching.
+_THREAD_AFFINE_BACKENDS = frozenset({"onnxruntime-cuda", "onnxruntime-trt", "tensorrt"})
 
 
 def clip_layer_problem(manifest: Mapping, layer: int) -> str | None:
@@ -47,7 +59,17 @@ def clip_layer_problem(manifest: Mapping, layer: int) -> str | None:
 class Pipeline:
     def __init__(self, models_dir: str | os.PathLike | None = None, *, backend: str = "auto",
                  output_dir: str | os.PathLike = "output", input_dir: str | os.PathLike = "input",
-                 temp_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = print):
+                 temp_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = print,
+                 max_batch: int = 1, batch_wait_ms: float | None = None):
+        from ..runtime.batching import DEFAULT_BATCH_WAIT_MS
+
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch: received {max_batch!r}, expected a positive integer (1: no batching)")
+        self.max_batch = max_batch
+        self.batch_wait_ms = DEFAULT_BATCH_WAIT_MS if batch_wait_ms is None else float(batch_wait_ms)
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise ValueError(f"batch_wait_ms: received {batch_wait_ms!r}, expected milliseconds in [0, 10000]")
+        self._batchers: dict[int, Any] = {}   # id(model) -> its BatchingUNet
         self.registry = ModelRegistry(models_dir)
         self.backend = backend
         self.output_dir = Path(output_dir)
@@ -58,7 +80,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self.max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # LoadImage's cap; the server sets its own
         self.specs = build_node_specs(self.registry.checkpoint_names, self._input_images,
-                                      self.registry.lora_names, self.registry.lora)
+                                      self.registry.lora_names, self.registry.lora, self.registry.component_names)
 
     # -- models ------------------------------------------------------------------------------
     def _input_images(self) -> list[str]:
@@ -79,8 +101,46 @@ class Pipeline:
                                                           registry=self.registry)
             return self._checkpoints[name]
 
+    def load_component(self, folder: str, names: tuple, options: dict):
+        """A separate flow-family component (UNETLoader, DualCLIPLoader, TripleCLIPLoader, VAELoader), kept loaded."""
+        from .checkpoint import load_component
+
+        key = (folder, tuple(names), tuple(sorted(options.items())))
+        with self._lock:
+            if key not in self._checkpoints:
+                self._checkpoints[key] = load_component(self.registry, folder, tuple(names), options,
+                                                        backend=self.backend, log=self.log)
+            return self._checkpoints[key]
+
+    def checkpoint_for_run(self, name: str):
+        """:meth:`load_checkpoint`, with the MODEL's UNet behind the batching gather point when batching is
+        on (``max_batch`` > 1) or the backend needs one engine thread. What workflows and the txt2img API use."""
+        checkpoint = self.load_checkpoint(name)
+        model = checkpoint.model if hasattr(checkpoint, "model") else checkpoint[0]
+        engines = getattr(checkpoint, "engines", None)
+        backend = getattr(engines, "backend", "")
+        if self.max_batch <= 1 and backend not in _THREAD_AFFINE_BACKENDS:
+            return checkpoint
+        with self._lock:
+            if id(model) not in self._batchers:
+                from ..runtime.batching import BatchingUNet
+
+                limit = self.max_batch
+                engine_rows = _engine_max_rows(getattr(engines, "unet", None))
+                if engine_rows is not None and engine_rows < limit:
+                    limit = engine_rows
+                model.unet = BatchingUNet(model.unet, max_batch=limit, batch_wait_ms=self.batch_wait_ms,
+                                          engine_thread=backend in _THREAD_AFFINE_BACKENDS, log=self.log)
+                self._batchers[id(model)] = model.unet
+                if self.max_batch > 1 and backend in _ONE_REQUEST_BACKENDS:
+                    _serialize_side_engines(checkpoint)
+        return checkpoint
+
     def release(self) -> None:
         with self._lock:
+            for batcher in self._batchers.values():
+                batcher.close()
+            self._batchers.clear()
             for checkpoint in self._checkpoints.values():
                 checkpoint.release()
             self._checkpoints.clear()
@@ -149,13 +209,18 @@ class Pipeline:
                      on_event: EventSink | None = None, on_step=None,
                      is_interrupted: Callable[[], bool] = lambda: False,
                      cache: OutputCache | None = None) -> ExecutionResult:
+        from ..runtime.batching import current_stats, run_scope
+
         plan = workflow if isinstance(workflow, Plan) else self.prepare(workflow, overrides)
-        ctx = ExecutionContext(load_checkpoint=self.load_checkpoint, output_dir=self.output_dir,
+        ctx = ExecutionContext(load_checkpoint=self.checkpoint_for_run, output_dir=self.output_dir,
                                input_dir=self.input_dir, temp_dir=self.temp_dir, prompt=plan.prompt,
                                extra_pnginfo=extra_pnginfo, prompt_id=prompt_id, on_event=on_event,
                                is_interrupted=is_interrupted, on_step=on_step,
-                               max_image_pixels=self.max_image_pixels)
-        return execute(plan, self.specs, ctx, cache)
+                               max_image_pixels=self.max_image_pixels, load_component=self.load_component)
+        if current_stats() is not None:  # the caller (the server's worker) opened the run's scope
+            return execute(plan, self.specs, ctx, cache)
+        with run_scope(is_interrupted):  # an interrupted run's pending UNet call leaves the batch
+            return execute(plan, self.specs, ctx, cache)
 
     # -- three-line Python API ---------------------------------------------------------------------
     def txt2img(self, ckpt_name: str, prompt: str, negative: str = "", *, seed: int = 0, steps: int = 20,
@@ -164,7 +229,7 @@ class Pipeline:
         """IMAGE [B,H,W,3] float in [0,1] for a prompt (the KSampler txt2img graph)."""
         from ..runtime import ksampler
 
-        model, clip, vae = self.load_checkpoint(ckpt_name)[:3]
+        model, clip, vae = tuple(self.checkpoint_for_run(ckpt_name))[:3]
         latent = {"samples": np.zeros((batch_size, 4, height // 8, width // 8), np.float32)}
         out = ksampler(model, seed, steps, cfg, sampler_name, scheduler, clip.encode(prompt), clip.encode(negative),
                        latent)
@@ -176,8 +241,50 @@ class Pipeline:
         """IMAGE for an input IMAGE [B,H,W,3] (VAEEncode -> KSampler with denoise -> VAEDecode)."""
         from ..runtime import ksampler
 
-        model, clip, vae = self.load_checkpoint(ckpt_name)[:3]
+        model, clip, vae = tuple(self.checkpoint_for_run(ckpt_name))[:3]
         latent = {"samples": vae.encode(np.asarray(image, np.float32)[..., :3])}
         out = ksampler(model, seed, steps, cfg, sampler_name, scheduler, clip.encode(prompt), clip.encode(negative),
                        latent, denoise)
         return vae.decode(out["samples"])
+
+
+def _engine_max_rows(engine) -> int | None:
+    """The largest batch of the UNet engine's ``sample`` input over its shape profiles (None: unbounded)."""
+    profiles = getattr(engine, "profiles", None) or []
+    rows = []
+    for profile in profiles:
+        try:
+            rows.append(int(profile["sample"].max[0]))
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError):
+            return None
+    return max(rows) if rows else None
+
+
+class _Serialized:
+    """An engine entered by one thread at a time (the text encoders and VAE of a backend with one
+    inference request per engine, while several prompts run; the UNet has the gather point instead)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self.engine(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+
+def _serialize_side_engines(checkpoint) -> None:
+    vae = getattr(checkpoint, "vae", None)
+    for name in ("decoder", "encoder"):
+        engine = getattr(vae, name, None)
+        if engine is not None and not isinstance(engine, _Serialized):
+            setattr(vae, name, _Serialized(engine))
+    for tower in getattr(getattr(checkpoint, "clip", None), "towers", ()):
+        forward = tower.forward
+        if hasattr(forward, "engine") and not isinstance(forward.engine, _Serialized):
+            forward.engine = _Serialized(forward.engine)

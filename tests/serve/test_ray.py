@@ -246,7 +246,7 @@ def test_retries_exhausted_is_execution_error(ray_front):
 
 
 def test_batched_replica_merges_unet_calls(ray_front):
-    """serve.batch: 4 prompts of one shape on a replica with max_batch_size=4 share UNet calls."""
+    """Step-level batching within a replica: 4 prompts of one shape (max_batch_size=4) share UNet calls."""
     from ray import serve
 
     from ksampler_rt.serve.ray_app import RayAppConfig, build_deployment
@@ -274,6 +274,8 @@ def test_batched_replica_merges_unet_calls(ray_front):
             assert executed[2] and executed[2][0]["data"][:8] == b"\x89PNG\r\n\x1a\n"
         info = handle.info.remote().result()
         assert max(info["batches"]) > 1, info["batches"]
+        calls = [tuple(c) for records in runs for c in records[-1][1]["engine_batches"]]
+        assert max(rows for rows, _ in calls) <= 4   # max_batch_size bounds the rows of a replica's UNet call
     finally:
         serve.delete(config.app_name)
 

@@ -50,3 +50,26 @@ def test_serve_arguments_are_checked():
         main(["serve", "--workers", "kubernetes"])
     with pytest.raises(ValueError, match="--max-queue"):
         main(["serve", "--max-queue", "0"])
+    with pytest.raises(ValueError, match="--max-batch: received 0"):
+        main(["serve", "--max-batch", "0"])
+    with pytest.raises(ValueError, match="--batch-wait-ms: received -1"):
+        main(["serve", "--batch-wait-ms", "-1"])
+
+
+def test_deploy_ray_batching_options_reach_the_app_config(tmp_path):
+    import argparse
+
+    from ksampler_rt.serve import deploy_cli
+
+    parser = argparse.ArgumentParser()
+    deploy_cli.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "app.json"
+    args = parser.parse_args(["deploy", "ray", "--max-batch", "8", "--batch-wait-ms", "3", "--write-config", str(out)])
+    assert args.func(args) == 0
+    app = json.loads(out.read_text())["applications"][0]["args"]
+    assert app["max_batch_size"] == 8 and app["batch_wait_timeout_s"] == pytest.approx(0.003)
+    legacy = parser.parse_args(["deploy", "ray", "--max-batch-size", "4"])   # the older spelling still works
+    assert legacy.max_batch_size == 4
+    with pytest.raises(ValueError, match="--max-batch: received 0"):
+        bad = parser.parse_args(["deploy", "ray", "--max-batch", "0", "--write-config", str(out)])
+        bad.func(bad)
