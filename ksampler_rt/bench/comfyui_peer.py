@@ -19,9 +19,12 @@ line without the marker.
 
 * first reply, once ComfyUI is imported: ``{"ready": true, "python": ..., "torch": ...,
   "comfyui": ..., "samplers": [...]}`` or ``{"error": "..."}`` (then the process exits 1);
-* request ``{"sampler": name, "size": 64, "steps": 20}`` -> ``{"ms_per_step": float}`` (one
-  whole node call / steps) or ``{"error": "..."}``. The first request for a (sampler, size,
-  steps) runs the node once untimed (warm-up) before the timed call;
+* request ``{"sampler": name, "size": 64, "steps": 20[, "family": "flux"]}`` -> ``{"ms_per_step":
+  float}`` (one whole node call / steps) or ``{"error": "..."}``. The first request for a (sampler,
+  size, steps, family) runs the node once untimed (warm-up) before the timed call. ``family``
+  (default sd15) picks the model: ``sd3`` (model_base.SD3, ModelSamplingDiscreteFlow shift 3,
+  [1,154,4096] context + pooled 2048), ``flux`` (model_base.Flux, ModelSamplingFlux, [1,77,4096] +
+  pooled 768, guidance 3.5) or ``flux-schnell``; their latents have 16 channels;
 * end of input, or ``{"quit": true}``, ends the process.
 """
 from __future__ import annotations
@@ -99,9 +102,20 @@ def import_comfy(comfy_path: str):
     return types.SimpleNamespace(torch=torch, comfy=comfy, nodes=nodes, version=version)
 
 
-def build_model(C):
-    """A real ComfyUI SD1.5 BaseModel (EPS) in a ModelPatcher with a zero-cost diffusion model."""
+# family -> (supported_models config, model_base class, ModelType, latent channels, context [T, D], pooled width)
+FAMILIES = {
+    "sd15": ("SD15", "BaseModel", "EPS", 4, (77, 768), None),
+    "sd3": ("SD3", "SD3", "FLOW", 16, (154, 4096), 2048),
+    "flux": ("Flux", "Flux", "FLUX", 16, (77, 4096), 768),
+    "flux-schnell": ("FluxSchnell", "Flux", "FLOW", 16, (77, 4096), 768),
+}
+
+
+def build_model(C, family: str = "sd15"):
+    """A real ComfyUI model of ``family`` (SD1.5 BaseModel EPS; SD3 / Flux / FluxSchnell with their own
+    model samplings and extra conds) in a ModelPatcher with a zero-cost diffusion model."""
     torch, comfy = C.torch, C.comfy
+    config_name, model_class, model_type, channels, _, _ = FAMILIES[family]
 
     class ZeroUNet(torch.nn.Module):
         def __init__(self):
@@ -109,7 +123,7 @@ def build_model(C):
             self.dtype = torch.float32
             self._zeros = {}
 
-        def forward(self, x, timesteps=None, context=None, **kwargs):
+        def forward(self, x, timesteps=None, context=None, y=None, guidance=None, **kwargs):
             key = (tuple(x.shape), x.dtype)
             z = self._zeros.get(key)
             if z is None:
@@ -117,8 +131,11 @@ def build_model(C):
             return z
 
     sm, mb = comfy.supported_models, comfy.model_base
-    cfg = sm.SD15({"disable_unet_model_creation": True, "in_channels": 4})
-    model = mb.BaseModel(cfg, model_type=mb.ModelType.EPS, device=torch.device("cpu"))
+    unet_config = {"disable_unet_model_creation": True, "in_channels": channels}
+    if family != "sd15":
+        unet_config["out_channels"] = channels  # Flux's concat_cond reads it
+    cfg = getattr(sm, config_name)(unet_config)
+    model = getattr(mb, model_class)(cfg, model_type=getattr(mb.ModelType, model_type), device=torch.device("cpu"))
     model.diffusion_model = ZeroUNet()
     model.eval()
     cpu = torch.device("cpu")
@@ -128,31 +145,47 @@ def build_model(C):
 class Peer:
     def __init__(self, C):
         self.C = C
-        self.model = build_model(C)
-        torch = C.torch
-        g = torch.Generator().manual_seed(0)
-        self.pos = [[torch.randn((1, 77, 768), generator=g, dtype=torch.float32), {}]]
-        self.neg = [[torch.randn((1, 77, 768), generator=g, dtype=torch.float32), {}]]
+        self.models = {}
         self.samplers = list(C.comfy.samplers.KSampler.SAMPLERS)
         self.warm = set()
 
-    def run_once(self, sampler: str, size: int, steps: int) -> None:
+    def model(self, family: str):
+        """(ModelPatcher, positive, negative) of a family: one [1, T, D] entry each side, with the pooled
+        output of the flow families (FLUX.1 dev's guidance stays ComfyUI's default 3.5)."""
+        if family not in self.models:
+            torch = self.C.torch
+            _, _, _, _, (tokens, width), pooled = FAMILIES[family]
+            g = torch.Generator().manual_seed(0)
+
+            def cond():
+                extra = {} if pooled is None else {
+                    "pooled_output": torch.randn((1, pooled), generator=g, dtype=torch.float32)}
+                return [[torch.randn((1, tokens, width), generator=g, dtype=torch.float32), extra]]
+
+            self.models[family] = (build_model(self.C, family), cond(), cond())
+        return self.models[family]
+
+    def run_once(self, sampler: str, size: int, steps: int, family: str = "sd15") -> None:
         torch = self.C.torch
-        latent = {"samples": torch.zeros((1, 4, size, size), dtype=torch.float32)}
+        model, pos, neg = self.model(family)
+        latent = {"samples": torch.zeros((1, FAMILIES[family][3], size, size), dtype=torch.float32)}
         with torch.inference_mode():
-            self.C.nodes.KSampler().sample(self.model, SEED, steps, CFG, sampler, "normal",
-                                           self.pos, self.neg, latent, denoise=1.0)
+            self.C.nodes.KSampler().sample(model, SEED, steps, CFG, sampler, "normal", pos, neg, latent,
+                                           denoise=1.0)
 
     def handle(self, req: dict) -> dict:
         sampler, size, steps = str(req["sampler"]), int(req["size"]), int(req["steps"])
+        family = str(req.get("family", "sd15"))
+        if family not in FAMILIES:
+            return {"error": f"family: received {family!r}, expected one of {tuple(FAMILIES)}"}
         if sampler not in self.samplers:
             return {"error": f"{sampler} is not in ComfyUI {self.C.version}'s KSampler.SAMPLERS"}
-        key = (sampler, size, steps)
+        key = (sampler, size, steps, family)
         if key not in self.warm:
-            self.run_once(sampler, size, steps)  # warm-up, not timed
+            self.run_once(sampler, size, steps, family)  # warm-up, not timed
             self.warm.add(key)
         t = time.perf_counter()
-        self.run_once(sampler, size, steps)
+        self.run_once(sampler, size, steps, family)
         return {"ms_per_step": (time.perf_counter() - t) / steps * 1e3}
 
 

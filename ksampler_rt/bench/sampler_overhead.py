@@ -2,7 +2,8 @@
 
 ``python -m ksampler_rt.bench.sampler_overhead [--level sampler|full|both] [--comfyui PATH]
 [--comfyui-python PYTHON] [--samplers a,b] [--quick] [--repeats N] [--passes N] [--steps 20]
-[--sizes 64,128] [--unet-ms MS] [--prefetch auto|on|off|both] [--out FILE.json]``
+[--sizes 64,128] [--unet-ms MS] [--prefetch auto|on|off|both] [--family sd15|sd3|flux|flux-schnell]
+[--out FILE.json]``
 
 ``--level sampler`` (the default) compares the bare sampler loops; ``--level full`` the whole
 KSampler node path; ``--level both`` prints both tables and a summary line per level.
@@ -59,6 +60,10 @@ Full level (the whole KSampler path; JSON key ``full``):
   (ours, peer, ours, peer, ...), spread over ``--passes`` (default 3) passes through the whole
   table so that a burst from another tenant lands on a few repeats of many rows instead of on all
   of one row's; figures are medians of each row's repeats.
+* ``--family sd3|flux|flux-schnell`` runs both sides on a flow family instead (ours
+  ``Model(zero_unet, family=...)``; ComfyUI's ``model_base.SD3`` / ``Flux`` with its own model sampling),
+  latent ``[1,16,size,size]``, context ``[1,77,4096]`` (SD3: ``[1,154,4096]``) and a pooled output
+  (768; SD3 2048) on each side. Issue 19's target: 16 x 128 x 128 at <= 1/4 of ComfyUI's host time.
 * The issue's reference figures for ComfyUI 0.3.64 on one core (about 1.05 ms per step for
   euler, 2.2 ms for dpmpp_2m and uni_pc, 10 ms for dpmpp_2m_sde at [1,4,64,64]) are figures of
   this level, the whole node path with a zero-cost UNet -- not of the bare loops (ComfyUI's bare
@@ -395,11 +400,17 @@ class PeerProcess:
         if not self.log.closed:
             self.log.close()
 
-    def describe(self) -> str:
+    def describe(self, family: str = "sd15") -> str:
         i = self.info
-        return (f"ComfyUI {i.get('comfyui')} KSampler node (nodes.KSampler().sample), SD1.5 BaseModel with a "
+        model = _PEER_MODELS.get(family, family)
+        return (f"ComfyUI {i.get('comfyui')} KSampler node (nodes.KSampler().sample), {model} with a "
                 f"zero-cost diffusion model, --cpu, python {i.get('python')}, torch {i.get('torch')} "
                 f"({i.get('torch_threads')} thread), from {i.get('comfyui_path')}")
+
+
+_PEER_MODELS = {"sd15": "SD1.5 BaseModel", "sd3": "SD3 model_base.SD3 (ModelSamplingDiscreteFlow, shift 3)",
+                "flux": "FLUX.1 dev model_base.Flux (ModelSamplingFlux, guidance 3.5)",
+                "flux-schnell": "FLUX.1 schnell model_base.Flux (ModelSamplingDiscreteFlow, multiplier 1)"}
 
 
 def zero_unet_factory():
@@ -416,15 +427,26 @@ def zero_unet_factory():
     return zero_unet
 
 
-def _ours_full_runner(name: str, size: int, steps: int):
-    """One whole public ``ksampler()`` call: Model(zero-cost UNet, sd15), CFG 8, seed 42."""
+# family -> (latent channels, context [T, D], pooled width): what comfyui_peer.FAMILIES gives ComfyUI's side
+FULL_FAMILIES = {"sd15": (4, (77, 768), None), "sd3": (16, (154, 4096), 2048), "flux": (16, (77, 4096), 768),
+                 "flux-schnell": (16, (77, 4096), 768)}
+
+
+def _ours_full_runner(name: str, size: int, steps: int, family: str = "sd15"):
+    """One whole public ``ksampler()`` call: Model(zero-cost UNet, family), CFG 8, seed 42; the flow
+    families get a pooled output on each side (FLUX.1 dev's guidance: the default 3.5)."""
     from ksampler_rt.runtime import Model, ksampler
 
-    model = Model(zero_unet_factory(), family="sd15")
+    channels, (tokens, width), pooled = FULL_FAMILIES[family]
+    model = Model(zero_unet_factory(), family=family)
     rng = np.random.default_rng(0)
-    pos = [[rng.standard_normal((1, 77, 768)).astype(np.float32), {}]]
-    neg = [[rng.standard_normal((1, 77, 768)).astype(np.float32), {}]]
-    latent = {"samples": np.zeros((1, 4, size, size), np.float32)}
+
+    def cond():
+        extra = {} if pooled is None else {"pooled_output": rng.standard_normal((1, pooled)).astype(np.float32)}
+        return [[rng.standard_normal((1, tokens, width)).astype(np.float32), extra]]
+
+    pos, neg = cond(), cond()
+    latent = {"samples": np.zeros((1, channels, size, size), np.float32)}
 
     def run():
         # one thread, as the peer: the product's noise prefetch threads (on by default, to overlap
@@ -454,7 +476,7 @@ def split_repeats(repeats: int, passes: int) -> list[int]:
 
 
 def run_full_level(names, sizes, steps: int, repeats: int, peer: "PeerProcess | None", peer_note: str,
-                   passes: int = 1) -> dict:
+                   passes: int = 1, family: str = "sd15") -> dict:
     """The full-path table: ours (ksampler()) and ComfyUI's KSampler node, interleaved per row
     (ours, peer, ours, peer, ...; each side's first call per row is an untimed warm-up).
 
@@ -465,23 +487,27 @@ def run_full_level(names, sizes, steps: int, repeats: int, peer: "PeerProcess | 
     load0 = os.getloadavg()[0]
     chunks = split_repeats(repeats, passes)
     spread = f" in {len(chunks)} passes through the table" if len(chunks) > 1 else ""
-    print(f"full level: whole KSampler path per step (one call / steps), zero-cost UNet, cfg {FULL_CFG:g}, "
-          f"seed {SEED}, normal scheduler, {steps} steps, positive and negative one [1,77,768] entry each, "
-          f"{repeats} interleaved repeats{spread} (medians)")
-    print(f"  ours: ksampler_rt.runtime.ksampler() + Model(zero-cost UNet, family sd15) + CFG {FULL_CFG:g}, "
+    channels, (tokens, width), pooled = FULL_FAMILIES[family]
+    entry = f"[1,{tokens},{width}]" + (f" + pooled [1,{pooled}]" if pooled else "")
+    print(f"full level: whole KSampler path per step (one call / steps), zero-cost UNet, family {family}, "
+          f"cfg {FULL_CFG:g}, seed {SEED}, normal scheduler, {steps} steps, positive and negative one {entry} "
+          f"entry each, {repeats} interleaved repeats{spread} (medians)")
+    print(f"  ours: ksampler_rt.runtime.ksampler() + Model(zero-cost UNet, family {family}) + CFG {FULL_CFG:g}, "
           f"noise prefetch threads off (numpy {np.__version__}, python {sys.version.split()[0]})")
-    print(f"  peer: {peer.describe() if peer is not None else peer_note}")
+    print(f"  peer: {peer.describe(family) if peer is not None else peer_note}")
     sys.stdout.flush()
     table = []  # one entry per row, in print order
     for size in sizes:
         for name in names:
-            run = _ours_full_runner(name, size, steps)
+            run = _ours_full_runner(name, size, steps, family)
             run()  # warm-up, not timed (the peer warms up on its first request for the row)
             table.append({"name": name, "size": size, "run": run, "ours_t": [], "peer_ms": [], "err": None})
     for p, count in enumerate(chunks):
         t_pass = time.perf_counter()
         for row in table:
             req = {"sampler": row["name"], "size": row["size"], "steps": steps}
+            if family != "sd15":
+                req["family"] = family
             for _ in range(count):
                 t = time.perf_counter()
                 row["run"]()
@@ -508,7 +534,8 @@ def run_full_level(names, sizes, steps: int, repeats: int, peer: "PeerProcess | 
     print("-" * len(hdr))
     rows = []
     for row in table:
-        name, shape, ours_t, peer_ms = row["name"], [1, 4, row["size"], row["size"]], row["ours_t"], row["peer_ms"]
+        name, ours_t, peer_ms = row["name"], row["ours_t"], row["peer_ms"]
+        shape = [1, channels, row["size"], row["size"]]
         err = row["err"]
         if err is None and len(peer_ms) < repeats:
             err = peer_note  # the peer was never there, or died before answering every repeat
@@ -534,9 +561,10 @@ def run_full_level(names, sizes, steps: int, repeats: int, peer: "PeerProcess | 
     summary = (f"1/4 target met by {sum(r['target_met'] for r in met)} of {len(met)} rows "
                f"(medians; {best} of {len(met)} by each side's best repeat)")
     print(f"full level: {summary}")
-    return {"steps": steps, "repeats": repeats, "passes": len(chunks), "cfg": FULL_CFG, "peer": peer_note,
+    return {"steps": steps, "repeats": repeats, "passes": len(chunks), "cfg": FULL_CFG, "family": family,
+            "peer": peer_note,
             "peer_info": ({k: v for k, v in peer.info.items() if k != "samplers"} if peer is not None else None),
-            "ours": "ksampler_rt.runtime.ksampler() + Model(zero-cost UNet, sd15)",
+            "ours": f"ksampler_rt.runtime.ksampler() + Model(zero-cost UNet, {family})",
             "rows": rows, "summary": summary,
             "load_average": [load0, os.getloadavg()[0]]}
 
@@ -597,8 +625,14 @@ def main(argv=None) -> dict:
                     help="noise prefetch threads, Brownian and default stream (auto: on only with "
                          "--unet-ms > 0, since with a zero-cost denoiser there is nothing to "
                          "overlap; both: ours with prefetch on and off, side by side; sampler level only)")
+    ap.add_argument("--family", choices=tuple(FULL_FAMILIES), default="sd15",
+                    help="full level: the model family on both sides (sd3, flux, flux-schnell: the flow model "
+                         "samplings, 16-channel latents; default sd15)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.family != "sd15" and args.level != "full":
+        ap.error(f"--family: received {args.family!r} with --level {args.level}, expected --level full (the "
+                 "sampler level runs the bare loops on SD1.x's discrete schedule)")
     # The product's commands set glibc's malloc thresholds (ksampler_rt.runtime.host_memory); so does this
     # benchmark, for our side and for the in-process torch peer, and the full-level ComfyUI subprocess gets
     # the same policy through glibc's environment variables: both sides run under one allocator policy.
@@ -659,7 +693,7 @@ def _run_full(args, names, sizes, repeats) -> dict:
             peer_note = f"peer unavailable: {type(e).__name__}: {e}"
     try:
         passes = args.passes or (1 if args.quick else 3)
-        return run_full_level(names, sizes, args.steps, repeats, peer, peer_note, passes=passes)
+        return run_full_level(names, sizes, args.steps, repeats, peer, peer_note, passes=passes, family=args.family)
     finally:
         if peer is not None:
             peer.close()

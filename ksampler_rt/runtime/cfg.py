@@ -104,10 +104,12 @@ class CFGDenoiser:
         self._everything = self._plan_for(tuple(range(len(self.entries))))
         # The common case -- one call over [uncond, cond] of an eps model -- has a compiled head
         # (runtime/cfg_jit.py: both rows' denoised values and the guidance in one pass, same floats).
+        # The flow families' CONST has the same denoised formula, x - out * sigma (ComfyUI
+        # model_sampling.py), and no c_in: the head serves it too.
         calls, counts = self._everything
         # Only for Model itself: a subclass or wrapper that overrides apply_model keeps its override.
         self._fusable = (not self.ranged and len(calls) == 1 and sorted(calls[0].kinds) == [COND, UNCOND]
-                         and self.model_sampling.prediction == "eps"
+                         and self.model_sampling.prediction in ("eps", "const")
                          and getattr(type(model), "apply_model", None) is Model.apply_model)
 
     # -- layout, once per sampling run -----------------------------------------------------

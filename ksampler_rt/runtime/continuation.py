@@ -52,6 +52,9 @@ class ContinuationState:
     evaluations: list = field(default_factory=list)  # (denoised, uncond) per denoiser call, in order
     step: int = 0                       # the step the next window starts at
     x: np.ndarray | None = None         # the internal latent at ``step`` (what ``samples`` scales out)
+    # the sigma ``x`` is at: None = sigmas[step]; the last sigma when the sampler finished before ``step``
+    # (dpm_adaptive counts its own accepted steps, so it may end the whole schedule inside a window)
+    x_sigma: float | None = None
 
     def mismatch(self, fingerprint: dict, start_step: int) -> str | None:
         """Why this state cannot continue a window with these settings (None if it can)."""
@@ -110,11 +113,21 @@ def check_mode(continuation: str) -> str:
     return continuation
 
 
+def latent_samples(model, state: ContinuationState) -> np.ndarray:
+    """The LATENT samples of the window that stopped with ``state``, as ComfyUI returns a window with leftover
+    noise (comfy/samplers.py KSAMPLER.sample, 0.3.64): the model sampling's inverse noise scaling at the stop
+    sigma -- x / (1 - sigma) for the flow families' CONST, nothing for eps / v -- then the latent format's
+    process_out."""
+    sigma = state.sigmas[state.step] if state.x_sigma is None else state.x_sigma
+    x = model.model_sampling.inverse_noise_scaling(np.float32(sigma), state.x)
+    return model.process_latent_out(np.asarray(x, np.float32))
+
+
 def usable_state(latent: dict, fp: dict, start_step: int, scale_out) -> ContinuationState | None:
     """The latent's continuation state if it fits this window; a warning says why not otherwise.
 
-    ``scale_out`` maps the state's internal latent to LATENT space: samples changed since the window
-    that made the state (an edit, a latent op that kept the dict) make the state stale."""
+    ``scale_out(state)`` is the LATENT samples the state's window returned (:func:`latent_samples`): samples
+    changed since (an edit, a latent op that kept the dict) make the state stale."""
     state = latent.get(STATE_KEY)
     if state is None:
         return None
@@ -123,7 +136,7 @@ def usable_state(latent: dict, fp: dict, start_step: int, scale_out) -> Continua
                       "ignoring it and sampling as ComfyUI does", stacklevel=3)
         return None
     why = state.mismatch(fp, start_step)
-    if why is None and state.x is not None and not np.array_equal(np.asarray(latent["samples"]), scale_out(state.x)):
+    if why is None and state.x is not None and not np.array_equal(np.asarray(latent["samples"]), scale_out(state)):
         why = "the latent's samples changed since the window that made the state"
     if why:
         warnings.warn(f"latent_image['{STATE_KEY}'] does not fit this window: {why}; ignoring it and sampling as "

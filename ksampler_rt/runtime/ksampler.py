@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 
 from .cfg import CFGDenoiser
-from .continuation import EVALUATION_STEP_SAMPLERS, STATE_KEY, ContinuationState, RecordingDenoiser, StopAtStep, check_mode, fingerprint, usable_state
+from .continuation import (EVALUATION_STEP_SAMPLERS, STATE_KEY, ContinuationState, RecordingDenoiser, StopAtStep,
+                           check_mode, fingerprint, latent_samples, usable_state)
 from .model import Model
 from .noise import NoiseSource, prepare_noise
 from .samplers import SAMPLERS, get_sampler
@@ -199,8 +200,9 @@ def _sample_in_windows(spec, sampler_name, denoiser_at, x, sigmas, seed, on_step
     """Run the sampler over ``sigmas`` as a chain of exactly joined windows.
 
     The denoiser changes at each step in ``cuts`` (``denoiser_at(step)``); evaluations made before
-    ``first_live`` come from ``replay``. Returns ``(samples, None)`` when the sampler finishes, or
-    ``(None, (x, evaluations))`` when it is stopped at ``stop``.
+    ``first_live`` come from ``replay``. Returns ``(samples, None)`` when the sampler finishes (``(samples,
+    (None, evaluations))`` when it finishes before a ``stop``), or ``(None, (x, evaluations))`` when it is
+    stopped at ``stop``.
     """
     by_evaluation = sampler_name in EVALUATION_STEP_SAMPLERS
     ends = [c for c in cuts if first_live < c and (stop is None or c < stop)] + [stop]
@@ -215,7 +217,8 @@ def _sample_in_windows(spec, sampler_name, denoiser_at, x, sigmas, seed, on_step
                 on_step(i, x_i, denoised)
 
         try:
-            return _run_sampler(spec, denoiser, x.copy(), sigmas, seed, callback), None
+            samples = _run_sampler(spec, denoiser, x.copy(), sigmas, seed, callback)
+            return samples, (None if stop is None else (None, denoiser.evaluations))
         except StopAtStep as stopped:
             # an evaluation that announced step `end` belongs to the next window's model: drop it
             replay = denoiser.evaluations[:-1] if stopped.after_evaluation else denoiser.evaluations
@@ -270,7 +273,7 @@ def _exact_window(model, noise_on, seed, steps, cfg, sampler_name, scheduler, po
         return None
     fp = fingerprint(model, seed, steps, sampler_name, scheduler, latent_image.shape)
     if start > 0:
-        state = usable_state(latent, fp, start, model.process_latent_out)
+        state = usable_state(latent, fp, start, lambda state: latent_samples(model, state))
         if state is None and STATE_KEY not in latent:
             warnings.warn(f"continuation='exact': the latent for start_at_step={start} carries no continuation "
                           "state (the previous window must also use continuation='exact' and return leftover "
@@ -298,8 +301,12 @@ def _exact_window(model, noise_on, seed, steps, cfg, sampler_name, scheduler, po
     out = dict(latent)
     if stopped is not None:
         x_stop, evaluations = stopped
-        out["samples"] = model.process_latent_out(x_stop.astype(np.float32))
-        out[STATE_KEY] = ContinuationState(fp, full, x0, evaluations, stop, x_stop)
+        if x_stop is None:  # finished inside the window (dpm_adaptive): the next window replays every evaluation
+            state = ContinuationState(fp, full, x0, evaluations, stop, samples, x_sigma=full[-1])
+        else:
+            state = ContinuationState(fp, full, x0, evaluations, stop, x_stop)
+        out["samples"] = latent_samples(model, state)  # as ComfyUI returns leftover noise: x / (1 - sigma) on CONST
+        out[STATE_KEY] = state
         return out
     samples = model.model_sampling.inverse_noise_scaling(full[-1], samples)
     out["samples"] = model.process_latent_out(samples.astype(np.float32))

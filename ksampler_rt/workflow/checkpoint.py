@@ -92,8 +92,9 @@ def load_checkpoint(export_dir: str | Path, backend: str = "auto", *, log: Calla
     manifest = json.loads((export_dir / "manifest.json").read_text())
     family = manifest["family"]
     if family not in _TOWER_OPTIONS:
-        raise ValueError(f"{export_dir}: family {family!r} is not supported by the workflow runner; "
-                         f"expected one of {tuple(_TOWER_OPTIONS)}")
+        raise ValueError(f"{export_dir}: received a checkpoint of family {family!r}, expected one of "
+                         f"{tuple(_TOWER_OPTIONS)} (SD3 / FLUX.1 engines are not exported yet; their graphs run on "
+                         "the stand-ins: --fake-checkpoint)")
     engines = load_engines(export_dir, backend=backend, log=log, **engine_options)
     model = Model(engines.unet_callable(), family, zsnr=bool(manifest.get("schedule", {}).get("zsnr", False)))
     towers = tuple(_tower(export_dir, family, entry, getattr(engines, entry["name"]))
@@ -102,3 +103,17 @@ def load_checkpoint(export_dir: str | Path, backend: str = "auto", *, log: Calla
     attach(model, towers, engines, manifest, export_dir, family)  # LoraLoader support
     vae = Vae(engines.vae_decoder, engines.vae_encoder, manifest.get("latent_downscale", 8))
     return Checkpoint(model, clip, vae, engines, manifest)
+
+
+def load_component(registry, folder: str, names: tuple, options: dict, *, backend: str = "auto",
+                   log: Callable[[str], None] | None = print):
+    """UNETLoader / DualCLIPLoader / TripleCLIPLoader / VAELoader on the registry's component folders.
+
+    The names are checked against the registry (``unet_name: received ..., expected one of ...``). Engines of
+    separate SD3 / FLUX.1 components are what the flow export (the next step of the roadmap) writes; until
+    then only the analytic stand-ins of :mod:`ksampler_rt.serve.testing` serve these nodes."""
+    paths = [registry.component(folder, name) for name in names]
+    families = sorted({json.loads((path / "manifest.json").read_text()).get("family", "?") for path in paths})
+    raise ValueError(f"{', '.join(map(str, paths))}: received an export of family {'/'.join(families)}, expected "
+                     "a separate SD3 / FLUX.1 component engine, which this version cannot export or run yet "
+                     "(run the graph on the stand-ins: --fake-checkpoint)")

@@ -43,7 +43,13 @@ class _ProgressBars:
 def run(args) -> int:
     from .pipeline import Pipeline
 
-    pipe = Pipeline(args.models, backend=args.backend, output_dir=args.out, input_dir=args.input)
+    if args.fake_checkpoint:
+        # the analytic stand-ins (ksampler_rt.serve.testing), as `ksampler-rt serve --fake-checkpoint` serves them
+        from ..serve.testing import fake_pipeline
+
+        pipe = fake_pipeline(args.fake_checkpoint, output_dir=args.out, input_dir=args.input)
+    else:
+        pipe = Pipeline(args.models, backend=args.backend, output_dir=args.out, input_dir=args.input)
     try:
         plan = pipe.prepare(args.workflow, _parse_set(args.set))
     except WorkflowError as exc:
@@ -102,6 +108,10 @@ def register(subparsers) -> None:
     p.add_argument("--models", default=None, help="model registry folder (default $KSAMPLER_RT_MODELS or the cache)")
     p.add_argument("--backend", default="auto", help="tensorrt, onnxruntime-cuda, openvino-cpu, onnxruntime-cpu or auto")
     p.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE", help="override an input, e.g. 3.seed=7")
+    p.add_argument("--fake-checkpoint", action="append", default=[], metavar="NAME",
+                   help="run on built-in analytic stand-ins instead of engines: NAME is a stand-in ckpt_name (its "
+                        "family follows the name: sd3, flux, schnell, else SD1.5); the separate SD3 / FLUX.1 loaders "
+                        "get stand-ins too (repeatable; for trying graphs, the images are meaningless)")
     p.set_defaults(func=run)
 
     r = subparsers.add_parser("register", help="make an export directory usable as a workflow ckpt_name")

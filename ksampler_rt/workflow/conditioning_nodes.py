@@ -1,4 +1,4 @@
-"""Conditioning nodes: ComfyUI's ConditioningCombine / ConditioningSetTimestepRange, and
+"""Conditioning nodes: ComfyUI's ConditioningCombine / ConditioningZeroOut / ConditioningSetTimestepRange, and
 ``ConditioningSetStepRange``, ksampler-rt's per-step prompt scheduling.
 
 ``ConditioningSetStepRange(conditioning, start_step, end_step)`` makes the conditioning apply to
@@ -8,6 +8,8 @@ needs a chain of KSamplerAdvanced windows (or custom nodes) for -- and gives exa
 that chain joined with exact continuation (A1111's ``[from:to:when]`` with ``when`` a step).
 """
 from __future__ import annotations
+
+import numpy as np
 
 from .spec import Input, NodeSpec
 
@@ -19,6 +21,19 @@ def set_values(conditioning: list, values: dict) -> list:
 
 def conditioning_combine(ctx, node_id, conditioning_1, conditioning_2):
     return (list(conditioning_1) + list(conditioning_2),)
+
+
+def conditioning_zero_out(ctx, node_id, conditioning):
+    """ComfyUI's ConditioningZeroOut (nodes.py): zeros of the context and of the pooled output, other options kept
+    (SD3.5's negative: ``ConditioningZeroOut`` of the positive, often over a timestep range)."""
+    out = []
+    for context, options in conditioning:
+        options = dict(options)
+        for key in ("pooled_output", "conditioning_lyrics"):
+            if options.get(key) is not None:
+                options[key] = np.zeros_like(options[key])
+        out.append([np.zeros_like(context), options])
+    return (out,)
 
 
 def conditioning_set_timestep_range(ctx, node_id, conditioning, start, end):
@@ -43,6 +58,8 @@ CONDITIONING_NODE_SPECS = {
         NodeSpec("ConditioningCombine", {"conditioning_1": Input("CONDITIONING"),
                                          "conditioning_2": Input("CONDITIONING")},
                  ("CONDITIONING",), category="conditioning", run=conditioning_combine),
+        NodeSpec("ConditioningZeroOut", {"conditioning": Input("CONDITIONING")}, ("CONDITIONING",),
+                 category="advanced/conditioning", run=conditioning_zero_out),
         NodeSpec("ConditioningSetTimestepRange", {"conditioning": Input("CONDITIONING"),
                                                   "start": Input("FLOAT", 0.0, 0.0, 1.0, 0.001),
                                                   "end": Input("FLOAT", 1.0, 0.0, 1.0, 0.001)},

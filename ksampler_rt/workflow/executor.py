@@ -60,6 +60,9 @@ class ExecutionContext:
     is_interrupted: Callable[[], bool] = lambda: False
     on_step: Callable[[str, int, int, Any, Any], None] | None = None
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS   # LoadImage's cap (width x height x frames)
+    # load_component(folder, names, options): UNETLoader / DualCLIPLoader / TripleCLIPLoader / VAELoader's
+    # separate components ("diffusion_models", "text_encoders", "vae"); None: checkpoints only
+    load_component: Callable[[str, tuple, dict], Any] | None = None
 
     def input_path(self, name: str) -> Path:
         return resolve_input(self.input_dir, name)

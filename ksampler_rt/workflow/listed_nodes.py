@@ -4,7 +4,8 @@ ComfyUI's frontend (comfyui-frontend-package 1.27, ``modelToNodeStore.registerDe
 VAELoader, ControlNetLoader, UNETLoader, UpscaleModelLoader, StyleModelLoader, GLIGENLoader,
 ImageOnlyCheckpointLoader, ... by name when it starts and breaks the model widgets when one is absent.
 They are listed here with ComfyUI 0.3.64's inputs, outputs, categories and display names, with empty
-model choices: this product runs exported engine checkpoints only, so a prompt using one fails
+model choices: this product runs exported engine checkpoints (and the flow families' separate
+components: UNETLoader, DualCLIPLoader, VAELoader in :mod:`.flow_nodes`) only, so a prompt using one fails
 validation with ``NodeSpec.unsupported`` as the reason instead of at run time.
 """
 from __future__ import annotations
@@ -30,25 +31,17 @@ _LISTED = (
     ("ImageOnlyCheckpointLoader", {"ckpt_name": _combo()}, ("MODEL", "CLIP_VISION", "VAE"),
      "loaders/video_models", "Image Only Checkpoint Loader (img2vid model)", "comfy_extras.nodes_video_model",
      "image-only (img2vid) checkpoint"),
-    ("VAELoader", {"vae_name": _combo()}, ("VAE",), "loaders", "Load VAE", "nodes", "separate VAE"),
     ("CLIPLoader", {"clip_name": _combo(), "type": Input("COMBO", options=(
         "stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
         "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image")),
         "device": Input("COMBO", options=("default", "cpu"), optional=True)},
      ("CLIP",), "advanced/loaders", "Load CLIP", "nodes", "separate text encoder"),
-    ("DualCLIPLoader", {"clip_name1": _combo(), "clip_name2": _combo(), "type": Input("COMBO", options=(
-        "sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image")),
-        "device": Input("COMBO", options=("default", "cpu"), optional=True)},
-     ("CLIP",), "advanced/loaders", "DualCLIPLoader", "nodes", "separate text encoder"),
     ("CLIPVisionLoader", {"clip_name": _combo()}, ("CLIP_VISION",), "loaders", "Load CLIP Vision", "nodes",
      "CLIP vision model"),
     ("ControlNetLoader", {"control_net_name": _combo()}, ("CONTROL_NET",), "loaders", "Load ControlNet Model",
      "nodes", "ControlNet"),
     ("DiffControlNetLoader", {"model": Input("MODEL"), "control_net_name": _combo()}, ("CONTROL_NET",), "loaders",
      "Load ControlNet Model (diff)", "nodes", "ControlNet"),
-    ("UNETLoader", {"unet_name": _combo(), "weight_dtype": Input("COMBO", options=(
-        "default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"))},
-     ("MODEL",), "advanced/loaders", "Load Diffusion Model", "nodes", "separate diffusion model"),
     ("StyleModelLoader", {"style_model_name": _combo()}, ("STYLE_MODEL",), "loaders", "Load Style Model", "nodes",
      "style model"),
     ("GLIGENLoader", {"gligen_name": _combo()}, ("GLIGEN",), "loaders", "GLIGENLoader", "nodes", "GLIGEN model"),

@@ -4,6 +4,9 @@ Layout (like ComfyUI's ``models/`` folder)::
 
     MODELS_DIR/checkpoints/<ckpt_name>/manifest.json   an export directory (``ksampler-rt export``)
     MODELS_DIR/loras/<lora_name>                        LoRA files (.safetensors)
+    MODELS_DIR/diffusion_models/<unet_name>/            separate components of the flow families
+    MODELS_DIR/text_encoders/<clip_name>/               (UNETLoader, DualCLIPLoader / TripleCLIPLoader,
+    MODELS_DIR/vae/<vae_name>/                          VAELoader): export directories, as checkpoints
 
 ``MODELS_DIR`` is ``--models`` on the command line, else ``$KSAMPLER_RT_MODELS``, else
 ``$KSAMPLER_RT_CACHE/models`` (default ``~/.cache/ksampler-rt/models``).
@@ -31,6 +34,15 @@ def check_entry_name(kind: str, name) -> str:
     return name
 
 
+COMPONENT_INPUTS = {"diffusion_models": "unet_name", "text_encoders": "clip_name", "vae": "vae_name"}
+
+
+def check_component_folder(folder: str) -> str:
+    if folder not in COMPONENT_INPUTS:
+        raise ValueError(f"folder: received {folder!r}, expected one of {tuple(COMPONENT_INPUTS)}")
+    return folder
+
+
 class ModelRegistry:
     def __init__(self, models_dir: str | os.PathLike | None = None):
         self.root = Path(models_dir).expanduser() if models_dir else default_models_dir()
@@ -42,6 +54,23 @@ class ModelRegistry:
     @property
     def loras_dir(self) -> Path:
         return self.root / "loras"
+
+    def component_names(self, folder: str) -> list[str]:
+        """The entries of a component folder (``diffusion_models``, ``text_encoders``, ``vae``)."""
+        root = self.root / check_component_folder(folder)
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
+
+    def component(self, folder: str, name: str) -> Path:
+        root = self.root / check_component_folder(folder)
+        key = COMPONENT_INPUTS[folder]
+        check_entry_name(key, name)
+        path = root / name
+        if not (path / "manifest.json").is_file():
+            names = ", ".join(self.component_names(folder)) or "(none)"
+            raise ValueError(f"{key}: received {name!r}, expected one of the exports in {root}: {names}")
+        return path
 
     def checkpoint_names(self) -> list[str]:
         if not self.checkpoints_dir.is_dir():

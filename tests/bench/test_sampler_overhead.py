@@ -103,8 +103,8 @@ def _record_call_order(monkeypatch) -> list:
     order = []
     real_runner, real_request = sampler_overhead._ours_full_runner, sampler_overhead.PeerProcess.request
 
-    def runner(name, size, steps):
-        run = real_runner(name, size, steps)
+    def runner(name, size, steps, family="sd15"):
+        run = real_runner(name, size, steps, family)
 
         def wrapped():
             order.append(("ours", name))
@@ -232,7 +232,7 @@ def test_full_level_peer_dies_in_a_later_pass(capsys, tmp_path, monkeypatch):
 def test_full_level_default_repeats_and_passes(extra, want, monkeypatch, capsys):
     seen = {}
 
-    def fake_run_full_level(names, sizes, steps, repeats, peer, peer_note, passes=1):
+    def fake_run_full_level(names, sizes, steps, repeats, peer, peer_note, passes=1, family="sd15"):
         seen["got"] = (repeats, passes)
         return {"repeats": repeats, "rows": [], "summary": ""}
 
@@ -240,6 +240,38 @@ def test_full_level_default_repeats_and_passes(extra, want, monkeypatch, capsys)
     res = sampler_overhead.main(["--level", "full", "--samplers", "euler"] + extra)
     capsys.readouterr()
     assert seen["got"] == want and res["repeats"] == want[0]
+
+
+@pytest.mark.parametrize("family, pooled", [("flux", 768), ("sd3", 2048), ("flux-schnell", 768)])
+def test_full_level_flow_family_on_both_sides(capsys, tmp_path, monkeypatch, family, pooled):
+    """--family: our side runs Model(zero-cost UNet, family) on a 16-channel latent with pooled outputs,
+    and every request asks the peer for the same family."""
+    from ksampler_rt.runtime import Model
+
+    argv, root = _fake_peer(tmp_path)
+    seen = []
+    real_call = Model.unet_output
+
+    def spy(self, x_in, sigma, context, **kwargs):
+        seen.append((self.family.name, x_in.shape, context.shape, kwargs["y"].shape, "guidance" in kwargs))
+        return real_call(self, x_in, sigma, context, **kwargs)
+
+    monkeypatch.setattr(Model, "unet_output", spy)
+    res = sampler_overhead.main(FULL_ARGS + argv + ["--samplers", "euler", "--family", family])
+    text = capsys.readouterr().out
+    assert f"family {family}" in text and f"pooled [1,{pooled}]" in text
+    reqs = [json.loads(line) for line in (root / "requests.log").read_text().splitlines()]
+    assert reqs and all(r["family"] == family for r in reqs)
+    (row,) = res["full"]["rows"]
+    assert row["latent"] == [1, 16, 8, 8] and res["full"]["family"] == family
+    tokens = 154 if family == "sd3" else 77
+    assert set(seen) == {(family, (2, 16, 8, 8), (2, tokens, 4096), (2, pooled), family == "flux")}
+
+
+def test_family_needs_the_full_level(capsys):
+    with pytest.raises(SystemExit):
+        sampler_overhead.main(["--family", "flux", "--samplers", "euler"])
+    assert "--family: received 'flux' with --level sampler, expected --level full" in capsys.readouterr().err
 
 
 def test_full_level_no_comfyui_and_both(capsys):
@@ -262,11 +294,12 @@ def test_zero_unet_is_cached():
 @pytest.mark.skipif(not os.environ.get("KSAMPLER_RT_COMFYUI"),
                     reason="set KSAMPLER_RT_COMFYUI (and KSAMPLER_RT_COMFYUI_PYTHON) to a ComfyUI checkout "
                            "and an interpreter with its requirements")
-def test_full_level_real_comfyui(capsys):
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_full_level_real_comfyui(capsys, family):
     python = os.environ.get("KSAMPLER_RT_COMFYUI_PYTHON", sys.executable)
     res = sampler_overhead.main(["--level", "full", "--comfyui", os.environ["KSAMPLER_RT_COMFYUI"],
                                  "--comfyui-python", python, "--samplers", "euler,exp_heun_2_x0",
-                                 "--sizes", "8", "--steps", "3", "--repeats", "1"])
+                                 "--sizes", "8", "--steps", "3", "--repeats", "1", "--family", family])
     text = capsys.readouterr().out
     assert "KSampler node (nodes.KSampler().sample)" in text, text
     rows = {r["sampler"]: r for r in res["full"]["rows"]}

@@ -123,7 +123,7 @@ def test_object_info_lists_nodes_as_the_frontend_expects(servers):
                       ("GLIGENLoader", "gligen_name"), ("CLIPLoader", "clip_name"),
                       ("ImageOnlyCheckpointLoader", "ckpt_name"), ("LoraLoaderModelOnly", "lora_name")):
         assert key in info[name]["input"]["required"], name
-    assert info["VAELoader"]["input"]["required"]["vae_name"][0] == []
+    assert info["ControlNetLoader"]["input"]["required"]["control_net_name"][0] == []
     assert info["UpscaleModelLoader"]["python_module"] == "comfy_extras.nodes_upscale_model"
     assert info["SaveImageWebsocket"]["category"] == "api/image" and info["SaveImageWebsocket"]["output_node"]
 
@@ -131,13 +131,13 @@ def test_object_info_lists_nodes_as_the_frontend_expects(servers):
 def test_listed_only_loader_fails_validation_clearly_and_empty_graph_has_no_outputs(servers):
     srv = servers.start(model="fake")
     prompt = txt2img()
-    prompt["20"] = {"class_type": "VAELoader", "inputs": {"vae_name": "vae.safetensors"}}
-    prompt["8"]["inputs"]["vae"] = ["20", 0]
+    prompt["20"] = {"class_type": "CheckpointLoader", "inputs": {"config_name": "v1.yaml", "ckpt_name": "a.ckpt"}}
+    prompt["8"]["inputs"]["vae"] = ["20", 2]
     (s1, bad), (s2, empty) = calls(srv, ("POST", "/prompt", {"json": {"prompt": prompt}}),
                                    ("POST", "/prompt", {"json": {"prompt": {}}}))
     assert s1 == 400 and bad["error"]["type"] == "prompt_outputs_failed_validation"
     error = bad["node_errors"]["20"]["errors"][0]
-    assert error["type"] == "node_not_supported" and "Load VAE cannot run here" in error["message"]
+    assert error["type"] == "node_not_supported" and "cannot run here" in error["message"]
     assert s2 == 400 and empty["error"]["type"] == "prompt_no_outputs"
 
 
