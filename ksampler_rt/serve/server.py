@@ -5,7 +5,7 @@ API a client needs (``/prompt``, ``/history``, ``/view``, ``/queue``, ``/interru
 ``/object_info``, ``/upload/image``, ``/system_stats``, ``/ws``), plus ``/metrics``.
 
 Threading: the event loop owns the queue, the history and the sockets. Up to ``worker.concurrency``
-prompts run at once (1 for the in-process worker), each in a thread of the server's pool calling
+prompts run at once (for the in-process worker 1, or ``max_batch`` with step-level batching on), each in a thread of the server's pool calling
 :meth:`Worker.run`; they are started in queue order, and every prompt hands its events back to the
 loop with ``call_soon_threadsafe`` tagged with its own run, so HTTP never waits on inference and
 WebSocket messages stay attributed to their prompt. Each running prompt has its own interrupt flag.
@@ -36,6 +36,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from ..workflow.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixels
 from .durable_queue import QueueJournal
 from .frontend import UI_MISSING, UI_OFF, add_frontend_routes, add_static_routes, find_web_root
+from . import jobs
 from .history import History
 from .internal import LogBuffer, add_internal_routes
 from .security import AccessPolicy
@@ -78,6 +79,8 @@ class ServerConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS         # uploads and LoadImage: width x height x frames
     max_prompt_id: int = 128              # longest client-chosen prompt_id
     max_json_depth: int = 64              # deepest nesting of a JSON body
+    max_batch: int = 1                    # > 1: UNet rows per engine call, prompts run at once (batching on)
+    batch_wait_ms: float | None = None    # longest wait for batch partners (None: runtime.batching's default)
 
 
 def error_body(kind: str, message: str, details: str | None = None, extra: dict | None = None,
@@ -228,7 +231,12 @@ class PromptServer:
             output_dir = Path(c.output_dir).resolve()
             temp_dir = Path(c.temp_dir).resolve() if c.temp_dir else output_dir.parent / "temp"
             pipeline = Pipeline(c.models_dir, backend=c.backend, output_dir=output_dir,
-                                input_dir=Path(c.input_dir).resolve(), temp_dir=temp_dir, log=log.info)
+                                input_dir=Path(c.input_dir).resolve(), temp_dir=temp_dir, log=log.info,
+                                max_batch=c.max_batch, batch_wait_ms=c.batch_wait_ms)
+        elif worker is None and c.max_batch > 1 and hasattr(pipeline, "max_batch"):
+            pipeline.max_batch = c.max_batch   # a pipeline built by the caller (e.g. --fake-checkpoint)
+            if c.batch_wait_ms is not None:
+                pipeline.batch_wait_ms = float(c.batch_wait_ms)
         self.pipeline = pipeline
         # /view and /upload serve exactly the folders the nodes read and write.
         self.output_dir = Path(pipeline.output_dir).resolve()
@@ -239,7 +247,7 @@ class PromptServer:
             folder.mkdir(parents=True, exist_ok=True)
         self.worker = worker or LocalWorker(pipeline, cache_bytes=int(c.cache_mb * 1024 * 1024),
                                             cache_entries=c.cache_entries, preview=c.preview,
-                                            preview_size=c.preview_size)
+                                            preview_size=c.preview_size, concurrency=max(1, int(c.max_batch)))
         # Prompts run at once: the worker's ``concurrency`` (a worker without one runs one at a time).
         self.concurrency = max(1, int(getattr(self.worker, "concurrency", 1) or 1))
         self.metrics = Metrics()
@@ -724,6 +732,7 @@ class PromptServer:
             if number is None:
                 number = -self.number if data.get("front") else self.number
                 self.number += 1
+            extra_data.setdefault("create_time", int(time.time() * 1000))  # ComfyUI's jobs API reads it
             item = QueueItem(number, self.queue.next_seq(), prompt_id, plan.prompt, extra_data, list(plan.outputs))
             try:
                 self.queue.put(item)
@@ -788,6 +797,24 @@ class PromptServer:
             except ValueError:
                 return _json(error_body("invalid_request", "max_items / offset: expected integers"), 400)
             return _json(self.history.get(max_items=max_items, offset=offset))
+
+        @r.get("/jobs")
+        async def get_jobs(request):
+            try:
+                query = jobs.parse_list_query(request.query)
+            except ValueError as exc:
+                return _json(error_body("invalid_request", str(exc)), 400)
+            running = [item.as_comfy() for item in self.queue.running]
+            pending = [item.as_comfy() for item in self.queue.pending()]
+            return _json(jobs.list_jobs(running, pending, self.history.get(), **query))
+
+        @r.get("/jobs/{job_id}")
+        async def get_job(request):
+            job_id = request.match_info["job_id"]
+            running = [item.as_comfy() for item in self.queue.running]
+            pending = [item.as_comfy() for item in self.queue.pending()]
+            job = jobs.get_job(job_id, running, pending, self.history.get(prompt_id=job_id))
+            return _json(job) if job is not None else _json({"error": "Job not found"}, 404)
 
         @r.get("/history/{prompt_id}")
         async def get_history_item(request):
