@@ -494,8 +494,8 @@ class LoraContext:
             raise LoraError(f"{self.export_dir}: the export has no initializer_map; re-export it to use LoRAs")
 
         def shape(model, pname):
-            if model not in self.targets:
-                raise KeyError(model)
+            if model not in self.targets:  # resolve_lora counts the key as unmatched
+                raise KeyError(f"model: received {model!r}, expected one of {sorted(self.targets)}")
             return self.targets[model].weight_shape(pname)
 
         patch = resolve_lora(lf, self.manifest, shape)
