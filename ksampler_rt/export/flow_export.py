@@ -23,14 +23,13 @@ The text conditioning the transformer wants is composed from those outputs by
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
 import shutil
 
 from .errors import ExportError
-from .onnx_export import CLIP_LENGTH, ModelSpec, _rng, _tokenizer_info, export_specs, log
+from .onnx_export import CLIP_LENGTH, ModelSpec, _rng, _tokenizer_info, export_specs, log, pair, vae_specs
 
 FLOW_FAMILIES = ("sd3", "flux", "flux-schnell")
 
@@ -157,16 +156,10 @@ def build_flow_specs(src: FlowSource, precision: str) -> list[ModelSpec]:
     import torch
 
     from .flow_wrappers import FluxTransformerWrapper, SD3TransformerWrapper, T5Wrapper
-    from .wrappers import ClipWrapper, VaeDecoderWrapper, VaeEncoderWrapper, use_classic_attention
+    from .wrappers import ClipWrapper, use_classic_attention
 
     fam = src.family
     dt = torch.float16 if precision == "fp16" else torch.float32
-
-    def pair(module, make, dtype):
-        ref = make(module, torch.float32)
-        if dtype == torch.float32:
-            return ref, ref
-        return make(copy.deepcopy(module).to(dtype), dtype), ref
 
     specs = []
     # --- transformer
@@ -254,29 +247,11 @@ def build_flow_specs(src: FlowSource, precision: str) -> list[ModelSpec]:
         return specs
     vae = src.modules["vae"]
     use_classic_attention(vae, upcast=False)
-    lc = int(vae.config.latent_channels)
-    fv = 2 ** (len(vae.config.block_out_channels) - 1)
     vae_prec, vdt = precision, dt
     if dt == torch.float16 and fam.startswith("flux"):
         vae_prec, vdt = "fp32", torch.float32
         log("FLUX VAE kept in fp32 (its decoder's activations exceed fp16's range at large sizes)")
-    dexp, dref = pair(vae, lambda m, d: VaeDecoderWrapper(m, d), vdt)
-    eexp, eref = pair(vae, lambda m, d: VaeEncoderWrapper(m, d), vdt)
-    lshapes = [(1, 4, 4), (2, 6, 8)]
-
-    def dec_inputs(i):
-        b, h, w = lshapes[i]
-        return {"latent": torch.randn(b, lc, h, w, generator=_rng(i, 3))}
-
-    def enc_inputs(i):
-        b, h, w = lshapes[i]
-        return {"image": torch.rand(b, 3, h * fv, w * fv, generator=_rng(i, 4)) * 2 - 1}
-    specs.append(ModelSpec("vae_decoder", "vae_decoder.onnx", dexp, dref, "vae.",
-                           [{"name": "latent", "dtype": "float32", "shape": ["B", lc, "h", "w"]}],
-                           [{"name": "image", "dtype": "float32", "shape": ["B", 3, "H", "W"]}], dec_inputs, vae_prec))
-    specs.append(ModelSpec("vae_encoder", "vae_encoder.onnx", eexp, eref, "vae.",
-                           [{"name": "image", "dtype": "float32", "shape": ["B", 3, "H", "W"]}],
-                           [{"name": "latent", "dtype": "float32", "shape": ["B", lc, "h", "w"]}], enc_inputs, vae_prec))
+    specs += vae_specs(vae, vae_prec, vdt)
     return specs
 
 

@@ -263,19 +263,51 @@ def _clip_ids(cfg, batch, gen):
     return ids
 
 
+def pair(module, make, dtype):
+    """(module to export, fp32 reference): the wrapper ``make(module, dtype)`` in the export dtype, and the
+    fp32 one it is validated against (the same object when exporting fp32)."""
+    import torch
+
+    ref = make(module, torch.float32)
+    if dtype == torch.float32:
+        return ref, ref
+    return make(copy.deepcopy(module).to(dtype), dtype), ref
+
+
+def vae_specs(vae, precision: str, dtype) -> list:
+    """The VAE decoder and encoder specs of an ``AutoencoderKL`` (any latent channel count), validated at
+    two latent shapes."""
+    import torch
+    from .wrappers import VaeDecoderWrapper, VaeEncoderWrapper
+
+    lc = int(vae.config.latent_channels)
+    fv = 2 ** (len(vae.config.block_out_channels) - 1)
+    dexp, dref = pair(vae, lambda m, d: VaeDecoderWrapper(m, d), dtype)
+    eexp, eref = pair(vae, lambda m, d: VaeEncoderWrapper(m, d), dtype)
+    lshapes = [(1, 4, 4), (2, 6, 8)]
+
+    def dec_inputs(i):
+        b, h, w = lshapes[i]
+        return {"latent": torch.randn(b, lc, h, w, generator=_rng(i, 3))}
+
+    def enc_inputs(i):
+        b, h, w = lshapes[i]
+        return {"image": torch.rand(b, 3, h * fv, w * fv, generator=_rng(i, 4)) * 2 - 1}
+    return [ModelSpec("vae_decoder", "vae_decoder.onnx", dexp, dref, "vae.",
+                      [{"name": "latent", "dtype": "float32", "shape": ["B", lc, "h", "w"]}],
+                      [{"name": "image", "dtype": "float32", "shape": ["B", 3, "H", "W"]}], dec_inputs, precision),
+            ModelSpec("vae_encoder", "vae_encoder.onnx", eexp, eref, "vae.",
+                      [{"name": "image", "dtype": "float32", "shape": ["B", 3, "H", "W"]}],
+                      [{"name": "latent", "dtype": "float32", "shape": ["B", lc, "h", "w"]}], enc_inputs, precision)]
+
+
 def build_specs(src, precision: str, upcast_attention: bool):
     import torch
-    from .wrappers import ClipWrapper, UNetWrapper, VaeDecoderWrapper, VaeEncoderWrapper, use_classic_attention
+    from .wrappers import ClipWrapper, UNetWrapper, use_classic_attention
 
     dt = torch.float16 if precision == "fp16" else torch.float32
     fam = src.family
     specs = []
-
-    def pair(module, make, dtype):
-        ref = make(module, torch.float32)
-        if dtype == torch.float32:
-            return ref, ref
-        return make(copy.deepcopy(module).to(dtype), dtype), ref
 
     # --- UNet
     unet = src.modules["unet"]
@@ -343,23 +375,7 @@ def build_specs(src, precision: str, upcast_attention: bool):
     if dt == torch.float16 and is_sdxl(fam) and not src.vae_override:
         vae_prec, vdt = "fp32", torch.float32
         log("SDXL VAE kept in fp32 (it overflows in fp16); pass --vae with an fp16-fixed SDXL VAE to get fp16")
-    dexp, dref = pair(vae, lambda m, d: VaeDecoderWrapper(m, d), vdt)
-    eexp, eref = pair(vae, lambda m, d: VaeEncoderWrapper(m, d), vdt)
-    lshapes = [(1, 4, 4), (2, 6, 8)]
-
-    def dec_inputs(i):
-        b, h, w = lshapes[i]
-        return {"latent": torch.randn(b, lc, h, w, generator=_rng(i, 3))}
-
-    def enc_inputs(i):
-        b, h, w = lshapes[i]
-        return {"image": torch.rand(b, 3, h * fv, w * fv, generator=_rng(i, 4)) * 2 - 1}
-    specs.append(ModelSpec("vae_decoder", "vae_decoder.onnx", dexp, dref, "vae.",
-                           [{"name": "latent", "dtype": "float32", "shape": ["B", lc, "h", "w"]}],
-                           [{"name": "image", "dtype": "float32", "shape": ["B", 3, "H", "W"]}], dec_inputs, vae_prec))
-    specs.append(ModelSpec("vae_encoder", "vae_encoder.onnx", eexp, eref, "vae.",
-                           [{"name": "image", "dtype": "float32", "shape": ["B", 3, "H", "W"]}],
-                           [{"name": "latent", "dtype": "float32", "shape": ["B", lc, "h", "w"]}], enc_inputs, vae_prec))
+    specs += vae_specs(vae, vae_prec, vdt)
     return specs, {"adm_channels": adm, "latent_channels": lc, "unet_downscale": f, "vae_downscale": fv}
 
 
