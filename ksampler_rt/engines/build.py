@@ -21,6 +21,12 @@ _default_precision = Backend.resolve_precision
 #: as further 77-token chunks, so 1-3 chunks (77-231) let a default build take prompts up to 225 tokens.
 DEFAULT_TOKENS = (77, 231)
 
+#: The flow families' context lengths (ComfyUI 0.3.64 pads T5 to at least 256 tokens for FLUX.1,
+#: comfy/text_encoders/flux.py, and to 77 for SD3 after CLIP-L/G's 77, sd3_clip.py): up to twice the minimum
+#: unless ``--tokens`` says otherwise. T5's own input is the context minus SD3's 77 CLIP tokens.
+FLOW_DEFAULT_TOKENS = {"flux": (256, 512), "flux-schnell": (256, 512), "sd3": (154, 308)}
+FLOW_CLIP_TOKENS = {"flux": 0, "flux-schnell": 0, "sd3": 77}
+
 
 def __getattr__(name: str):
     # The backend lists of earlier versions, computed from the registry (a backend registered later shows up).
@@ -54,16 +60,22 @@ class BuildOptions:
 
 def default_sizes(manifest: ExportManifest) -> list[tuple[int, int]]:
     fam = str(manifest.family or "").lower()
-    return [(1024, 1024)] if "xl" in fam else [(512, 512)]
+    return [(1024, 1024)] if "xl" in fam or fam in FLOW_DEFAULT_TOKENS else [(512, 512)]
 
 
 def profile_request(manifest: ExportManifest, opts: BuildOptions, *, required: bool) -> ProfileRequest | None:
     """The shape request, or None (= any shape) for ONNX Runtime when the user gave no shapes."""
     if not required and not (opts.sizes or opts.batch or opts.tokens or opts.dynamic):
         return None
+    family = str(manifest.family or "")
+    tokens = opts.tokens or FLOW_DEFAULT_TOKENS.get(family, DEFAULT_TOKENS)
+    text_tokens = None
+    if family in FLOW_CLIP_TOKENS:  # T5's input: the context minus the CLIP part (SD3)
+        clip = FLOW_CLIP_TOKENS[family]
+        text_tokens = (max(1, tokens[0] - clip), max(1, tokens[1] - clip))
     return ProfileRequest(sizes=tuple(opts.sizes or default_sizes(manifest)), batch=opts.batch or (1, 4),
-                          tokens=opts.tokens or DEFAULT_TOKENS, dynamic=opts.dynamic,
-                          latent_scale=manifest.latent_scale)
+                          tokens=tokens, dynamic=opts.dynamic, latent_scale=manifest.latent_scale,
+                          text_tokens=text_tokens)
 
 
 def resolve_precision(manifest: ExportManifest, opts: BuildOptions) -> str:

@@ -17,6 +17,7 @@ from .build import BuildOptions, build_model, key_components, model_profiles, pr
     resolve_precision
 from .cache import EngineCache
 from .manifest import ExportManifest, load_manifest
+from .profiles import MODELS
 from .spec import EngineError
 
 __all__ = ["EngineSet", "LoadOptions", "available_backends", "load_engines", "pick_backend"]
@@ -71,20 +72,44 @@ class LoadOptions:
 LOAD_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LoadOptions))
 
 
+#: The inputs of each denoiser's ONNX graph that ``unet_callable`` maps its arguments onto:
+#: (latent, timestep, context, pooled / ADM vector). SD / SDXL UNets (and the UNet taking ControlNet
+#: residuals) use diffusers' names, the flow transformers ComfyUI's (x, timestep, context, y, guidance).
+_DENOISER_INPUTS = {"unet": ("sample", "timestep", "encoder_hidden_states", "y"),
+                    "unet_control": ("sample", "timestep", "encoder_hidden_states", "y"),
+                    "transformer": ("x", "timestep", "context", "y")}
+
+
 @dataclass
 class EngineSet:
+    """The engines of one export. SD / SDXL: ``unet``, ``clip`` (+ ``clip2``); SD3 / FLUX.1: ``transformer``,
+    ``clip_l`` (+ ``clip_g``), ``t5xxl``; every family: ``vae_decoder`` / ``vae_encoder``. ``unet_control``
+    is the UNet taking ControlNet residuals, ``controlnet`` / ``t2i_adapter`` the network of a ControlNet
+    export. A separate component's export (a text encoder, a VAE) holds only its own engines."""
+
     manifest: ExportManifest
     backend: str
-    unet: Engine
+    unet: Engine | None = None
     clip: Engine | None = None
     clip2: Engine | None = None
     vae_decoder: Engine | None = None
     vae_encoder: Engine | None = None
+    transformer: Engine | None = None
+    clip_l: Engine | None = None
+    clip_g: Engine | None = None
+    t5xxl: Engine | None = None
+    unet_control: Engine | None = None
+    controlnet: Engine | None = None
+    t2i_adapter: Engine | None = None
     scratch: object = field(default=None, repr=False)  # what the backend's open_set() returned (shared state)
 
     def engines(self) -> dict[str, Engine]:
-        return {n: e for n in ("unet", "clip", "clip2", "vae_decoder", "vae_encoder")
-                if (e := getattr(self, n)) is not None}
+        return {n: e for n in MODELS if (e := getattr(self, n)) is not None}
+
+    @property
+    def denoiser(self) -> Engine | None:
+        """The UNet or the flow transformer (None in a text-encoder / VAE / ControlNet export)."""
+        return self.unet if self.unet is not None else self.transformer
 
     def load(self) -> "EngineSet":
         for e in self.engines().values():
@@ -101,48 +126,106 @@ class EngineSet:
     def __exit__(self, *exc) -> None:
         self.release()
 
+    @staticmethod
+    def _denoiser_kind(eng: Engine) -> str:
+        names = {s.name for s in eng.inputs}
+        if "x" in names:
+            return "transformer"
+        if "sample" in names:
+            return "unet_control" if any(n.startswith("down_") for n in names) else "unet"
+        raise EngineError(f"the exported denoiser has none of the latent inputs 'sample' / 'x' "
+                          f"(inputs: {', '.join(sorted(names))})")
+
     def unet_callable(self, engine: Engine | None = None) -> Callable[..., np.ndarray]:
-        """``unet(x, timestep, context, y=None) -> array`` with x's dtype, mapped to the ONNX inputs
-        ``sample``, ``timestep``, ``encoder_hidden_states``, ``y`` and the first output. Casts to the
-        engine's input dtypes and broadcasts a scalar timestep over the batch. ``engine``: another engine of
-        the same UNet (e.g. ``unet.with_weights(...)`` for a LoRA); default ``self.unet``."""
-        eng = self.unet if engine is None else engine
+        """``unet(x, timestep, context, y=None, guidance=None, control=None) -> array`` with x's dtype, the
+        runtime's network call (``ksampler_rt.runtime.Model``), mapped onto the exported inputs of the UNet
+        (``sample``, ``timestep``, ``encoder_hidden_states``, ``y``) or the flow transformer (``x``,
+        ``timestep``, ``context``, ``y``, ``guidance``) and the first output. Casts to the engine's input
+        dtypes and broadcasts a scalar timestep (and guidance) over the batch. ``control`` (a UNet exported
+        with ControlNet inputs): ``{"down": [...], "mid": array}``, the summed residuals; zeros are fed when
+        it is None. ``engine``: another engine of the same network (``with_weights(...)`` for a LoRA);
+        default the set's UNet or transformer."""
+        eng = self.denoiser if engine is None else engine
+        if eng is None:
+            raise EngineError(f"{self.manifest.export_dir}: received an export without a UNet or transformer "
+                              f"(models: {', '.join(self.engines())}), expected one to sample with")
+        kind = self._denoiser_kind(eng)
+        latent, t_name, ctx_name, y_name = _DENOISER_INPUTS[kind]
         specs = {s.name: s for s in eng.inputs}
-        for need in ("sample", "timestep", "encoder_hidden_states"):
+        for need in (latent, t_name, ctx_name):
             if need not in specs:
-                raise EngineError(f"the exported UNet has no input {need!r} (inputs: {', '.join(specs)})")
+                raise EngineError(f"the exported {kind} has no input {need!r} (inputs: {', '.join(specs)})")
+        residuals = sorted((n for n in specs if n.startswith("down_")), key=lambda n: int(n.split("_")[1]))
+
+        def per_row(name, value, batch):
+            spec = specs[name]
+            v = np.asarray(value, dtype=spec.dtype)
+            if spec.rank == 0:
+                if v.size != 1:
+                    raise EngineError(f"this {kind} takes one scalar {name}, received shape {v.shape}")
+                return v.reshape(())
+            if v.size == 1 and batch != 1:
+                return np.full((batch,), v.reshape(-1)[0], dtype=spec.dtype)
+            return v.reshape(-1) if spec.rank == 1 else v
 
         def unet(x, timestep, context, **kwargs) -> np.ndarray:
             y = kwargs.pop("y", None)
+            guidance = kwargs.pop("guidance", None)
+            control = kwargs.pop("control", None)
             extra = sorted(k for k, v in kwargs.items() if v is not None)
             if extra:
-                raise TypeError(f"unet(): unsupported keyword argument(s) {extra}; the exported UNet takes "
-                                f"x, timestep, context and y")
+                raise TypeError(f"unet(): unsupported keyword argument(s) {extra}; the exported {kind} takes "
+                                f"x, timestep, context, y, guidance and control")
             x = np.asarray(x)
             batch = x.shape[0]
-            ts = specs["timestep"]
-            t = np.asarray(timestep, dtype=ts.dtype)
-            if ts.rank == 0:
-                if t.size != 1:
-                    raise EngineError(f"this UNet takes one scalar timestep, received shape {t.shape}")
-                t = t.reshape(())
-            elif t.size == 1 and batch != 1:
-                t = np.full((batch,), t.reshape(-1)[0], dtype=ts.dtype)
-            else:
-                t = t.reshape(-1) if ts.rank == 1 else t
-            feeds = {"sample": np.ascontiguousarray(x, dtype=specs["sample"].dtype), "timestep": t,
-                     "encoder_hidden_states": np.ascontiguousarray(context, dtype=specs["encoder_hidden_states"].dtype)}
-            if "y" in specs:
+            feeds = {latent: np.ascontiguousarray(x, dtype=specs[latent].dtype),
+                     t_name: per_row(t_name, timestep, batch),
+                     ctx_name: np.ascontiguousarray(context, dtype=specs[ctx_name].dtype)}
+            if y_name in specs:
                 if y is None:
-                    raise TypeError("unet(): this UNet (SDXL-style) needs y (the pooled/ADM vector)")
-                feeds["y"] = np.ascontiguousarray(y, dtype=specs["y"].dtype)
+                    raise TypeError(f"unet(): this {kind} needs y (the pooled / ADM vector)")
+                feeds[y_name] = np.ascontiguousarray(y, dtype=specs[y_name].dtype)
             elif y is not None:
-                raise TypeError("unet(): this UNet takes no y")
+                raise TypeError(f"unet(): this {kind} takes no y")
+            if "guidance" in specs:
+                if guidance is None:
+                    raise TypeError("unet(): this transformer (FLUX.1 dev) needs guidance (FluxGuidance)")
+                feeds["guidance"] = per_row("guidance", guidance, batch)
+            if residuals:
+                feeds.update(_control_feeds(specs, residuals, control, x))
+            elif control is not None:
+                raise TypeError("unet(): received ControlNet residuals (control=...), expected none: this export's "
+                                "UNet takes no ControlNet inputs (re-export with --control-inputs)")
             out = eng(**feeds)[eng.output_names[0]]
             return out if out.dtype == x.dtype else out.astype(x.dtype)
 
         unet.engine = eng
         return unet
+
+
+def _control_feeds(specs: dict, residuals: list[str], control, x: np.ndarray) -> dict:
+    """The residual inputs of a UNet exported with ControlNet inputs: ``control``'s arrays, zeros without."""
+    down = None if control is None else list(control.get("down") or [])
+    mid = None if control is None else control.get("mid")
+    if down is not None and down and len(down) != len(residuals):
+        raise EngineError(f"control: received {len(down)} down-block residuals, expected {len(residuals)}")
+    feeds = {}
+    for k, name in enumerate(residuals):
+        value = down[k] if down else None
+        feeds[name] = _residual(specs[name], value, x, name)
+    if "mid" in specs:
+        feeds["mid"] = _residual(specs["mid"], mid, x, "mid")
+    return feeds
+
+
+def _residual(spec, value, x: np.ndarray, name: str) -> np.ndarray:
+    if value is not None:
+        return np.ascontiguousarray(value, dtype=spec.dtype)
+    shape = tuple(d if isinstance(d, int) else None for d in spec.shape)
+    if None in shape[1:]:  # a dynamic spatial dim: only the ControlNet that produced it knows it
+        raise EngineError(f"control: received no {name!r} residual for a UNet whose {name} shape "
+                          f"{spec.shape_str()} is dynamic, expected the ControlNet's outputs (or zeros from them)")
+    return np.zeros((x.shape[0],) + shape[1:], dtype=spec.dtype)
 
 
 def load_engines(export_dir, backend: str = "auto", options: LoadOptions | None = None, *,
@@ -169,8 +252,10 @@ def load_engines(export_dir, backend: str = "auto", options: LoadOptions | None 
     manifest = load_manifest(export_dir)
     if models is not None:
         wanted = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models)
-        if "unet" not in wanted:
-            raise EngineError(f"models: received {wanted}, expected a selection that includes 'unet'")
+        unknown = [m for m in wanted if m not in manifest.models]
+        if not wanted or unknown:
+            raise EngineError(f"models: received {wanted}, expected a non-empty selection of "
+                              f"{', '.join(manifest.models)} (the models of {manifest.export_dir})")
     opts = options.build_options(name)
     build_missing = impl.builds_on_load if options.build_missing is None else options.build_missing
     env = environment(name, options.device_id)
@@ -202,6 +287,4 @@ def load_engines(export_dir, backend: str = "auto", options: LoadOptions | None 
         artefact = found.file(found.meta.get("artefact", "model.onnx"))
         engines[model] = impl.make_engine(LoadJob(entry, artefact, profiles, req, str(manifest.export_dir), options,
                                                   cache, shared))
-    if "unet" not in engines:
-        raise EngineError(f"{manifest.export_dir}: received an export without a UNet, expected one")
     return EngineSet(manifest, name, scratch=shared, **engines)

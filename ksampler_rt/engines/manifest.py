@@ -58,6 +58,12 @@ class ExportManifest:
     def family(self) -> str | None:
         return self.data.get("family")
 
+    @property
+    def kind(self) -> str:
+        """What the export is: ``checkpoint`` (a denoiser and maybe its text encoders / VAE, or a separate
+        component of one), ``controlnet`` or ``t2i_adapter``."""
+        return str(self.data.get("kind") or "checkpoint")
+
 
 def read_onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]] | None:
     """Graph inputs/outputs from the ONNX file (without loading external weights), or None."""
@@ -112,7 +118,7 @@ def load_manifest(export_dir, read_onnx: bool = True) -> ExportManifest:
             io = ([TensorSpec.from_json(s) for s in entry.get("inputs", [])],
                   [TensorSpec.from_json(s) for s in entry.get("outputs", [])])
         manifest.models[name] = ModelEntry(name, file, io[0], io[1])
-    for name in ("unet",):
-        if name not in manifest.models:
-            raise EngineError(f"{path}: the export has no {name!r} model")
+    if not manifest.models:
+        raise EngineError(f"{path}: received an export with the models {sorted(data['models'])}, expected at least "
+                          f"one of {', '.join(MODELS)}")
     return manifest

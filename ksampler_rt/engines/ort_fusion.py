@@ -17,7 +17,10 @@ from pathlib import Path
 from .spec import EngineError
 
 #: Which of the optimizer's model types fits which model of an export.
-MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "clip": "clip", "clip2": "clip"}
+#: ONNX Runtime's own diffusion tools use ``mmdit`` for the SD3 / FLUX.1 transformers and ``t5`` for T5-XXL.
+MODEL_TYPES = {"unet": "unet", "unet_control": "unet", "controlnet": "unet", "vae_decoder": "vae",
+               "vae_encoder": "vae", "clip": "clip", "clip2": "clip", "clip_l": "clip", "clip_g": "clip",
+               "transformer": "mmdit", "t5xxl": "t5"}
 
 
 def model_type(model: str) -> str | None:

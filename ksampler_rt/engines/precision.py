@@ -2,7 +2,8 @@
 
 ``--precision`` takes one precision for every network (``bf16``) or a per-network form
 (``unet=bf16,vae=fp32``, optionally with a default first: ``bf16,vae=fp32``). Networks are ``unet``,
-``clip`` (the text encoders: ``clip`` and ``clip2``) and ``vae`` (``vae_decoder`` and ``vae_encoder``);
+``clip`` (the text encoders: ``clip``, ``clip2``; SD3 / FLUX.1's ``clip_l``, ``clip_g``, ``t5xxl``) and ``vae``
+(``vae_decoder`` and ``vae_encoder``); ``unet`` also covers the flow ``transformer`` and the ControlNet networks;
 an export's model name (``vae_decoder``) may be used too and wins over its network's entry.
 
 What a CPU backend can run is decided here, from the CPU's ISA flags (``/proc/cpuinfo``), so a refusal
@@ -27,10 +28,27 @@ AUTO = "auto"
 
 #: network name -> the export's model names it covers
 NETWORKS: dict[str, tuple[str, ...]] = {
-    "unet": ("unet",),
-    "clip": ("clip", "clip2"),
+    "unet": ("unet", "transformer", "unet_control", "controlnet", "t2i_adapter"),
+    "clip": ("clip", "clip2", "clip_l", "clip_g", "t5xxl"),
     "vae": ("vae_decoder", "vae_encoder"),
 }
+
+#: Models a *network-wide or default* fp16 request builds in fp32, and why; asking for the model by name
+#: (``t5xxl=fp16``) is honoured. T5-XXL: its feed-forward activations exceed fp16's range (65504) -- the
+#: reason the T5 v1.1 checkpoints are published in bf16/fp32, diffusers' pipelines keep it out of fp16 and
+#: ComfyUI's T5 runs in fp32/bf16 where it can; bf16 (fp32's range) is fine.
+FP16_KEEPS_FP32 = {"t5xxl": "T5-XXL's feed-forward activations overflow fp16"}
+
+
+def keeps_fp32(model: str, family: str | None) -> str | None:
+    """Why ``model`` is built in fp32 when fp16 is asked for its network (None: it is not). T5-XXL (above);
+    FLUX.1's VAE, whose decoder activations exceed fp16's range at large sizes (as the flow export keeps it
+    fp32 in an fp16 export)."""
+    if model in FP16_KEEPS_FP32:
+        return FP16_KEEPS_FP32[model]
+    if model.startswith("vae_") and str(family or "").startswith("flux"):
+        return "FLUX.1's VAE activations exceed fp16's range"
+    return None
 MODEL_NAMES = tuple(m for ms in NETWORKS.values() for m in ms)
 _NETWORK_OF = {m: n for n, ms in NETWORKS.items() for m in ms}
 
@@ -89,11 +107,15 @@ class PrecisionSpec:
     default: str | None = None
     per: tuple[tuple[str, str], ...] = ()  # sorted (network or model name, precision)
 
-    def for_model(self, model: str) -> str | None:
+    def for_model(self, model: str, family: str | None = None, *, exceptions: bool = True) -> str | None:
         """The precision asked for ``model`` (an export's model name): its own entry, else its network's,
-        else the default."""
+        else the default -- except that fp16 asked for a whole network keeps the models of
+        :func:`keeps_fp32` in fp32 (``exceptions=False``: the request as written)."""
         per = dict(self.per)
-        return per.get(model) or per.get(_NETWORK_OF.get(model, model)) or self.default
+        if model in per:
+            return per[model]
+        p = per.get(_NETWORK_OF.get(model, model)) or self.default
+        return "fp32" if exceptions and p == "fp16" and keeps_fp32(model, family) else p
 
     @property
     def is_auto(self) -> bool:
@@ -234,7 +256,7 @@ def resolve_cpu_spec(backend: str, export_precision: str, requested, flags=None)
     resolved = {}
     for network, models in NETWORKS.items():
         for model in models:
-            p = spec.for_model(model) or "fp32"
+            p = spec.for_model(model, exceptions=False) or "fp32"
             if p == AUTO:
                 p = auto_precision(backend, network, flags)
             check_cpu_precision(backend, p, flags)
@@ -251,10 +273,11 @@ def resolve_cpu_spec(backend: str, export_precision: str, requested, flags=None)
     return ",".join(f"{k}={v}" for k, v in sorted(by_net.items()))
 
 
-def model_precision_of(spec: str, model: str) -> str:
-    """The precision ``model`` is built in, from a resolved spec string (``bf16`` or ``unet=bf16,vae=fp32``)."""
+def model_precision_of(spec: str, model: str, family: str | None = None) -> str:
+    """The precision ``model`` is built in, from a resolved spec string (``bf16`` or ``unet=bf16,vae=fp32``;
+    fp16 for a whole network keeps :func:`keeps_fp32`'s models in fp32)."""
     parsed = parse_precision(spec)
-    p = parsed.for_model(model) if parsed else None
+    p = parsed.for_model(model, family) if parsed else None
     return p or "fp32"
 
 

@@ -11,7 +11,18 @@ from typing import Sequence
 from .spec import EngineError, ShapeProfile, ShapeRange, TensorSpec
 
 BATCH, LATENT_H, LATENT_W, PIXEL_H, PIXEL_W, TOKENS = "batch", "latent_h", "latent_w", "pixel_h", "pixel_w", "tokens"
-MODELS = ("unet", "clip", "clip2", "vae_decoder", "vae_encoder")
+#: The networks an export may hold. SD / SDXL: unet, clip, clip2; the flow families (SD3, FLUX.1):
+#: transformer, clip_l, clip_g, t5xxl; ControlNet: unet_control (the UNet taking residuals), controlnet,
+#: t2i_adapter. Every family: vae_decoder, vae_encoder.
+MODELS = ("unet", "clip", "clip2", "vae_decoder", "vae_encoder", "transformer", "clip_l", "clip_g", "t5xxl",
+          "unet_control", "controlnet", "t2i_adapter")
+#: Networks whose first 4-D input is the latent (x / sample) and whose context has a token axis.
+DENOISERS = ("unet", "transformer", "unet_control", "controlnet")
+#: Text encoders fed 77-token CLIP chunks.
+CLIP_MODELS = ("clip", "clip2", "clip_l", "clip_g")
+#: Text encoders whose token count is the prompt's (T5: ComfyUI pads to a minimum, never truncates).
+SEQUENCE_MODELS = ("t5xxl",)
+CONTEXT_INPUTS = ("encoder_hidden_states", "context")
 CLIP_TOKENS = 77
 
 
@@ -22,14 +33,14 @@ def dim_roles(model: str, inputs: Sequence[TensorSpec]) -> dict[str, list[str | 
         r: list[str | None] = [None] * spec.rank
         if spec.rank >= 1:
             r[0] = BATCH
-        image_like = spec.rank == 4 and (spec.name == "sample" or i == 0)
-        if model == "unet" and image_like or model == "vae_decoder" and i == 0 and spec.rank == 4:
+        image_like = spec.rank == 4 and (spec.name in ("sample", "x") or i == 0)
+        if model in DENOISERS and image_like or model == "vae_decoder" and i == 0 and spec.rank == 4:
             r[2], r[3] = LATENT_H, LATENT_W
-        elif model == "vae_encoder" and i == 0 and spec.rank == 4:
+        elif spec.rank == 4 and (model == "vae_encoder" and i == 0 or spec.name == "controlnet_cond"):
             r[2], r[3] = PIXEL_H, PIXEL_W
-        elif model == "unet" and spec.name == "encoder_hidden_states" and spec.rank == 3:
+        elif model in DENOISERS and spec.name in CONTEXT_INPUTS and spec.rank == 3:
             r[1] = TOKENS
-        elif model in ("clip", "clip2") and spec.rank == 2:
+        elif model in CLIP_MODELS + SEQUENCE_MODELS and spec.rank == 2:
             r[1] = TOKENS
         roles[spec.name] = r
     by_symbol: dict[str, str] = {}
@@ -53,11 +64,14 @@ class ProfileRequest:
     tokens: tuple = (CLIP_TOKENS, CLIP_TOKENS)
     dynamic: bool = False
     latent_scale: int = 8
+    text_tokens: tuple | None = None  # T5's input tokens (flow families); None = the same as ``tokens``
 
     def __post_init__(self):
         object.__setattr__(self, "sizes", tuple((int(w), int(h)) for w, h in self.sizes) or ((512, 512),))
         object.__setattr__(self, "batch", (int(self.batch[0]), int(self.batch[1])))
         object.__setattr__(self, "tokens", (int(self.tokens[0]), int(self.tokens[1])))
+        text = self.text_tokens if self.text_tokens is not None else self.tokens
+        object.__setattr__(self, "text_tokens", (int(text[0]), int(text[1])))
         for w, h in self.sizes:
             if w % self.latent_scale or h % self.latent_scale:
                 raise EngineError(f"shapes: received {w}x{h}, expected a width and height that are multiples of "
@@ -85,8 +99,10 @@ def _bucket_label(sizes, dynamic) -> str:
 
 
 def _model_tokens(model: str, req: ProfileRequest) -> tuple[int, int, int]:
-    if model in ("clip", "clip2"):  # CLIP encodes 77-token chunks; longer prompts are more chunks
+    if model in CLIP_MODELS:  # CLIP encodes 77-token chunks; longer prompts are more chunks
         return CLIP_TOKENS, CLIP_TOKENS, CLIP_TOKENS
+    if model in SEQUENCE_MODELS:
+        return req.text_tokens[0], req.text_tokens[0], req.text_tokens[1]
     return req.tokens[0], req.tokens[0], req.tokens[1]
 
 
@@ -167,7 +183,7 @@ def build_hint(model: str, inputs: Sequence[TensorSpec], req: ProfileRequest | N
         if batch and not b[0] <= batch <= b[1]:
             b = (min(b[0], batch), max(b[1], batch))
         t = base.tokens
-        if tokens and model not in ("clip", "clip2") and not t[0] <= tokens <= t[1]:
+        if tokens and model not in CLIP_MODELS + SEQUENCE_MODELS and not t[0] <= tokens <= t[1]:
             t = (min(t[0], tokens), max(t[1], tokens))
         if sizes == list(base.sizes) and b == base.batch and t == base.tokens:
             return None

@@ -19,7 +19,7 @@ vae_encoder.onnx    image [B,3,H,W] -> latent mean [B,16,H/8,W/8] (unscaled); FL
 ==================  ==============================================================================================
 
 The text conditioning the transformer wants is composed from those outputs by
-:mod:`ksampler_rt.export.flow_text` (torch-free; ComfyUI's SD3ClipModel / FluxClipModel).
+:mod:`ksampler_rt.workflow.flow_text` (torch-free; ComfyUI's SD3ClipModel / FluxClipModel).
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from ..runtime import Model
+from .flow_checkpoint import FLOW_FAMILIES, load_flow_checkpoint, load_flow_component
 from .lora import EngineForward, attach
 from .text_encoding import Clip, ClipTower
 from .tokenizer import ClipTokenizer
@@ -91,10 +92,11 @@ def load_checkpoint(export_dir: str | Path, backend: str = "auto", *, log: Calla
     export_dir = Path(export_dir)
     manifest = json.loads((export_dir / "manifest.json").read_text())
     family = manifest["family"]
-    if family not in _TOWER_OPTIONS:
-        raise ValueError(f"{export_dir}: received a checkpoint of family {family!r}, expected one of "
-                         f"{tuple(_TOWER_OPTIONS)} (SD3 / FLUX.1 engines are not exported yet; their graphs run on "
-                         "the stand-ins: --fake-checkpoint)")
+    if family in FLOW_FAMILIES:
+        return load_flow_checkpoint(export_dir, backend, log=log, **engine_options)
+    if family not in _TOWER_OPTIONS or manifest.get("kind", "checkpoint") != "checkpoint":
+        raise ValueError(f"{export_dir}: received a {manifest.get('kind', 'checkpoint')} of family {family!r}, "
+                         f"expected a checkpoint of one of {tuple(_TOWER_OPTIONS) + FLOW_FAMILIES}")
     engines = load_engines(export_dir, backend=backend, log=log, **engine_options)
     model = Model(engines.unet_callable(), family, zsnr=bool(manifest.get("schedule", {}).get("zsnr", False)))
     towers = tuple(_tower(export_dir, family, entry, getattr(engines, entry["name"]))
@@ -106,14 +108,7 @@ def load_checkpoint(export_dir: str | Path, backend: str = "auto", *, log: Calla
 
 
 def load_component(registry, folder: str, names: tuple, options: dict, *, backend: str = "auto",
-                   log: Callable[[str], None] | None = print):
-    """UNETLoader / DualCLIPLoader / TripleCLIPLoader / VAELoader on the registry's component folders.
-
-    The names are checked against the registry (``unet_name: received ..., expected one of ...``). Engines of
-    separate SD3 / FLUX.1 components are what the flow export (the next step of the roadmap) writes; until
-    then only the analytic stand-ins of :mod:`ksampler_rt.serve.testing` serve these nodes."""
-    paths = [registry.component(folder, name) for name in names]
-    families = sorted({json.loads((path / "manifest.json").read_text()).get("family", "?") for path in paths})
-    raise ValueError(f"{', '.join(map(str, paths))}: received an export of family {'/'.join(families)}, expected "
-                     "a separate SD3 / FLUX.1 component engine, which this version cannot export or run yet "
-                     "(run the graph on the stand-ins: --fake-checkpoint)")
+                   log: Callable[[str], None] | None = print, **engine_options):
+    """UNETLoader / DualCLIPLoader / TripleCLIPLoader / VAELoader on the registry's component folders (see
+    :func:`~ksampler_rt.workflow.flow_checkpoint.load_flow_component`)."""
+    return load_flow_component(registry, folder, names, options, backend=backend, log=log, **engine_options)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..runtime.model_sampling import flux_shift, make_model_sampling
 from .conditioning_nodes import set_values
+from .flow_checkpoint import Component
 from .flow_text import encode_flux, encode_sd3
 from .spec import Input, NodeSpec
 
@@ -30,7 +31,8 @@ def _load(ctx, folder: str, names: tuple, **options):
     loader = getattr(ctx, "load_component", None)
     if loader is None:
         raise ValueError(f"{folder}: this runner loads checkpoints only (no separate {folder} loader)")
-    return loader(folder, names, options)
+    loaded = loader(folder, names, options)
+    return loaded.value if isinstance(loaded, Component) else loaded  # the pipeline keeps the engines
 
 
 def unet_loader(ctx, node_id, unet_name, weight_dtype):

@@ -17,8 +17,10 @@ How ComfyUI 0.3.64 assembles the towers' outputs into CONDITIONING, written over
 A *tower* is anything with ``chunks(text) -> int`` (77-token chunks a CLIP tokenizer makes; 1 for T5, which
 is not chunked) and ``encode(text, chunks) -> (hidden [1, T, D], pooled [1, P] or None)``, where ``text`` is
 None for "no tokens" (ComfyUI then encodes the tower's empty token sequence) and ``chunks`` pads a CLIP
-tower's output with empty-prompt chunks. The engines of the next export issue plug in here; until then the
-analytic stand-ins of :mod:`ksampler_rt.serve.testing` do.
+tower's output with empty-prompt chunks: the engines' towers (:mod:`.flow_towers`) or the analytic stand-ins of
+:mod:`ksampler_rt.serve.testing`. :func:`sd3_conditioning` / :func:`flux_conditioning` are the composition
+itself over arrays (the export's tests use them against diffusers' pipelines). Widths come from the towers
+(``tower.width``; the real models' 768 / 1280 / 4096 otherwise), so the tiny models compose the same way.
 """
 from __future__ import annotations
 
@@ -89,40 +91,87 @@ class FlowClip:
         z, pooled = tower.encode(text, chunks, layer)
         return np.asarray(z, F32), None if pooled is None else np.asarray(pooled, F32)
 
+    def _width(self, name: str) -> int:
+        tower = self.towers.get(name)
+        return int(getattr(tower, "width", 0) or TOWER_WIDTHS[name])
+
     def _sd3(self, texts: Mapping[str, str | None]):
         l_text, g_text = texts.get("l"), texts.get("g")
         if (l_text is None) != (g_text is None):  # one dropped: CLIPTextEncodeSD3 refills it with empty prompts
             l_text, g_text = l_text or "", g_text or ""
-        has_l, has_g = "l" in self.towers, "g" in self.towers
-        lg = pooled = None
+        runs = {}
         if l_text is not None or g_text is not None:
             # CLIPTextEncodeSD3 pads the shorter of clip_l / clip_g with empty-prompt chunks
             n = max([self.towers[k].chunks(t) for k, t in (("l", l_text), ("g", g_text))
                      if t is not None and k in self.towers] or [1])
-            l_pooled = np.zeros((1, 768), F32)
-            if has_l:
-                lg, l_pooled = self._run("l", l_text, n)
-            if has_g:
-                g_out, g_pooled = self._run("g", g_text, n)
-                if lg is not None:
-                    cut = min(lg.shape[1], g_out.shape[1])
-                    lg = np.concatenate([lg[:, :cut], g_out[:, :cut]], axis=-1)
-                else:
-                    lg = np.pad(g_out, ((0, 0), (0, 0), (768, 0)))
-            else:
-                g_pooled = np.zeros((1, 1280), F32)
+            runs = {k: self._run(k, t, n) for k, t in (("l", l_text), ("g", g_text)) if k in self.towers}
+        l_hidden, l_pooled = runs.get("l", (None, None))
+        g_hidden, g_pooled = runs.get("g", (None, None))
+        t5 = self._run("t5xxl", texts.get("t5xxl"))[0] if "t5xxl" in self.towers else None
+        return sd3_conditioning(l_hidden, l_pooled, g_hidden, g_pooled, t5, context_dim=self._width("t5xxl"), clip_l_dim=self._width("l"),
+                                clip_g_dim=self._width("g"))
+
+
+def _arr(name: str, a, ndim: int) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: received shape {a.shape}, expected {ndim} dimensions")
+    return a
+
+
+def sd3_conditioning(clip_l_hidden=None, clip_l_pooled=None, clip_g_hidden=None, clip_g_pooled=None,
+                     t5_hidden=None, *, context_dim: int = 4096, clip_l_dim: int = 768,
+                     clip_g_dim: int = 1280) -> tuple[np.ndarray, np.ndarray]:
+    """(context [B, T, D], pooled [B, P]) for SD3 / SD3.5 from the penultimate CLIP hidden states [B,77*k,w],
+    the CLIP pooled vectors [B,w] and T5's last hidden state [B,T5,D]; any encoder may be None (see the module
+    docstring). ``clip_l_dim`` / ``clip_g_dim``: the widths a missing CLIP's zeros take (real models' defaults)."""
+    lg = None
+    pooled = None
+    if clip_l_hidden is not None or clip_g_hidden is not None:
+        if clip_l_hidden is not None:
+            lg = _arr("clip_l_hidden", clip_l_hidden, 3)
+            l_pooled = _arr("clip_l_pooled", clip_l_pooled, 2)
+        else:
+            l_pooled = None
+        if clip_g_hidden is not None:
+            g = _arr("clip_g_hidden", clip_g_hidden, 3)
+            g_pooled = _arr("clip_g_pooled", clip_g_pooled, 2)
             if lg is not None:
-                lg = np.pad(lg, ((0, 0), (0, 0), (0, 4096 - lg.shape[-1])))
-            pooled = np.concatenate([l_pooled, g_pooled], axis=-1)
+                cut = min(lg.shape[1], g.shape[1])
+                lg = np.concatenate([lg[:, :cut], g[:, :cut]], axis=-1)
+            else:
+                width = clip_l_dim
+                lg = np.concatenate([np.zeros(g.shape[:2] + (width,), np.float32), g], axis=-1)
+        else:
+            g_pooled = None
+        batch = lg.shape[0]
+        if l_pooled is None:
+            l_pooled = np.zeros((batch, clip_l_dim), np.float32)
+        if g_pooled is None:
+            g_pooled = np.zeros((batch, clip_g_dim), np.float32)
+        pooled = np.concatenate([l_pooled, g_pooled], axis=-1)
+    t5 = _arr("t5_hidden", t5_hidden, 3) if t5_hidden is not None else None
+    width = t5.shape[-1] if t5 is not None else context_dim
+    out = None
+    if lg is not None:
+        if lg.shape[-1] > width:
+            raise ValueError(f"clip_l_hidden + clip_g_hidden: received {lg.shape[-1]} features, expected at most "
+                             f"{width} (the T5 / context width)")
+        lg = np.pad(lg, ((0, 0), (0, 0), (0, width - lg.shape[-1])))
         out = lg
-        if "t5xxl" in self.towers:
-            t5, _ = self._run("t5xxl", texts.get("t5xxl"))
-            out = t5 if lg is None else np.concatenate([lg, t5], axis=-2)
-        if out is None:
-            out = np.zeros((1, 77, 4096), F32)
-        if pooled is None:
-            pooled = np.zeros((1, 768 + 1280), F32)
-        return out.astype(F32), pooled.astype(F32)
+    if t5 is not None:
+        out = np.concatenate([lg, t5], axis=1) if lg is not None else t5
+    if out is None:
+        out = np.zeros((1, 77, context_dim), np.float32)
+    if pooled is None:
+        pooled = np.zeros((out.shape[0], clip_l_dim + clip_g_dim), np.float32)
+    return np.ascontiguousarray(out), np.ascontiguousarray(pooled)
+
+
+def flux_conditioning(t5_hidden, clip_l_pooled) -> tuple[np.ndarray, np.ndarray]:
+    """(context, pooled) for FLUX.1: T5's last hidden state and clip_l's un-projected pooled output."""
+    return (np.ascontiguousarray(_arr("t5_hidden", t5_hidden, 3)),
+            np.ascontiguousarray(_arr("clip_l_pooled", clip_l_pooled, 2)))
 
 
 def encode_sd3(clip: FlowClip, clip_l: str, clip_g: str, t5xxl: str, empty_padding: str) -> list:

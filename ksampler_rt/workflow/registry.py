@@ -7,6 +7,7 @@ Layout (like ComfyUI's ``models/`` folder)::
     MODELS_DIR/diffusion_models/<unet_name>/            separate components of the flow families
     MODELS_DIR/text_encoders/<clip_name>/               (UNETLoader, DualCLIPLoader / TripleCLIPLoader,
     MODELS_DIR/vae/<vae_name>/                          VAELoader): export directories, as checkpoints
+    MODELS_DIR/controlnet/<control_net_name>/           ControlNet / T2I-Adapter exports (ControlNetLoader)
 
 ``MODELS_DIR`` is ``--models`` on the command line, else ``$KSAMPLER_RT_MODELS``, else
 ``$KSAMPLER_RT_CACHE/models`` (default ``~/.cache/ksampler-rt/models``).
@@ -34,7 +35,33 @@ def check_entry_name(kind: str, name) -> str:
     return name
 
 
-COMPONENT_INPUTS = {"diffusion_models": "unet_name", "text_encoders": "clip_name", "vae": "vae_name"}
+COMPONENT_INPUTS = {"diffusion_models": "unet_name", "text_encoders": "clip_name", "vae": "vae_name",
+                    "controlnet": "control_net_name"}
+#: ``register --as`` choices: the registry folder an export is made available in.
+REGISTER_FOLDERS = ("checkpoints",) + tuple(COMPONENT_INPUTS)
+_DENOISERS = ("unet", "transformer")
+_TEXT_ENCODERS = ("clip", "clip2", "clip_l", "clip_g", "t5xxl")
+
+
+def folder_for_export(manifest: dict) -> str:
+    """Where ``ksampler-rt register`` puts an export by default, from what it holds: a ControlNet export under
+    ``controlnet/``; a denoiser with its text encoders and VAE under ``checkpoints/`` (CheckpointLoaderSimple);
+    else the separate component it is: ``diffusion_models/`` (a transformer / UNet alone), ``text_encoders/``,
+    ``vae/``."""
+    if manifest.get("kind") in ("controlnet", "t2i_adapter"):
+        return "controlnet"
+    models = set(manifest.get("models", {}))
+    has_denoiser, has_te, has_vae = models & set(_DENOISERS), models & set(_TEXT_ENCODERS), "vae_decoder" in models
+    if has_denoiser and (has_te or has_vae):
+        return "checkpoints"
+    if has_denoiser:
+        return "diffusion_models"
+    if has_te and not has_vae:
+        return "text_encoders"
+    if has_vae and not has_te:
+        return "vae"
+    raise ValueError(f"export_dir: received an export of {sorted(models)}, expected a checkpoint, a diffusion "
+                     f"model, text encoders, a VAE or a ControlNet (say which with --as)")
 
 
 def check_component_folder(folder: str) -> str:
@@ -99,14 +126,30 @@ class ModelRegistry:
                                     f"{self.loras_dir}: {names}")
         return path
 
+    def controlnet_names(self) -> list[str]:
+        return self.component_names("controlnet")
+
     def register_checkpoint(self, name: str, export_dir: str | os.PathLike, *, copy: bool = False) -> Path:
         """Make an export directory available as ``ckpt_name``: a symlink (or a copy) under checkpoints/."""
+        return self.register(name, export_dir, "checkpoints", copy=copy)
+
+    def register(self, name: str, export_dir: str | os.PathLike, folder: str | None = None, *,
+                 copy: bool = False) -> Path:
+        """Make an export directory available under ``name`` in ``folder`` (``checkpoints`` or a component
+        folder; None: :func:`folder_for_export` decides): a symlink (or a copy)."""
         export_dir = Path(export_dir).resolve()
         if not (export_dir / "manifest.json").is_file():
             raise FileNotFoundError(f"export_dir: {export_dir} has no manifest.json; expected the output of "
                                     "`ksampler-rt export`")
-        target = self.checkpoints_dir / check_entry_name("name", name)
-        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        if folder is None:
+            import json
+
+            folder = folder_for_export(json.loads((export_dir / "manifest.json").read_text()))
+        if folder not in REGISTER_FOLDERS:
+            raise ValueError(f"folder: received {folder!r}, expected one of {REGISTER_FOLDERS}")
+        root = self.root / folder
+        target = root / check_entry_name("name", name)
+        root.mkdir(parents=True, exist_ok=True)
         if target.is_symlink() or target.is_file():
             target.unlink()
         elif target.is_dir():

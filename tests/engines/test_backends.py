@@ -338,8 +338,13 @@ def test_load_options_and_keywords_are_the_same_request(tiny_export, cache_root)
         load_engines(tiny_export, "onnxruntime-cpu", thread=2)
     with pytest.raises(TypeError, match="load_engines options: received str, expected LoadOptions"):
         load_engines(tiny_export, "onnxruntime-cpu", "64x64")
-    with pytest.raises(EngineError, match=r"models: received \['clip'\], expected a selection that includes 'unet'"):
-        load_engines(tiny_export, "onnxruntime-cpu", models=["clip"])
+    with pytest.raises(EngineError, match=r"models: received \['clip', 'transformer'\], expected a non-empty "
+                                          r"selection of unet, clip"):
+        load_engines(tiny_export, "onnxruntime-cpu", models=["clip", "transformer"])
+    clip_only = load_engines(tiny_export, "onnxruntime-cpu", models=["clip"])  # a text-encoder component
+    assert set(clip_only.engines()) == {"clip"} and clip_only.denoiser is None
+    with pytest.raises(EngineError, match="received an export without a UNet or transformer"):
+        clip_only.unet_callable()
 
 
 def test_unknown_tensor_name_is_a_clear_error(tiny_export, cache_root):

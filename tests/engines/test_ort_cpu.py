@@ -51,7 +51,9 @@ def test_unet_callable_maps_names_and_broadcasts_timestep(tiny_export_xl, cache_
     with pytest.raises(TypeError, match="needs y"):
         unet(x, 1.0, ctx)
     with pytest.raises(TypeError, match="unsupported"):
-        unet(x, 1.0, ctx, y=y, control=object())
+        unet(x, 1.0, ctx, y=y, mask=object())
+    with pytest.raises(TypeError, match="received ControlNet residuals"):
+        unet(x, 1.0, ctx, y=y, control={"down": [], "mid": None})
     unet(x, 1.0, ctx, y=y, control=None)  # None kwargs are ignored
     es.release()
 

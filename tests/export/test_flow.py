@@ -17,7 +17,7 @@ onnx = pytest.importorskip("onnx")
 
 from ksampler_rt.export import tiny  # noqa: E402
 from ksampler_rt.export.errors import ExportError  # noqa: E402
-from ksampler_rt.export.flow_text import sd3_conditioning  # noqa: E402
+from ksampler_rt.workflow.flow_text import sd3_conditioning  # noqa: E402
 from ksampler_rt.export.manifest import REQUIRED_KEYS, read_manifest  # noqa: E402
 from ksampler_rt.export.onnx_export import export_model  # noqa: E402
 

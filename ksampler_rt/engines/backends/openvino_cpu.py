@@ -45,7 +45,7 @@ class OpenVinoCpu(Backend):
     def model_precision(self, precision: str, entry, manifest) -> str:
         from ..precision import model_precision_of
 
-        return model_precision_of(precision, entry.name)
+        return model_precision_of(precision, entry.name, manifest.family)
 
     def builder(self, job: BuildJob) -> Callable[[Path], dict]:
         from ..openvino_backend import INFERENCE_HINTS, PRECISION_FILE

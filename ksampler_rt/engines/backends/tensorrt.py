@@ -68,6 +68,10 @@ class TensorRT(Backend):
     def model_precision(self, precision: str, entry, manifest) -> str:
         """What ``entry`` is built in: ``precision``, except a model the export kept in fp32 inside a half
         precision export (the SDXL VAE), which is built fp32 unless a conversion was asked for."""
+        from ..precision import keeps_fp32
+
+        if precision == "fp16" and keeps_fp32(entry.name, manifest.family):  # T5-XXL, FLUX.1's VAE
+            return "fp32"
         if precision == manifest.precision and precision in ("fp16", "bf16"):
             floats = [s.dtype for s in entry.inputs if s.dtype.startswith("float")]
             if floats and all(d == "float32" for d in floats):
