@@ -75,6 +75,17 @@ class Worker(Protocol):
     def run(self, prompt_id: str, prompt: dict, extra_data: dict, on_event: EventSink,
             is_interrupted: Callable[[], bool]) -> RunResult: ...
 
+    def _family_of(self, loader: Mapping) -> str | None:
+        """The family of the MODEL a loader node gives (already loaded by the run: served from the cache)."""
+        inputs = loader.get("inputs") or {}
+        if loader.get("class_type") == "UNETLoader":
+            model = self.pipeline.load_component("diffusion_models", (inputs["unet_name"],),
+                                                 {"weight_dtype": inputs.get("weight_dtype", "default")})
+            model = getattr(model, "value", model)
+        else:
+            model = self.pipeline.load_checkpoint(inputs["ckpt_name"]).model
+        return model.family.name
+
     def free(self, unload_models: bool = False, free_memory: bool = False) -> None: ...
 
     def close(self) -> None: ...
@@ -275,10 +286,10 @@ class LocalWorker:
         def family_of(node_id: str) -> str | None:
             if node_id not in families:
                 families[node_id] = None
-                name = _checkpoint_of(prompt, node_id)
-                if name is not None:
+                loader = _model_loader_of(prompt, node_id)
+                if loader is not None:
                     try:
-                        families[node_id] = self.pipeline.load_checkpoint(name).model.family.name
+                        families[node_id] = self._family_of(loader)
                     except Exception:  # noqa: BLE001 -- previews are best effort
                         pass
             return families[node_id]
@@ -294,6 +305,17 @@ class LocalWorker:
             on_event("preview", frame)
 
         return on_step
+
+    def _family_of(self, loader: Mapping) -> str | None:
+        """The family of the MODEL a loader node gives (already loaded by the run: served from the cache)."""
+        inputs = loader.get("inputs") or {}
+        if loader.get("class_type") == "UNETLoader":
+            model = self.pipeline.load_component("diffusion_models", (inputs["unet_name"],),
+                                                 {"weight_dtype": inputs.get("weight_dtype", "default")})
+            model = getattr(model, "value", model)
+        else:
+            model = self.pipeline.load_checkpoint(inputs["ckpt_name"]).model
+        return model.family.name
 
     def free(self, unload_models: bool = False, free_memory: bool = False) -> None:
         if not (unload_models or free_memory):
@@ -318,16 +340,17 @@ class LocalWorker:
             pass
 
 
-def _checkpoint_of(prompt: Mapping, node_id: str) -> str | None:
-    """The ckpt_name behind a sampler node's ``model`` input (following model links upstream)."""
+def _model_loader_of(prompt: Mapping, node_id: str) -> Mapping | None:
+    """The loader node (CheckpointLoaderSimple or UNETLoader) behind a sampler node's ``model`` input,
+    following model links upstream (LoraLoader, ModelSamplingFlux...)."""
     seen = set()
     current = node_id
     while current in prompt and current not in seen:
         seen.add(current)
         node = prompt[current]
         inputs = node.get("inputs") or {}
-        if "ckpt_name" in inputs and isinstance(inputs["ckpt_name"], str):
-            return inputs["ckpt_name"]
+        if isinstance(inputs.get("ckpt_name"), str) or isinstance(inputs.get("unet_name"), str):
+            return node
         link = inputs.get("model")
         if not (isinstance(link, list) and len(link) == 2):
             return None

@@ -93,8 +93,9 @@ def _attach_lora(model, clip, engines, manifest, export_dir, family) -> None:
     """LoraLoader support, where :mod:`.lora` knows the flow families."""
     from . import lora
 
+    towers = tuple(t.tower for t in clip.towers.values() if isinstance(t, ClipTextTower))  # lora_te1_ = clip_l
     try:
-        lora.attach(model, (), engines, manifest, export_dir, family)
+        lora.attach(model, towers, engines, manifest, export_dir, family)
     except lora.LoraError:
         pass  # an export without an initializer map: LoraLoader then says so by name
 

@@ -139,3 +139,51 @@ def test_symbolic_dims_must_agree():
     f["timestep"] = np.zeros((3,), np.float32)
     with pytest.raises(SpecError, match="dim 'batch' is 3"):
         v(f)
+
+
+def _flow_inputs(guidance: bool):
+    x = [TensorSpec("x", "float32", ("B", 16, "h", "w")), TensorSpec("timestep", "float32", ("B",)),
+         TensorSpec("context", "float32", ("B", "T", 4096)), TensorSpec("y", "float32", ("B", 768))]
+    return x + ([TensorSpec("guidance", "float32", ("B",))] if guidance else [])
+
+
+def test_flow_transformer_and_t5_profiles_use_their_token_ranges():
+    """FLUX.1: the transformer's context and T5's input_ids span ComfyUI's T5 lengths (256 up); CLIP stays 77."""
+    req = ProfileRequest(sizes=((1024, 768),), batch=(1, 2), tokens=(256, 512), text_tokens=(256, 512))
+    (tr,) = compute_profiles("transformer", _flow_inputs(True), req)
+    assert tr["x"].min == (1, 16, 96, 128) and tr["x"].max == (2, 16, 96, 128)
+    assert tr["context"].min == (1, 256, 4096) and tr["context"].max == (2, 512, 4096)
+    assert tr["guidance"].max == (2,)
+    (t5,) = compute_profiles("t5xxl", [TensorSpec("input_ids", "int64", ("B", "T"))], req)
+    assert t5["input_ids"].min == (1, 256) and t5["input_ids"].max == (2, 512)
+    (clip,) = compute_profiles("clip_l", [TensorSpec("input_ids", "int64", ("B", 77))], req)
+    assert clip["input_ids"].max == (2, 77)
+
+
+def test_sd3_t5_tokens_are_the_context_minus_clip():
+    """SD3's context is CLIP-L/G's 77 tokens then T5's: a --tokens range is the context's, T5 gets the rest."""
+    from ksampler_rt.engines.build import BuildOptions, profile_request
+
+    class M:
+        family, latent_scale = "sd3", 8
+
+    req = profile_request(M(), BuildOptions("tensorrt", tokens=(154, 400)), required=True)
+    assert req.tokens == (154, 400) and req.text_tokens == (77, 323)
+    assert req.sizes == ((1024, 1024),)
+    flux = profile_request(type("F", (), {"family": "flux", "latent_scale": 8})(), BuildOptions("tensorrt"),
+                           required=True)
+    assert flux.tokens == flux.text_tokens == (256, 512)
+
+
+def test_fp16_for_a_network_keeps_t5_and_the_flux_vae_in_fp32():
+    from ksampler_rt.engines.precision import keeps_fp32, model_precision_of, parse_precision
+
+    assert model_precision_of("fp16", "t5xxl", "flux") == "fp32"
+    assert model_precision_of("fp16", "transformer", "flux") == "fp16"
+    assert model_precision_of("fp16", "vae_decoder", "flux") == "fp32"
+    assert model_precision_of("fp16", "vae_decoder", "sd3") == "fp16"
+    assert model_precision_of("clip=fp16", "t5xxl", "sd3") == "fp32"
+    assert model_precision_of("fp16,t5xxl=fp16", "t5xxl", "sd3") == "fp16"  # asked by name: honoured
+    assert model_precision_of("bf16", "t5xxl", "flux") == "bf16"
+    assert keeps_fp32("clip_l", "flux") is None
+    assert parse_precision("unet=bf16,t5xxl=fp32").for_model("transformer") == "bf16"

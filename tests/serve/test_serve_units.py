@@ -121,3 +121,23 @@ def test_local_worker_runs_reports_and_pickles(tmp_path):
     assert pickle.loads(pickle.dumps(stop.value)).details["prompt_id"] == "p3"
     worker.free(free_memory=True)
     assert len(worker.cache) == 0
+
+
+@pytest.mark.parametrize("example, family", [("flux-dev.json", "flux"), ("flux-schnell.json", "flux-schnell"),
+                                             ("sd3.5.json", "sd3"), ("txt2img.json", "sd15")])
+def test_preview_family_follows_unet_loader_and_checkpoint_loader(tmp_path, example, family):
+    """Previews project the latent with the family's RGB factors: the MODEL may come from UNETLoader (FLUX.1
+    graphs) or CheckpointLoaderSimple, through ModelSampling* / LoRA nodes."""
+    import json as _json
+    from pathlib import Path
+
+    from ksampler_rt.serve.worker import _model_loader_of
+
+    prompt = _json.loads((Path(__file__).resolve().parents[2] / "ksampler_rt/workflow/examples" / example).read_text())
+    sampler = next(k for k, v in prompt.items() if v["class_type"] in ("KSampler", "KSamplerAdvanced"))
+    loader = _model_loader_of(prompt, sampler)
+    assert loader["class_type"] == ("UNETLoader" if "flux" in example else "CheckpointLoaderSimple")
+    names = [loader["inputs"].get("ckpt_name") or "tiny-sd15"]
+    pipe = fake_pipeline(tuple(names), output_dir=tmp_path / "out", input_dir=tmp_path / "in",
+                         temp_dir=tmp_path / "t")
+    assert LocalWorker(pipe, preview=True)._family_of(loader) == family
