@@ -65,7 +65,25 @@ def _load(path: str, what: str) -> dict:
     except Exception as exc:  # safetensors raises its own error types
         raise ExportError(f"{what}: cannot read {path} as safetensors ({exc})") from None
     # fp8 / bf16 / fp16 files: everything is exported from fp32 modules
-    return {k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in sd.items()}
+    sd = {k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in sd.items()}
+    return unscale_fp8(sd)
+
+
+def unscale_fp8(sd: dict) -> dict:
+    """ComfyUI's "scaled fp8" files (``t5xxl_fp8_e4m3fn_scaled.safetensors``, ``*_fp8_scaled`` diffusion
+    models): a ``scaled_fp8`` marker tensor, and next to each fp8 ``X.weight`` a float32 ``X.scale_weight``
+    (and ``X.scale_input``, an activation scale for fp8 matrix multiplication). The weight a layer computes with
+    is ``weight * scale_weight`` (comfy/ops.py ``scaled_fp8_ops``: ``convert_weight`` / the manual-cast linear);
+    the other two are dropped. A state dict without the marker is returned as it is."""
+    if not any(k == "scaled_fp8" or k.endswith(".scaled_fp8") for k in sd):
+        return sd
+    out = {}
+    for key, value in sd.items():
+        if key == "scaled_fp8" or key.endswith((".scaled_fp8", ".scale_input", ".scale_weight")):
+            continue
+        scale = sd.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
+        out[key] = value if scale is None else value * scale.to(value.dtype)
+    return out
 
 
 def _strip(sd: dict, prefix: str) -> dict:

@@ -216,3 +216,30 @@ def test_sd3_separate_text_encoder_files_and_comfyui_tokenizers(tmp_path, files,
     assert tes["clip_g"]["pad_token_id"] == 0
     assert (tes["t5xxl"]["pad_token_id"], tes["t5xxl"]["eos_token_id"]) == (0, 1)
     assert os.path.isfile(tmp_path / "out" / tes["t5xxl"]["tokenizer"] / "tokenizer.json")
+
+
+def test_scaled_fp8_t5_file_reads_as_weight_times_scale(tmp_path, files):
+    """ComfyUI's t5xxl_fp8_e4m3fn_scaled.safetensors layout: fp8 weights, a float32 ``scale_weight`` each, a
+    ``scaled_fp8`` marker. The loaded weight is what ComfyUI's scaled-fp8 linear computes with: fp8 * scale."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    plain = load_file(files("flux")["t5"])
+    scaled, expected = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
+    for key, value in plain.items():
+        if key.endswith(".weight") and value.ndim == 2 and "shared" not in key:
+            scale = value.abs().max().float() / 448.0  # e4m3fn's largest value
+            q = (value.float() / scale).to(torch.float8_e4m3fn)
+            scaled[key], scaled[key[:-6] + "scale_weight"] = q, scale.reshape(())
+            scaled[key[:-6] + "scale_input"] = torch.ones(())
+            expected[key] = q.float() * scale
+        else:
+            scaled[key] = value
+            expected[key] = value.float()
+    path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file(scaled, str(path))
+    got = fsf._load(str(path), "--t5")
+    assert set(got) == set(expected)  # markers and scales dropped
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+    assert fsf.unscale_fp8(dict(plain)).keys() == plain.keys()  # no marker: unchanged
