@@ -17,7 +17,7 @@ from .build import BuildOptions, build_model, key_components, model_profiles, pr
     resolve_precision
 from .cache import EngineCache
 from .manifest import ExportManifest, load_manifest
-from .profiles import MODELS
+from .profiles import MODELS, dim_roles
 from .spec import EngineError
 
 __all__ = ["EngineSet", "LoadOptions", "available_backends", "load_engines", "pick_backend"]
@@ -156,6 +156,7 @@ class EngineSet:
             if need not in specs:
                 raise EngineError(f"the exported {kind} has no input {need!r} (inputs: {', '.join(specs)})")
         residuals = sorted((n for n in specs if n.startswith("down_")), key=lambda n: int(n.split("_")[1]))
+        roles = dim_roles(kind, eng.inputs) if residuals else {}
 
         def per_row(name, value, batch):
             spec = specs[name]
@@ -192,7 +193,7 @@ class EngineSet:
                     raise TypeError("unet(): this transformer (FLUX.1 dev) needs guidance (FluxGuidance)")
                 feeds["guidance"] = per_row("guidance", guidance, batch)
             if residuals:
-                feeds.update(_control_feeds(specs, residuals, control, x))
+                feeds.update(_control_feeds(specs, roles, residuals, control, x))
             elif control is not None:
                 raise TypeError("unet(): received ControlNet residuals (control=...), expected none: this export's "
                                 "UNet takes no ControlNet inputs (re-export with --control-inputs)")
@@ -202,30 +203,82 @@ class EngineSet:
         unet.engine = eng
         return unet
 
+    def controlnet_callable(self) -> Callable[..., dict]:
+        """The ControlNet of a ControlNet export (see :func:`controlnet_callable`)."""
+        if self.controlnet is None:
+            raise EngineError(f"{self.manifest.export_dir}: received an export of {', '.join(self.engines())}, "
+                              f"expected a ControlNet export")
+        return controlnet_callable(self.controlnet)
 
-def _control_feeds(specs: dict, residuals: list[str], control, x: np.ndarray) -> dict:
-    """The residual inputs of a UNet exported with ControlNet inputs: ``control``'s arrays, zeros without."""
-    down = None if control is None else list(control.get("down") or [])
-    mid = None if control is None else control.get("mid")
-    if down is not None and down and len(down) != len(residuals):
-        raise EngineError(f"control: received {len(down)} down-block residuals, expected {len(residuals)}")
+
+def controlnet_callable(eng: Engine) -> Callable[..., dict]:
+    """``controlnet(x, timestep, context, hint, y=None) -> {"down": [...], "mid": array}`` over a ControlNet
+    engine (ONNX inputs ``sample``, ``timestep``, ``encoder_hidden_states``, ``controlnet_cond``, SDXL ``y``;
+    outputs ``down_0``.. and ``mid``), what the runtime's ControlNet application calls."""
+    specs = {s.name: s for s in eng.inputs}
+    for need in ("sample", "timestep", "encoder_hidden_states", "controlnet_cond"):
+        if need not in specs:
+            raise EngineError(f"the exported ControlNet has no input {need!r} (inputs: {', '.join(specs)})")
+    downs = sorted((n for n in eng.output_names if n.startswith("down_")), key=lambda n: int(n.split("_")[1]))
+
+    def controlnet(x, timestep, context, hint, y=None) -> dict:
+        x = np.asarray(x)
+        t = np.asarray(timestep, dtype=specs["timestep"].dtype).reshape(-1)
+        if t.size == 1 and x.shape[0] != 1:
+            t = np.full((x.shape[0],), t[0], dtype=t.dtype)
+        feeds = {"sample": np.ascontiguousarray(x, dtype=specs["sample"].dtype), "timestep": t,
+                 "encoder_hidden_states": np.ascontiguousarray(context, dtype=specs["encoder_hidden_states"].dtype),
+                 "controlnet_cond": np.ascontiguousarray(hint, dtype=specs["controlnet_cond"].dtype)}
+        if "y" in specs:
+            if y is None:
+                raise TypeError("controlnet(): this ControlNet (SDXL) needs y (the ADM vector)")
+            feeds["y"] = np.ascontiguousarray(y, dtype=specs["y"].dtype)
+        out = eng(**feeds)
+        return {"down": [out[n] for n in downs], "mid": out["mid"]}
+
+    controlnet.engine = eng
+    return controlnet
+
+
+def _control_feeds(specs: dict, roles: dict, residuals: list[str], control, x: np.ndarray) -> dict:
+    """The residual inputs of a UNet exported with ControlNet inputs: ``control``'s ``down`` / ``mid`` (and
+    T2I-Adapter ``adapter`` / ``adapter_mid``) arrays; zeros of the matching shape for what is absent."""
+    control = control or {}
+    adapters = sorted((n for n in specs if n.startswith("adapter_") and n != "adapter_mid"),
+                      key=lambda n: int(n.split("_")[1]))
+    given = {}
+    for key, names in (("down", residuals), ("adapter", adapters)):
+        arrays = list(control.get(key) or [])
+        if arrays and len(arrays) != len(names):
+            raise EngineError(f"control: received {len(arrays)} {key} residuals, expected {len(names)} "
+                              f"({', '.join(names)})")
+        given.update(zip(names, arrays))
+    for key in ("mid", "adapter_mid"):
+        if control.get(key) is not None:
+            given[key] = control[key]
     feeds = {}
-    for k, name in enumerate(residuals):
-        value = down[k] if down else None
-        feeds[name] = _residual(specs[name], value, x, name)
-    if "mid" in specs:
-        feeds["mid"] = _residual(specs["mid"], mid, x, "mid")
+    for name in residuals + ["mid"] + adapters + ["adapter_mid"]:
+        if name not in specs:
+            continue
+        value = given.get(name)
+        feeds[name] = (np.ascontiguousarray(value, dtype=specs[name].dtype) if value is not None
+                       else np.zeros(_residual_shape(specs[name], roles[name], x), dtype=specs[name].dtype))
     return feeds
 
 
-def _residual(spec, value, x: np.ndarray, name: str) -> np.ndarray:
-    if value is not None:
-        return np.ascontiguousarray(value, dtype=spec.dtype)
-    shape = tuple(d if isinstance(d, int) else None for d in spec.shape)
-    if None in shape[1:]:  # a dynamic spatial dim: only the ControlNet that produced it knows it
-        raise EngineError(f"control: received no {name!r} residual for a UNet whose {name} shape "
-                          f"{spec.shape_str()} is dynamic, expected the ControlNet's outputs (or zeros from them)")
-    return np.zeros((x.shape[0],) + shape[1:], dtype=spec.dtype)
+def _residual_shape(spec, roles: list, x: np.ndarray) -> tuple[int, ...]:
+    """A residual input's shape for latent ``x``: static dims as exported, batch / latent size from x."""
+    size = {"batch": x.shape[0], "latent_h": x.shape[2], "latent_w": x.shape[3]}
+    shape = []
+    for d, role in zip(spec.shape, roles):
+        if isinstance(d, int):
+            shape.append(d)
+            continue
+        base, _, div = (role or "").partition("/")
+        if base not in size:
+            raise EngineError(f"control: cannot size the zeros of {spec.name!r} {spec.shape_str()} (dim {d!r})")
+        shape.append(-(-size[base] // int(div or 1)))
+    return tuple(shape)
 
 
 def load_engines(export_dir, backend: str = "auto", options: LoadOptions | None = None, *,

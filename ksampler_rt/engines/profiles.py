@@ -5,6 +5,7 @@ validation messages and cache keys.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,6 +25,16 @@ CLIP_MODELS = ("clip", "clip2", "clip_l", "clip_g")
 SEQUENCE_MODELS = ("t5xxl",)
 CONTEXT_INPUTS = ("encoder_hidden_states", "context")
 CLIP_TOKENS = 77
+_SCALED_DIM = re.compile(r"^([hwHW])_(\d+)$")
+
+
+def _span(span: dict, role: str) -> tuple[int, int, int]:
+    """A role's (min, opt, max); ``latent_h/2`` is ``latent_h``'s divided by 2, rounded up (a strided conv)."""
+    base, _, div = role.partition("/")
+    if not div:
+        return span[role]
+    d = int(div)
+    return tuple(-(-v // d) for v in span[base])
 
 
 def dim_roles(model: str, inputs: Sequence[TensorSpec]) -> dict[str, list[str | None]]:
@@ -43,6 +54,12 @@ def dim_roles(model: str, inputs: Sequence[TensorSpec]) -> dict[str, list[str | 
         elif model in CLIP_MODELS + SEQUENCE_MODELS and spec.rank == 2:
             r[1] = TOKENS
         roles[spec.name] = r
+    for spec in inputs:  # ControlNet residuals / adapter features: "h_2" is the latent height / 2 (rounded up)
+        for k, d in enumerate(spec.shape):
+            m = _SCALED_DIM.match(d) if isinstance(d, str) and roles[spec.name][k] is None else None
+            if m:
+                base = {"h": LATENT_H, "w": LATENT_W, "H": PIXEL_H, "W": PIXEL_W}[m.group(1)]
+                roles[spec.name][k] = f"{base}/{int(m.group(2))}"
     by_symbol: dict[str, str] = {}
     for spec in inputs:
         for d, role in zip(spec.shape, roles[spec.name]):
@@ -133,7 +150,8 @@ def compute_profiles(model: str, inputs: Sequence[TensorSpec], req: ProfileReque
             lo, opt, hi = [], [], []
             for k, (d, role) in enumerate(zip(spec.shape, roles[spec.name])):
                 if isinstance(d, int):
-                    if role is not None and role in span and not (span[role][0] <= d <= span[role][2]):
+                    if role is not None and role.partition("/")[0] in span and not (
+                            _span(span, role)[0] <= d <= _span(span, role)[2]):
                         raise EngineError(
                             f"{model} input {spec.name!r} is exported with a static {role} of {d} "
                             f"(shape {spec.shape_str()}): re-export with dynamic axes or ask for a "
@@ -144,7 +162,7 @@ def compute_profiles(model: str, inputs: Sequence[TensorSpec], req: ProfileReque
                         f"{model} input {spec.name!r} dim {k} ({d or '?'}) is dynamic and its meaning is "
                         f"unknown, so no range can be chosen for it; export it with a static size")
                 else:
-                    a, o, z = span[role]
+                    a, o, z = _span(span, role)
                     lo.append(a), opt.append(o), hi.append(z)
             ranges[spec.name] = ShapeRange(tuple(lo), tuple(opt), tuple(hi))
         profiles.append(ShapeProfile(ranges, _bucket_label(sizes, req.dynamic)))

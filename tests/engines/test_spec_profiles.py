@@ -187,3 +187,18 @@ def test_fp16_for_a_network_keeps_t5_and_the_flux_vae_in_fp32():
     assert model_precision_of("bf16", "t5xxl", "flux") == "bf16"
     assert keeps_fp32("clip_l", "flux") is None
     assert parse_precision("unet=bf16,t5xxl=fp32").for_model("transformer") == "bf16"
+
+
+def test_controlnet_residual_dims_follow_the_latent_size():
+    """The UNet taking ControlNet residuals: ``h_2`` is the latent height halved (rounded up), per profile."""
+    inputs = UNET + [TensorSpec("down_0", "float32", ("batch", 32, "height", "width")),
+                     TensorSpec("down_5", "float32", ("batch", 64, "h_2", "w_2")),
+                     TensorSpec("mid", "float32", ("batch", 64, "h_8", "w_8"))]
+    req = ProfileRequest(sizes=((520, 264), (1024, 1024)), batch=(1, 2), dynamic=True)
+    (p,) = compute_profiles("unet_control", inputs, req)
+    assert p["sample"].min == (1, 4, 33, 65) and p["sample"].max == (2, 4, 128, 128)
+    assert p["down_5"].min == (1, 64, 17, 33) and p["down_5"].max == (2, 64, 64, 64)
+    assert p["mid"].min == (1, 64, 5, 9) and p["mid"].opt == (2, 64, 5, 9)
+    cn = [TensorSpec("sample", "float32", ("B", 4, "h", "w")), TensorSpec("controlnet_cond", "float32", ("B", 3, "H", "W"))]
+    (q,) = compute_profiles("controlnet", cn, ProfileRequest(sizes=((512, 256),)))
+    assert q["controlnet_cond"].max == (4, 3, 256, 512) and q["sample"].max == (4, 4, 32, 64)
