@@ -11,7 +11,12 @@ Reproduces ComfyUI 0.3.64 ``comfy/samplers.py`` (``sampling_function``, ``_calc_
 * each conditioning's rows are repeated / truncated to the latent batch size;
 * several entries of one list are summed in batch order and divided by their count;
 * ``cfg == 1`` (``math.isclose``) drops the uncond rows, unless the sampler is a CFG++ one;
-* the result is ``uncond + (cond - uncond) * cfg``, always in that form.
+* the result is ``uncond + (cond - uncond) * cfg``, always in that form;
+* entries carrying a ControlNet (``options["control"]``, runtime/control.py) are batched only with
+  entries carrying the *same* control object (``can_concat_cond``), and each such call evaluates the
+  control chain on the call's rows and hands the residuals to the UNet (``_calc_cond_batch``);
+  ControlNetApply's ``control_apply_to_uncond`` copies the positive's control onto the negative
+  (``apply_empty_x_to_equal_area``).
 
 Everything that depends only on the conditioning is laid out once, at construction, so a
 step costs one ``np.concatenate`` of the latent plus the UNet call.
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import cfg_jit
+from .control import ControlCall, PreparedControl, controls_for_uncond, prepare_controls
 from .model import Model, UNetOutputError
 
 COND, UNCOND = 0, 1
@@ -47,6 +53,7 @@ class _Entry:
     sigma_start: np.float32 | None = None  # active only while sigma <= sigma_start (start_percent)
     sigma_end: np.float32 | None = None    # ... and sigma >= sigma_end (end_percent)
     guidance: np.ndarray | None = None     # [B] float32, FLUX.1 dev's distilled guidance
+    control: PreparedControl | None = None  # its ControlNet chain, prepared for this run
 
     def active(self, sigma: np.float32) -> bool:
         """comfy/samplers.py get_area_and_mult's timestep_start / timestep_end test."""
@@ -63,7 +70,7 @@ def _can_concat(a: _Entry, b: _Entry) -> bool:
     for u, v in ((a.y, b.y), (a.guidance, b.guidance)):
         if (u is None) != (v is None) or (u is not None and u.shape != v.shape):
             return False
-    return True
+    return a.control is b.control  # can_concat_cond: the same control object, or none on both
 
 
 @dataclass
@@ -74,14 +81,17 @@ class _Call:
     context: np.ndarray
     y: np.ndarray | None
     guidance: np.ndarray | None = None
+    control: ControlCall | None = None
 
     def kwargs(self) -> dict:
-        """The extra inputs of the network (ComfyUI's extra_conds)."""
+        """The extra inputs of the network (ComfyUI's extra_conds) and of Model.apply_model (control)."""
         out = {}
         if self.y is not None:
             out["y"] = self.y
         if self.guidance is not None:
             out["guidance"] = self.guidance
+        if self.control is not None:
+            out["control"] = self.control
         return out
 
 
@@ -96,6 +106,8 @@ class CFGDenoiser:
         self.batch_size = batch_size
         self.uses_uncond = cfg_pp or not math.isclose(self.cfg, 1.0)
         self.sigmas = sigmas  # the schedule, only to name the step in error messages
+        negative = controls_for_uncond(positive, negative)
+        self._controls = prepare_controls([positive, negative], self.model_sampling, model.family, latent_hw)
         self.entries = self._entries(positive, COND, latent_hw)
         if self.uses_uncond:
             self.entries += self._entries(negative, UNCOND, latent_hw)
@@ -108,7 +120,8 @@ class CFGDenoiser:
         # model_sampling.py), and no c_in: the head serves it too.
         calls, counts = self._everything
         # Only for Model itself: a subclass or wrapper that overrides apply_model keeps its override.
-        self._fusable = (not self.ranged and len(calls) == 1 and sorted(calls[0].kinds) == [COND, UNCOND]
+        self._fusable = (not self._controls and not self.ranged and len(calls) == 1
+                         and sorted(calls[0].kinds) == [COND, UNCOND]
                          and self.model_sampling.prediction in ("eps", "const")
                          and getattr(type(model), "apply_model", None) is Model.apply_model)
 
@@ -130,9 +143,11 @@ class CFGDenoiser:
             # ConditioningSetTimestepRange: percents become sigma bounds (calculate_start_end_timesteps)
             start = options.get("start_percent")
             end = options.get("end_percent")
+            control = options.get("control")
             out.append(_Entry(kind, context, y,
                               None if start is None else np.float32(ms.percent_to_sigma(start)),
-                              None if end is None else np.float32(ms.percent_to_sigma(end)), guidance))
+                              None if end is None else np.float32(ms.percent_to_sigma(end)), guidance,
+                              None if control is None else self._controls[id(control)]))
         return out
 
     def _pooled(self, options: dict) -> np.ndarray:
@@ -193,7 +208,9 @@ class CFGDenoiser:
             context = np.concatenate([np.tile(e.context, (1, tokens // e.context.shape[1], 1)) for e in group])
             y = None if group[0].y is None else np.concatenate([e.y for e in group])
             guidance = None if group[0].guidance is None else np.concatenate([e.guidance for e in group])
-            calls.append(_Call([e.kind for e in group], np.ascontiguousarray(context), y, guidance))
+            context = np.ascontiguousarray(context)
+            control = None if group[0].control is None else ControlCall(group[0].control, context, y, len(group))
+            calls.append(_Call([e.kind for e in group], context, y, guidance, control))
         return calls
 
     # -- evaluation, every step ---------------------------------------------------------------

@@ -62,13 +62,24 @@ class Model:
             return latent / self.latent_scale + self.latent_shift
         return latent / self.latent_scale
 
-    def apply_model(self, x: np.ndarray, sigma: np.ndarray, context: np.ndarray, **kwargs) -> np.ndarray:
+    def apply_model(self, x: np.ndarray, sigma: np.ndarray, context: np.ndarray, *, control=None,
+                    **kwargs) -> np.ndarray:
         """Denoised prediction D(x, sigma) for every row of ``x`` (sigma: float32 [N]).
+
+        ``control``: a :class:`~ksampler_rt.runtime.control.ControlCall` (or any ``control(x_in, timestep,
+        sigma) -> dict | None``); its residuals reach the UNet as ``control=`` when it returns some, and the
+        UNet is called exactly as without it otherwise (ComfyUI: ``c['control'] = control.get_control(...)``
+        in comfy/samplers.py _calc_cond_batch, on the same c_in-scaled input and timestep as the UNet's).
 
         Always a new array (never the UNet's output buffer): the CFG denoiser hands views of it to the
         samplers, some of which keep them across steps."""
         ms = self.model_sampling
-        out = self.unet_output(ms.calculate_input(sigma, x), sigma, context, **kwargs)
+        x_in = ms.calculate_input(sigma, x)
+        if control is not None:
+            residuals = control(x_in, ms.timestep(sigma), sigma)
+            if residuals is not None:
+                kwargs["control"] = residuals
+        out = self.unet_output(x_in, sigma, context, **kwargs)
         return ms.calculate_denoised(sigma, out, x)
 
     def unet_output(self, x_in: np.ndarray, sigma: np.ndarray, context: np.ndarray, *,

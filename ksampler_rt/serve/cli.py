@@ -27,6 +27,27 @@ def _token(args: argparse.Namespace) -> str | None:
     return token
 
 
+def _precision_arg(value: str) -> str | None:
+    from ..workflow.cli import precision_arg  # light: its engines imports happen inside the function
+
+    return precision_arg(value)
+
+
+def _precision(args: argparse.Namespace) -> str | None:
+    """``--precision`` checked against the backend (workflow.cli.check_precision) before the server starts."""
+    if not args.precision:
+        return None
+    if args.fake_checkpoint:
+        raise ValueError(f"--precision: received {args.precision} with --fake-checkpoint, expected no --precision "
+                         "(the analytic stand-ins run no engines)")
+    if args.workers == "ray":
+        raise ValueError(f"--precision: received {args.precision} with --workers ray, expected --workers local "
+                         "(the Ray replicas load engines in the export's own precision)")
+    from ..workflow.cli import check_precision
+
+    return check_precision(args.precision, args.backend)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="run a ComfyUI-compatible API server (POST /prompt, /ws, /history, /view, ...)",
@@ -44,6 +65,11 @@ def register(subparsers) -> None:
                    help="where history is persisted (default <output>/.ksampler-rt)")
     p.add_argument("--backend", default="auto", help="engine backend: auto, openvino-cpu, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-trt, tensorrt "
                         "(default auto: the best available)")
+    p.add_argument("--precision", type=_precision_arg, default=None, metavar="PRECISION",
+                   help="engine precision: fp32, fp16, bf16, fp8, int8 or auto, or per network (unet=bf16,vae=fp32); "
+                        "default: the export's own. openvino-cpu: fp32 / bf16 / fp16 / int8 where this CPU runs them "
+                        "natively, onnxruntime-cpu: fp32; auto = the fastest within the documented quality bound "
+                        "(docs/engines.md, Precision). The startup log says what it means here")
     p.add_argument("--workers", default="local", choices=("local", "ray"),
                    help="where prompts execute: local (one worker thread in this process) or ray (the Ray Serve "
                         "deployment of `ksampler-rt deploy ray`; see docs/deploy-ray.md)")
@@ -114,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_wait_ms is not None and not 0 <= args.batch_wait_ms <= 10_000:
         raise ValueError(f"--batch-wait-ms: received {args.batch_wait_ms:g}, expected milliseconds in [0, 10000]")
     token = _token(args)
+    precision = _precision(args)
     for name, value in (("--port", args.port), ("--max-queue", args.max_queue), ("--max-history", args.max_history),
                         ("--max-image-pixels", args.max_image_pixels)):
         if value < 0 or (name != "--port" and value == 0):
@@ -149,6 +176,11 @@ def run(args: argparse.Namespace) -> int:
                                      concurrency=args.ray_concurrency)
         else:
             server = PromptServer(config, pipeline=pipeline)
+            if precision:  # before start(): --preload and every prompt load engines in it
+                from ..workflow.cli import describe_precision
+
+                server.pipeline.precision = precision
+                logging.getLogger("ksampler_rt.serve").info("engines: %s", describe_precision(precision, args.backend))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,11 +10,11 @@ holds many more lines than live prompts; a torn or unreadable line is skipped, n
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
+from . import jsonl
 from .prompt_queue import QueueItem
 
 log = logging.getLogger("ksampler_rt.serve")
@@ -40,14 +40,7 @@ class QueueJournal:
         self._running.clear()
         if self.path is None or not self.path.is_file():
             return [], []
-        with open(self.path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    self._apply(json.loads(raw.decode("utf-8")))
-                except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
-                    self.warnings.append(f"{self.path.name}:{number}: skipped an unreadable line")
+        jsonl.replay(self.path, self._apply, self.warnings)
         running = [self._live[i] for i in self._running if i in self._live]
         pending = sorted((r for i, r in self._live.items() if i not in self._running),
                          key=lambda r: float(r["number"]))
@@ -77,13 +70,7 @@ class QueueJournal:
         if self.path is None:
             return
         try:
-            line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
-            with open(self.path, "ab+") as f:
-                if f.tell() > 0:   # after a torn last line (killed mid-write), start a new line
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        line = b"\n" + line
-                f.write(line)
+            jsonl.append(self.path, record)
             self._lines += 1
             if self._lines > 2 * len(self._live) + 64:
                 self.compact()
@@ -109,11 +96,10 @@ class QueueJournal:
         """Rewrite the log as the live prompts only (atomically)."""
         if self.path is None:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for prompt_id, item in self._live.items():
-                f.write(json.dumps({"op": "put", "item": item}, separators=(",", ":"), default=str) + "\n")
-                if prompt_id in self._running:
-                    f.write(json.dumps({"op": "start", "prompt_id": prompt_id}) + "\n")
-        os.replace(tmp, self.path)
-        self._lines = len(self._live) + len(self._running)
+        self._lines = jsonl.rewrite(self.path, self._live_records())
+
+    def _live_records(self):
+        for prompt_id, item in self._live.items():
+            yield {"op": "put", "item": item}
+            if prompt_id in self._running:
+                yield {"op": "start", "prompt_id": prompt_id}

@@ -16,6 +16,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from . import jsonl
+
 MAXIMUM_HISTORY_SIZE = 10000
 SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 
@@ -37,16 +39,7 @@ class History:
         if not self.path.is_file():
             return
         try:
-            with open(self.path, "rb") as f:   # line by line as bytes: one bad byte costs its line, not the file
-                for number, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        self._apply(json.loads(raw.decode("utf-8")))
-                    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
-                        self.load_warnings.append(f"{self.path.name}:{number}: skipped an unreadable line")
-                        continue
-                    self._lines += 1
+            self._lines = jsonl.replay(self.path, self._apply, self.load_warnings)
         except OSError as exc:
             aside = self.path.with_suffix(".jsonl.corrupt")
             os.replace(self.path, aside)
@@ -75,27 +68,15 @@ class History:
     def _append(self, record: dict) -> None:
         if self.path is None:
             return
-        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
-        with open(self.path, "ab+") as f:
-            if f.tell() > 0:   # after a torn last line (a crash mid-write), start a new line
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    line = b"\n" + line
-            f.write(line)
-            f.flush()
+        jsonl.append(self.path, record)
         self._lines += 1
         self._compact_if_needed()
 
     def _compact_if_needed(self) -> None:
         if self.path is None or self._lines <= 2 * len(self._entries) + 64:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for prompt_id, entry in self._entries.items():
-                f.write(json.dumps({"op": "add", "prompt_id": prompt_id, "entry": entry},
-                                   separators=(",", ":"), default=str) + "\n")
-        os.replace(tmp, self.path)
-        self._lines = len(self._entries)
+        self._lines = jsonl.rewrite(self.path, ({"op": "add", "prompt_id": prompt_id, "entry": entry}
+                                                for prompt_id, entry in self._entries.items()))
 
     # -- ComfyUI's PromptQueue history API --------------------------------------------------------------
     def add(self, prompt_id: str, entry: dict) -> None:

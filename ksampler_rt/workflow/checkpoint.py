@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from ..runtime import Model
+from .control_engines import ControlledUNet
 from .flow_checkpoint import FLOW_FAMILIES, load_flow_checkpoint, load_flow_component
 from .lora import EngineForward, attach
 from .text_encoding import Clip, ClipTower
@@ -62,6 +63,9 @@ class Checkpoint(NamedTuple):
     manifest: dict
 
     def release(self) -> None:
+        control = getattr(self.model, "control_unet", None)
+        if control is not None:
+            control.release()  # the residual-taking UNet engine, when a ControlNet loaded it
         lora = getattr(self.model, "lora", None)
         if lora is not None:
             lora.target.context.release()  # the LoRA engines (ONNX Runtime sessions) of this checkpoint
@@ -97,8 +101,16 @@ def load_checkpoint(export_dir: str | Path, backend: str = "auto", *, log: Calla
     if family not in _TOWER_OPTIONS or manifest.get("kind", "checkpoint") != "checkpoint":
         raise ValueError(f"{export_dir}: received a {manifest.get('kind', 'checkpoint')} of family {family!r}, "
                          f"expected a checkpoint of one of {tuple(_TOWER_OPTIONS) + FLOW_FAMILIES}")
-    engines = load_engines(export_dir, backend=backend, log=log, **engine_options)
-    model = Model(engines.unet_callable(), family, zsnr=bool(manifest.get("schedule", {}).get("zsnr", False)))
+    plain = [m for m in manifest["models"] if m != "unet_control"]  # built when a ControlNet first needs it
+    engines = load_engines(export_dir, backend=backend, log=log, models=plain, **engine_options)
+
+    def load_control():
+        return load_engines(export_dir, backend=backend, log=log, models=["unet_control"], **engine_options)
+
+    unet = ControlledUNet(engines.unet_callable(), load_control if "unet_control" in manifest["models"] else None,
+                          export_dir)
+    model = Model(unet, family, zsnr=bool(manifest.get("schedule", {}).get("zsnr", False)))
+    model.control_unet = unet
     towers = tuple(_tower(export_dir, family, entry, getattr(engines, entry["name"]))
                    for entry in manifest["text_encoders"])
     clip = Clip(towers, family)

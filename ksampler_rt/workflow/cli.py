@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .graph import WorkflowError
+from .registry import REGISTER_FOLDERS
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -19,6 +20,59 @@ def _parse_set(items: list[str]) -> dict:
         except json.JSONDecodeError:
             overrides[target] = raw  # a bare string, e.g. 3.sampler_name=dpmpp_2m
     return overrides
+
+
+def precision_arg(value: str) -> str | None:
+    """argparse ``type`` of ``--precision``: the spec's syntax (engines.precision.parse_precision), canonical."""
+    import argparse
+
+    from ..engines.precision import parse_precision
+
+    try:
+        spec = parse_precision(value, "--precision")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec.canonical() if spec else None
+
+
+def check_precision(precision: str | None, backend: str) -> str | None:
+    """``--precision`` checked against what ``backend`` ("auto": the one it picks) accepts, before any engine
+    loads: a CPU backend its :data:`~ksampler_rt.engines.precision.CPU_BACKEND_PRECISIONS` plus ``auto``, each
+    one this CPU runs natively (the refusal names the missing ISA feature); a GPU backend the precisions
+    of ``engines.precision.PRECISIONS`` (its ``resolve_precision`` decides per export at load; ``auto`` is
+    defined for the CPU backends only). Returns the canonical spec (None: the backend's default)."""
+    from ..engines.backends import pick_backend
+    from ..engines.precision import AUTO, CPU_BACKEND_PRECISIONS, PRECISIONS, cpu_precision_refusal, parse_precision
+
+    spec = parse_precision(precision, "--precision")
+    if spec is None:
+        return None
+    name = backend if backend != "auto" else pick_backend("auto")
+    offered = CPU_BACKEND_PRECISIONS.get(name)
+    accepted = offered + (AUTO,) if offered is not None else PRECISIONS
+    for asked in ([spec.default] if spec.default else []) + [p for _, p in spec.per]:
+        if asked not in accepted:
+            raise ValueError(f"--precision: received {asked} for --backend {name}, expected one of "
+                             f"{', '.join(accepted)}")
+        why = cpu_precision_refusal(name, asked) if offered is not None and asked != AUTO else None
+        if why:
+            raise ValueError(f"--precision: received {asked}, which this machine cannot run: {why}")
+    return spec.canonical()
+
+
+def describe_precision(precision: str | None, backend: str) -> str:
+    """One line saying what ``--precision`` means on ``backend`` (``auto`` on a CPU backend: its picks)."""
+    from ..engines.backends import pick_backend
+    from ..engines.precision import AUTO, CPU_BACKEND_PRECISIONS, explain_auto, parse_precision
+
+    name = backend if backend != "auto" else pick_backend("auto")
+    spec = parse_precision(precision, "--precision")
+    if spec is None:
+        return f"precision: the export's own on {name} (no --precision)"
+    if spec.is_auto and name in CPU_BACKEND_PRECISIONS:
+        picks = explain_auto(name)  # "precision auto on NAME: unet=bf16, ... (CPU: flags)"
+        return picks if spec.canonical() == AUTO else f"precision {spec} on {name}; where {AUTO}: {picks}"
+    return f"precision {spec} on {name}"
 
 
 class _ProgressBars:
@@ -43,13 +97,20 @@ class _ProgressBars:
 def run(args) -> int:
     from .pipeline import Pipeline
 
+    if args.fake_checkpoint and args.precision:
+        raise ValueError(f"--precision: received {args.precision} with --fake-checkpoint, expected no --precision "
+                         "(the analytic stand-ins run no engines)")
     if args.fake_checkpoint:
         # the analytic stand-ins (ksampler_rt.serve.testing), as `ksampler-rt serve --fake-checkpoint` serves them
         from ..serve.testing import fake_pipeline
 
         pipe = fake_pipeline(args.fake_checkpoint, output_dir=args.out, input_dir=args.input)
     else:
-        pipe = Pipeline(args.models, backend=args.backend, output_dir=args.out, input_dir=args.input)
+        precision = check_precision(args.precision, args.backend)
+        if precision:
+            print(describe_precision(precision, args.backend), file=sys.stderr)
+        pipe = Pipeline(args.models, backend=args.backend, precision=precision, output_dir=args.out,
+                        input_dir=args.input)
     try:
         plan = pipe.prepare(args.workflow, _parse_set(args.set))
     except WorkflowError as exc:
@@ -95,8 +156,9 @@ def _ui_workflow(path: str) -> dict | None:
 def register_cmd(args) -> int:
     from .registry import ModelRegistry
 
-    target = ModelRegistry(args.models).register_checkpoint(args.name, args.export_dir, copy=args.copy)
-    print(f"registered {args.name!r} -> {target}")
+    folder = None if args.as_folder == "auto" else args.as_folder
+    target = ModelRegistry(args.models).register(args.name, args.export_dir, folder, copy=args.copy)
+    print(f"registered {args.name!r} as {target.parent.name}/{target.name} -> {args.export_dir}")
     return 0
 
 
@@ -107,6 +169,11 @@ def register(subparsers) -> None:
     p.add_argument("--input", default="input", help="folder LoadImage reads from (default ./input)")
     p.add_argument("--models", default=None, help="model registry folder (default $KSAMPLER_RT_MODELS or the cache)")
     p.add_argument("--backend", default="auto", help="tensorrt, onnxruntime-cuda, openvino-cpu, onnxruntime-cpu or auto")
+    p.add_argument("--precision", type=precision_arg, default=None, metavar="PRECISION",
+                   help="engine precision: fp32, fp16, bf16, fp8, int8 or auto, or per network (unet=bf16,vae=fp32); "
+                        "default: the export's own. CPU backends: openvino-cpu fp32 / bf16 / fp16 / int8 where this "
+                        "CPU runs them natively, onnxruntime-cpu fp32; auto = the fastest within the documented "
+                        "quality bound (docs/engines.md, Precision). Refused, never replaced, when not runnable")
     p.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE", help="override an input, e.g. 3.seed=7")
     p.add_argument("--fake-checkpoint", action="append", default=[], metavar="NAME",
                    help="run on built-in analytic stand-ins instead of engines: NAME is a stand-in ckpt_name (its "
@@ -114,9 +181,14 @@ def register(subparsers) -> None:
                         "get stand-ins too (repeatable; for trying graphs, the images are meaningless)")
     p.set_defaults(func=run)
 
-    r = subparsers.add_parser("register", help="make an export directory usable as a workflow ckpt_name")
-    r.add_argument("name", help="the ckpt_name workflows will use")
+    r = subparsers.add_parser("register", help="make an export directory usable under a name in workflows "
+                                               "(ckpt_name, unet_name, clip_name, vae_name, control_net_name)")
+    r.add_argument("name", help="the name workflows use, e.g. flux1-dev.safetensors")
     r.add_argument("export_dir", help="a directory written by `ksampler-rt export`")
     r.add_argument("--models", default=None, help="model registry folder")
     r.add_argument("--copy", action="store_true", help="copy instead of symlinking")
+    r.add_argument("--as", dest="as_folder", default="auto", choices=("auto",) + REGISTER_FOLDERS,
+                   help="the registry folder (loader) it serves: checkpoints (CheckpointLoaderSimple), "
+                        "diffusion_models (UNETLoader), text_encoders (DualCLIPLoader / TripleCLIPLoader), vae "
+                        "(VAELoader), controlnet (ControlNetLoader); auto (default): from what the export holds")
     r.set_defaults(func=register_cmd)

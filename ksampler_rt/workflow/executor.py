@@ -63,6 +63,8 @@ class ExecutionContext:
     # load_component(folder, names, options): UNETLoader / DualCLIPLoader / TripleCLIPLoader / VAELoader's
     # separate components ("diffusion_models", "text_encoders", "vae"); None: checkpoints only
     load_component: Callable[[str, tuple, dict], Any] | None = None
+    # load_controlnet(control_net_name): ControlNetLoader's network (registry folder "controlnet"); None: none
+    load_controlnet: Callable[[str], Any] | None = None
 
     def input_path(self, name: str) -> Path:
         return resolve_input(self.input_dir, name)

@@ -15,6 +15,7 @@ from ..runtime.continuation import CONTINUATION_MODES
 from . import images as imageio
 from .latent_ops import CROP_METHODS, UPSCALE_METHODS, common_upscale
 from .conditioning_nodes import CONDITIONING_NODE_SPECS
+from .controlnet_nodes import controlnet_node_specs
 from .flow_nodes import flow_node_specs
 from .listed_nodes import listed_node_specs
 from .spec import SEED_MAX, Input, NodeSpec
@@ -170,11 +171,12 @@ def _sampler_inputs() -> dict:
 
 
 def build_node_specs(checkpoint_names, input_images, lora_names=None, lora_path=None,
-                     component_names=None) -> dict[str, NodeSpec]:
+                     component_names=None, controlnet_names=None) -> dict[str, NodeSpec]:
     """The node table; ``checkpoint_names`` / ``input_images`` / ``lora_names`` list the COMBO values on
     demand; ``lora_path(name) -> Path`` resolves a ``lora_name`` (default: the default model registry);
     ``component_names(folder)`` lists ``diffusion_models`` / ``text_encoders`` / ``vae`` for the separate
-    loaders of the flow families (UNETLoader, DualCLIPLoader, TripleCLIPLoader, VAELoader)."""
+    loaders of the flow families (UNETLoader, DualCLIPLoader, TripleCLIPLoader, VAELoader);
+    ``controlnet_names()`` lists the ControlNetLoader / DiffControlNetLoader choices."""
     s = _sampler_inputs()
     specs = [
         NodeSpec("CheckpointLoaderSimple", {"ckpt_name": Input("COMBO", options=checkpoint_names)},
@@ -241,6 +243,7 @@ def build_node_specs(checkpoint_names, input_images, lora_names=None, lora_path=
     table = {spec.class_type: spec for spec in specs}
     table.update(CONDITIONING_NODE_SPECS)
     table.update(flow_node_specs(component_names))
+    table.update(controlnet_node_specs(controlnet_names))
     for name, spec in listed_node_specs().items():
         table.setdefault(name, spec)
     return {name: replace(spec, display_name=spec.display_name or DISPLAY_NAMES.get(name, ""))

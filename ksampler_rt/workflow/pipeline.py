@@ -60,7 +60,7 @@ class Pipeline:
     def __init__(self, models_dir: str | os.PathLike | None = None, *, backend: str = "auto",
                  output_dir: str | os.PathLike = "output", input_dir: str | os.PathLike = "input",
                  temp_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = print,
-                 max_batch: int = 1, batch_wait_ms: float | None = None):
+                 max_batch: int = 1, batch_wait_ms: float | None = None, precision: str | None = None):
         from ..runtime.batching import DEFAULT_BATCH_WAIT_MS
 
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -72,6 +72,9 @@ class Pipeline:
         self._batchers: dict[int, Any] = {}   # id(model) -> its BatchingUNet
         self.registry = ModelRegistry(models_dir)
         self.backend = backend
+        # ``--precision`` (engines.precision syntax; None: the export's own), given to load_engines for every
+        # checkpoint loaded from now on; the backend refuses what it cannot run (never a silent fallback)
+        self.precision = precision
         self.output_dir = Path(output_dir)
         self.input_dir = Path(input_dir)
         self.temp_dir = Path(temp_dir) if temp_dir else Path(tempfile.gettempdir()) / "ksampler-rt-temp"
@@ -97,8 +100,9 @@ class Pipeline:
                 from .checkpoint import load_checkpoint
 
                 export_dir = self.registry.checkpoint(name)
+                engine_options = {"precision": self.precision} if self.precision else {}
                 self._checkpoints[name] = load_checkpoint(export_dir, backend=self.backend, log=self.log,
-                                                          registry=self.registry)
+                                                          registry=self.registry, **engine_options)
             return self._checkpoints[name]
 
     def load_component(self, folder: str, names: tuple, options: dict):

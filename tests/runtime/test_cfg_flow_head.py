@@ -1,28 +1,14 @@
 """The compiled CFG head (runtime/cfg_jit.py) on the flow families' CONST prediction: the same floats as the
 numpy path (ComfyUI's CONST.calculate_denoised is x - out * sigma, the eps formula; no c_in), with the
 pooled ``y`` and FLUX.1 dev's ``guidance`` still reaching the network."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from analytic_unet import AnalyticFlowNet  # tests/runtime/ is on sys.path (pytest's rootdir-less import)
 
 from ksampler_rt.runtime import Model, cfg_jit, ksampler
 from ksampler_rt.runtime.cfg import CFGDenoiser
 
 pytestmark = pytest.mark.skipif(not cfg_jit.available(), reason="the compiled CFG head is not available here")
-
-
-def _analytic():
-    name = "ksampler_rt_tests_analytic_unet"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("analytic_unet.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
 
 NETS = {"sd3": (1000.0, False), "flux": (1.0, True), "flux-schnell": (1.0, False)}
 
@@ -33,7 +19,7 @@ def cond(value, **extra):
 
 @pytest.mark.parametrize("family", sorted(NETS))
 def test_flow_cfg_uses_the_compiled_head(family):
-    model = Model(_analytic().AnalyticFlowNet(*NETS[family]), family)
+    model = Model(AnalyticFlowNet(*NETS[family]), family)
     assert CFGDenoiser(model, cond(0.5), cond(-0.5), 4.5, 1, (8, 8))._fusable
 
 
@@ -44,7 +30,7 @@ def test_compiled_head_equals_the_numpy_path_bit_for_bit(family, sampler, monkey
     latent = {"samples": np.random.default_rng(3).standard_normal((2, 16, 8, 8)).astype(np.float32)}
 
     def run():
-        net = _analytic().AnalyticFlowNet(*NETS[family])
+        net = AnalyticFlowNet(*NETS[family])
         out = ksampler(Model(net, family), 7, 5, 4.5, sampler, "simple", cond(0.5, guidance=2.0), cond(-0.5),
                        latent, 0.8)["samples"]
         return out, net.calls

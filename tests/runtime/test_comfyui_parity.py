@@ -33,25 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from analytic_unet import AnalyticUNet  # tests/runtime/ is on sys.path (pytest's rootdir-less import)
 
 from ksampler_rt.runtime import (SAMPLER_NAMES, SCHEDULER_NAMES, Model, calculate_sigmas, ksampler,
                                  ksampler_advanced)
-
-
-def _load_analytic_unet():
-    # tests/ has no __init__.py: load the sibling module by path (no sys.path games, no name clash)
-    import importlib.util
-    import sys
-    name = "ksampler_rt_tests_analytic_unet"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("analytic_unet.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name].AnalyticUNet
-
-
-AnalyticUNet = _load_analytic_unet()
 
 try:  # the registry of *implemented* samplers (SAMPLER_NAMES may list names not built yet)
     from ksampler_rt.runtime.samplers import SAMPLERS as _IMPLEMENTED

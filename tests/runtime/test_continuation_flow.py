@@ -7,23 +7,10 @@ chain joined with ``continuation="exact"`` must still equal the unsplit run bit 
 """
 import numpy as np
 import pytest
+from analytic_unet import AnalyticFlowNet  # tests/runtime/ is on sys.path (pytest's rootdir-less import)
 
 from ksampler_rt.runtime import SAMPLER_NAMES, Model, ksampler, ksampler_advanced
 from ksampler_rt.runtime.continuation import ContinuationState
-
-import importlib.util
-import sys
-from pathlib import Path
-
-
-def _analytic():
-    name = "ksampler_rt_tests_analytic_unet"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("analytic_unet.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 STEPS, SEED = 6, 42
 FAMILIES = {"sd3": (1000.0, False), "flux": (1.0, True), "flux-schnell": (1.0, False)}
@@ -42,7 +29,7 @@ POS, NEG = cond(0.5, guidance=3.0), cond(-0.5)
 
 def make_model(family, **kwargs):
     divisor, guidance = FAMILIES[family]
-    return Model(_analytic().AnalyticFlowNet(divisor, guidance), family, **kwargs)
+    return Model(AnalyticFlowNet(divisor, guidance), family, **kwargs)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

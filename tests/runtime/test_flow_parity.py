@@ -12,14 +12,13 @@ Tolerances (the issue's parity targets): sigmas to 1e-6; deterministic and ances
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from analytic_unet import AnalyticFlowNet, AnalyticUNet  # tests/runtime/ is on sys.path (pytest's rootdir-less import)
 
 from ksampler_rt.runtime import Model, calculate_sigmas, ksampler, ksampler_advanced
 from ksampler_rt.runtime.samplers import SAMPLERS
@@ -31,21 +30,11 @@ DATA = np.load(GOLDEN / "flow_samplers.npz")
 SDE = ("sde", "seeds", "er_sde", "sa_solver")
 
 
-def _analytic():
-    name = "ksampler_rt_tests_analytic_unet"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("analytic_unet.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 NET_ARGS = {"sd3": (1000.0, False), "flux": (1.0, True), "flux-schnell": (1.0, False)}
 
 
 def _model(family: str) -> Model:
-    return Model(_analytic().AnalyticFlowNet(*NET_ARGS[family]), family)
+    return Model(AnalyticFlowNet(*NET_ARGS[family]), family)
 
 
 def _cond(names, family):
@@ -121,7 +110,7 @@ def test_a_sampler_without_a_flow_branch_is_refused(monkeypatch):
     listed = message.split(": ", 2)[2].split(", ")
     assert "euler" not in listed and "heun" in listed and "uni_pc" in listed
 
-    vp = Model(_analytic().AnalyticUNet(), "sd15")
+    vp = Model(AnalyticUNet(), "sd15")
     vp_cond = [[np.zeros((1, 77, 768), np.float32), {}]]
     out = ksampler(vp, 0, 2, 1.0, "euler", "simple", vp_cond, vp_cond, {"samples": np.zeros((1, 4, 8, 8), np.float32)})
     assert np.isfinite(out["samples"]).all()

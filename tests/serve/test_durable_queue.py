@@ -90,3 +90,33 @@ def test_history_skips_bad_lines_and_non_dict_entries(tmp_path):
     assert list(history.get()) == ["a", "c"]
     assert len(history.load_warnings) == 4
     assert not (tmp_path / "history.jsonl.corrupt").exists()
+
+
+def test_queue_journal_survives_a_torn_line_and_compacts_to_the_same_queue(tmp_path):
+    """The queue log (serve/jsonl.py, shared with the history): a torn last line is skipped with a warning and
+    the next record starts a new line; a compaction keeps exactly the live prompts, the running one running."""
+    from ksampler_rt.serve.durable_queue import QueueJournal
+    from ksampler_rt.serve.prompt_queue import QueueItem
+
+    def item(i):
+        return QueueItem(float(i), i, f"p{i}", {"1": {"class_type": "X", "inputs": {}}}, {"client_id": "c"}, ["1"])
+
+    journal = QueueJournal(tmp_path)
+    for i in range(3):
+        journal.put(item(i))
+    journal.start("p0")
+    with open(tmp_path / "queue.jsonl", "ab") as f:
+        f.write(b'{"op": "put", "item": {"numb')  # killed mid-write
+    again = QueueJournal(tmp_path)
+    pending, running = again.recover()
+    assert [r["prompt_id"] for r in pending] == ["p1", "p2"] and [r["prompt_id"] for r in running] == ["p0"]
+    assert again.warnings == ["queue.jsonl:5: skipped an unreadable line"]
+    again.put(item(3))  # after the torn line: on a line of its own
+    assert (tmp_path / "queue.jsonl").read_bytes().splitlines()[-1].startswith(b'{"op":"put"')
+    for i in range(4, 80):  # enough lines to trigger compaction (more than 2 x live + 64)
+        again.put(item(i))
+        again.done(f"p{i}")
+    third = QueueJournal(tmp_path)
+    pending, running = third.recover()
+    assert third.warnings == [] and len((tmp_path / "queue.jsonl").read_bytes().splitlines()) < 80
+    assert [r["prompt_id"] for r in pending] == ["p1", "p2", "p3"] and [r["prompt_id"] for r in running] == ["p0"]

@@ -1,0 +1,102 @@
+"""ControlNet and T2I-Adapter on engines: the networks ``ControlNetLoader`` returns, and the checkpoint's
+UNet switching to its residual-taking engine while a ControlNet is active.
+
+Two UNet engines, not one: an export made with ``--control-inputs`` holds ``unet`` and ``unet_control``
+(the same weights plus the residual inputs). The plain engine serves every call without ControlNet; the
+residual-taking one is built and loaded on the first call that has residuals (docs/engines.md, "ControlNet":
+feeding zeros to one always-residual engine costs every plain step, measured there).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+
+class ControlledUNet:
+    """``unet(x, timestep, context, control=None, **kw)``: the plain UNet, or with ``control`` the export's
+    ``unet_control`` engine (loaded by ``load_control()`` on first use)."""
+
+    def __init__(self, plain: Callable, load_control: Callable[[], object] | None, export_dir: Path):
+        self.plain, self._load_control, self.export_dir = plain, load_control, export_dir
+        self._engines = None
+        self._callable = None
+        self._lock = threading.Lock()
+        self.engine = getattr(plain, "engine", None)
+
+    def control_callable(self) -> Callable:
+        if self._load_control is None:
+            raise ValueError(f"control_net: received a ControlNet for the checkpoint {self.export_dir.name}, whose "
+                             f"export has no UNet with ControlNet inputs; expected one exported with "
+                             f"`ksampler-rt export SOURCE --out {self.export_dir} --control-inputs`")
+        with self._lock:
+            if self._callable is None:
+                self._engines = self._load_control()
+                self._callable = self._engines.unet_callable(self._engines.unet_control)
+        return self._callable
+
+    def __call__(self, x, timestep, context, control=None, **kwargs):
+        if control is None:
+            return self.plain(x, timestep, context, **kwargs)
+        return self.control_callable()(x, timestep, context, control=control, **kwargs)
+
+    def release(self) -> None:
+        with self._lock:
+            if self._engines is not None:
+                self._engines.release()
+            self._engines = self._callable = None
+
+
+class EngineControl:
+    """A CONTROL_NET on engines: ``kind`` "controlnet" (``net(x, timestep, context, hint, y=None) ->
+    {"down", "mid"}``) or "t2i_adapter" (``net(hint) -> [features]``, down-block order), ``family`` the UNet
+    family it fits; the T2I attributes the runtime reads come from the export's manifest."""
+
+    def __init__(self, engines, manifest: dict):
+        self.engines, self.manifest = engines, manifest
+        self.kind = manifest.get("kind", "controlnet")
+        self.family = manifest.get("family")
+        self.global_average_pooling = bool(manifest.get("global_average_pooling", False))
+        if self.kind == "t2i_adapter":
+            self.unshuffle_amount = int(manifest.get("unshuffle_amount", 8))
+            self.channels_in = int(manifest.get("channels_in", 3))
+            self._call = _adapter_callable(engines.t2i_adapter, manifest)
+        else:
+            self._call = engines.controlnet_callable()
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def release(self) -> None:
+        self.engines.release()
+
+
+def _adapter_callable(engine, manifest: dict) -> Callable:
+    import numpy as np
+
+    names = list((manifest.get("control_outputs") or {}).get("features") or engine.output_names)
+    dtype = next(s.dtype for s in engine.inputs if s.name == "controlnet_cond")
+
+    def adapter(hint):
+        out = engine(controlnet_cond=np.ascontiguousarray(hint, dtype=dtype))
+        return [out[n] for n in names]
+
+    adapter.engine = engine
+    return adapter
+
+
+def load_controlnet(registry, name: str, *, backend: str = "auto", log: Callable[[str], None] | None = print,
+                    **engine_options) -> EngineControl:
+    """``ControlNetLoader``'s ``control_net_name``: an export registered under the registry's ``controlnet/``."""
+    import json
+
+    from ..engines import load_engines
+
+    path = registry.component("controlnet", name)
+    manifest = json.loads((path / "manifest.json").read_text())
+    kind = manifest.get("kind")
+    if kind not in ("controlnet", "t2i_adapter"):
+        raise ValueError(f"control_net_name: received {name!r}, an export of kind {kind or 'checkpoint'!r}, "
+                         f"expected a ControlNet or T2I-Adapter export (`ksampler-rt export` of one)")
+    engines = load_engines(path, backend=backend, log=log, **engine_options)
+    return EngineControl(engines, manifest)
