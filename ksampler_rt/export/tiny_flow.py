@@ -271,3 +271,11 @@ def build_flow_into(out: Path, family: str, seed: int) -> None:
             "vocab_size": ids["vocab_size"], "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
             "t5_vocab_size": t5_vocab_size(), **TINY_FLOW_DIMS[family]}
     (out / "tiny_fixture.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def make_tiny_flow_lora(out_file: str | os.PathLike, family: str, layout: str = "kohya", seed: int = 0) -> Path:
+    """A deterministic tiny LoRA for the tiny ``family`` model in the ``layout`` "kohya", "comfyui" or "diffusers"
+    (see :mod:`.tiny_flow_lora`)."""
+    from .tiny_flow_lora import make_tiny_flow_lora as make
+
+    return make(out_file, family, layout, seed)

@@ -14,7 +14,14 @@ Key layouts read (see docs/lora.md):
 * diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (``text_encoder.``,
   ``text_encoder_2.``, optional ``base_model.model.``), old diffusers ``...to_q_lora.down.weight`` and
   ``.lora.down.weight`` / ``.lora_linear_layer.down.weight``; an ``.alpha`` next to them is honoured;
-* LoCon: the kohya layout on convolutions (4-D down/up).
+* LoCon: the kohya layout on convolutions (4-D down/up);
+* SD3 / FLUX.1 (flow exports: ``transformer``, ``clip_l``, ``clip_g``): diffusers / PEFT ``transformer.``, kohya
+  ``lora_unet_double_blocks_...`` / ``lora_unet_joint_blocks_...`` and ComfyUI's ``diffusion_model.<BFL
+  module>``, whose fused layers (``img_attn.qkv``, ``linear1``) patch row blocks of several parameters
+  (:mod:`.flow_lora`).
+
+Reading the files is :mod:`.lora_files`, mapping keys onto an export :mod:`.lora_keys`; this module holds the
+merged-weight engines and the ``LoraLoader`` API.
 
 Keys are mapped onto ONNX initializers with the export manifest's
 ``initializer_map[model][torch parameter name]``: exact, no fuzzy matching. Keys that match nothing are
@@ -26,355 +33,25 @@ the export's ONNX; TensorRT: a refit view of the same plan), cached per (LoRA se
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import struct
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from .lora_files import LoraError, LoraFile, LoraModule, load_lora_file, parse_lora_keys, read_safetensors
+from .lora_keys import FLOW_MODELS, SD_MODELS, KeyIndex, LoraPatch, resolve_lora
+
+__all__ = ["LoraError", "LoraFile", "LoraModule", "load_lora_file", "parse_lora_keys", "read_safetensors",
+           "KeyIndex", "LoraPatch", "resolve_lora", "WeightTarget", "LoraState", "EngineForward", "LoraContext",
+           "check_strength", "load_lora", "attach"]
+
 STRENGTH_MIN, STRENGTH_MAX = -100.0, 100.0
 DEFAULT_CACHE_SIZE = 4  # merged weight sets (= LoRA engines) kept per base engine
-
-_FAMILY_LABEL = {"sd15": "SD1.x", "sd1": "SD1.x", "sd2": "SD2.x", "sd2-v": "SD2.x", "sdxl": "SDXL",
-                 "sdxl-refiner": "SDXL refiner"}
-# width of the cross-attention context (attn2.to_k input) -> family; the tiny fixtures' widths included
-_CONTEXT_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner",
-                   32: "sd15", 48: "sd2", 96: "sdxl"}
-# text-encoder hidden width (q_proj input) -> family (SD1.x clip_l vs SD2.x clip_h; tiny 32 / 48)
-_TE_FAMILY = {768: "sd15", 1024: "sd2", 32: "sd15", 48: "sd2"}
-
-_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-
-# (suffix, role), longest first within each layout
-_ROLES = (
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
-    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
-    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    (".alpha", "alpha"),
-)
-
-
-class LoraError(ValueError):
-    """A LoRA that cannot be applied to this checkpoint (the base engines stay usable)."""
-
-
-# ----------------------------------------------------------------------------------------- reading
-
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors as float32 numpy arrays for float dtypes, metadata). Reads BF16 without torch."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise LoraError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100 << 20:
-            raise LoraError(f"{path}: not a safetensors file (header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LoraError(f"{path}: not a safetensors file ({exc})") from None
-        data = f.read()
-    meta = header.pop("__metadata__", None) or {}
-    out = {}
-    for name, info in header.items():
-        dtype, shape, (lo, hi) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        raw = data[lo:hi]
-        if dtype == "BF16":
-            arr = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        elif dtype in _ST_DTYPES:
-            arr = np.frombuffer(raw, dtype=np.dtype(_ST_DTYPES[dtype]).newbyteorder("<"))
-        else:
-            raise LoraError(f"{path}: tensor {name!r} has dtype {dtype}, which ksampler-rt does not read")
-        arr = arr.reshape(shape)
-        out[name] = arr.astype(np.float32) if arr.dtype.kind == "f" else arr.copy()
-    return out, dict(meta)
-
-
-@dataclass(eq=False)
-class LoraModule:
-    """One patched layer of a LoRA file."""
-
-    name: str                       # the file's key stem, e.g. lora_unet_down_blocks_0_..._to_q
-    down: np.ndarray | None = None
-    up: np.ndarray | None = None
-    alpha: float | None = None
-    mid: np.ndarray | None = None
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
-
-    def delta_shape(self) -> tuple[int, ...]:
-        """Shape of up @ down before it is fitted onto the weight (for messages)."""
-        down = self.down if self.mid is None else self._tucker_down()
-        return (int(self.up.shape[0]),) + tuple(int(d) for d in down.shape[1:])
-
-    def _tucker_down(self) -> np.ndarray:
-        # LoCon "Tucker" decomposition: down [r, in, 1, 1], mid [r, r, kh, kw] -> an effective down
-        # [r, in, kh, kw] (out-rank index first): down_eff[o, i] = sum_r mid[o, r] * down[r, i]
-        d = self.down.reshape(self.down.shape[0], -1)                 # [r_in, in]
-        mid = self.mid                                                # [r_out, r_in, kh, kw]
-        return np.einsum("orhw,rc->ochw", mid, d)
-
-    def delta(self, weight_shape: Sequence[int]) -> np.ndarray:
-        """scale * (up @ down) reshaped to ``weight_shape`` (float32); ValueError when it does not fit."""
-        down = self.down if self.mid is None else self._tucker_down()
-        up2 = self.up.reshape(self.up.shape[0], -1)
-        down2 = down.reshape(down.shape[0], -1)
-        if up2.shape[1] != down2.shape[0]:
-            raise ValueError(f"lora_up {list(self.up.shape)} and lora_down {list(self.down.shape)} have "
-                             f"different ranks")
-        d = up2.astype(np.float32) @ down2.astype(np.float32)
-        if d.size != int(np.prod(weight_shape)):
-            raise ValueError(f"up @ down is {list(self.delta_shape())}")
-        return d.reshape(tuple(weight_shape)) * np.float32(self.scale)
-
-
-def parse_lora_keys(tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraModule], list[str]]:
-    """Group a LoRA state dict into modules; returns (modules by stem, keys of unknown layouts)."""
-    modules: dict[str, LoraModule] = {}
-    unknown = []
-    for key, value in tensors.items():
-        for suffix, role in _ROLES:
-            if key.endswith(suffix):
-                stem = key[: -len(suffix)]
-                m = modules.setdefault(stem, LoraModule(stem))
-                if role == "alpha":
-                    m.alpha = float(np.asarray(value, np.float64).reshape(-1)[0])
-                else:
-                    setattr(m, role, value)
-                break
-        else:
-            unknown.append(key)
-    for stem, m in list(modules.items()):
-        if m.down is None or m.up is None:  # an alpha (or half a pair) alone patches nothing
-            del modules[stem]
-            unknown.extend(k for k in tensors if k.startswith(stem + ".") or k.startswith(stem + "_lora"))
-    return modules, sorted(set(unknown))
-
-
-@dataclass(eq=False)
-class LoraFile:
-    """A LoRA file, parsed once (``load_lora_file``)."""
-
-    path: Path
-    modules: dict[str, LoraModule]
-    unknown_keys: list[str]
-    metadata: dict = field(default_factory=dict)
-    key: tuple = ()
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
-_FILES: "OrderedDict[tuple, LoraFile]" = OrderedDict()
-_FILES_LOCK = threading.Lock()
-
-
-def load_lora_file(path: str | os.PathLike) -> LoraFile:
-    """Read and parse a LoRA ``.safetensors`` (cached by path, size and modification time)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        folder = path.parent
-        listing = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors") if folder.is_dir() else []
-        raise FileNotFoundError(f"LoRA file {str(path)!r} not found; {folder} has: "
-                                f"{', '.join(listing) or '(no .safetensors files)'}")
-    path = path.resolve()
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    with _FILES_LOCK:
-        if key in _FILES:
-            _FILES.move_to_end(key)
-            return _FILES[key]
-    tensors, meta = read_safetensors(path)
-    modules, unknown = parse_lora_keys(tensors)
-    lf = LoraFile(path, modules, unknown, meta, key)
-    with _FILES_LOCK:
-        _FILES[key] = lf
-        while len(_FILES) > 8:
-            _FILES.popitem(last=False)
-    return lf
-
-
-# ------------------------------------------------------------------------------------ key mapping
-
-def _indicated_family(lf: LoraFile) -> tuple[str | None, str]:
-    """(family, why) from a LoRA's keys and shapes, or (None, "")."""
-    stems = list(lf.modules)
-    if any(s.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for s in stems):
-        return "sdxl", "it has SDXL's two text-encoder key sets (lora_te1_ / lora_te2_)"
-    for s, m in lf.modules.items():
-        if "attn2" in s and "to_k" in s and m.down is not None and m.down.ndim >= 2:
-            width = int(m.down.shape[1])
-            fam = _CONTEXT_FAMILY.get(width)
-            if fam:
-                return fam, f"its cross-attention keys take a {width}-wide text context ({s})"
-    for s, m in lf.modules.items():
-        if ("lora_te_" in s or s.startswith("text_encoder.")) and "q_proj" in s and m.down is not None:
-            width = int(m.down.shape[1])
-            fam = _TE_FAMILY.get(width)
-            if fam:
-                return fam, f"its text-encoder keys are {width} wide ({s})"
-    if any(s.startswith("lora_unet_input_blocks_") for s in stems):
-        return "sdxl", "its UNet keys use the LDM layout kohya writes for SDXL (lora_unet_input_blocks_...)"
-    return None, ""
-
-
-def _same_family(a: str | None, b: str | None) -> bool:
-    return _FAMILY_LABEL.get(a or "", a) == _FAMILY_LABEL.get(b or "", b)
-
-
-class KeyIndex:
-    """LoRA key stem -> (model, torch parameter name of the weight) for one export."""
-
-    def __init__(self, manifest: dict):
-        self.family = manifest.get("family")
-        init_map = manifest.get("initializer_map") or {}
-        if "unet" not in init_map:
-            raise LoraError("this export's manifest has no initializer_map for the UNet: re-export it with this "
-                            "ksampler-rt to use LoRAs")
-        self.models = [m for m in init_map if m in ("unet", "clip", "clip2")]
-        self.init_map = init_map
-        self.dotted: dict[str, dict[str, str]] = {}   # model -> module path -> param name
-        self.flat: dict[str, dict[str, str]] = {}     # model -> module path with "_" -> param name
-        for model in self.models:
-            dotted, flat = {}, {}
-            for pname in init_map[model]:
-                if not pname.endswith(".weight"):
-                    continue
-                module = pname[: -len(".weight")]
-                if module.startswith("text_model."):
-                    module = module[len("text_model."):]
-                dotted[module] = pname
-                flat[module.replace(".", "_")] = pname
-            self.dotted[model], self.flat[model] = dotted, flat
-        self.ldm_flat: dict[str, str] = {}  # LDM-layout UNet module with "_" -> diffusers param name
-        try:
-            from ..export.ldm_writer import unet_to_ldm
-
-            names = list(init_map["unet"])
-            blocks = {int(n.split(".")[3]) for n in names if n.startswith("down_blocks.0.resnets.")}
-            ldm = unet_to_ldm({n: None for n in names}, {"layers_per_block": max(blocks) + 1 if blocks else 2})
-            inverse = {}
-            for ldm_name, diff_name in zip(ldm, names):
-                inverse[ldm_name] = diff_name
-            for ldm_name, diff_name in inverse.items():
-                if ldm_name.endswith(".weight") and diff_name.endswith(".weight"):
-                    self.ldm_flat[ldm_name[: -len(".weight")].replace(".", "_")] = diff_name
-        except Exception:  # the LDM names are a convenience; diffusers names always work
-            self.ldm_flat = {}
-
-    def _te_model(self, which: str) -> str | None:
-        if which in ("te", "te1"):
-            return "clip" if "clip" in self.models else None
-        return "clip2" if "clip2" in self.models else None
-
-    def lookup(self, stem: str) -> tuple[str, str] | None:
-        if stem.startswith("lora_unet_"):
-            flat = stem[len("lora_unet_"):]
-            p = self.flat["unet"].get(flat) or self.ldm_flat.get(flat)
-            return ("unet", p) if p else None
-        for which in ("te1", "te2", "te"):
-            prefix = f"lora_{which}_"
-            if stem.startswith(prefix):
-                model = self._te_model(which)
-                flat = stem[len(prefix):]
-                if flat.startswith("text_model_"):
-                    flat = flat[len("text_model_"):]
-                p = self.flat[model].get(flat) if model else None
-                return (model, p) if p else None
-        s = stem
-        if s.startswith("base_model.model."):
-            s = s[len("base_model.model."):]
-        for prefix, model in (("unet.", "unet"), ("text_encoder_2.", "clip2"), ("text_encoder.", "clip"),
-                              ("lora_unet.", "unet")):
-            if s.startswith(prefix):
-                s = s[len(prefix):]
-                break
-        else:
-            model = "unet"
-        if model != "unet" and model not in self.models:
-            return None
-        s = s.replace(".processor.", ".")
-        head, _, last = s.rpartition(".")
-        if model == "unet" and last == "to_out":  # old diffusers attention processors: to_out_lora = to_out.0
-            s += ".0"
-        elif model != "unet" and last in _TE_PROJ:  # ... and their text-encoder names: to_q_lora = q_proj
-            s = f"{head}.{_TE_PROJ[last]}"
-        if s.startswith("text_model."):
-            s = s[len("text_model."):]
-        p = self.dotted[model].get(s)
-        return (model, p) if p else None
-
-
-@dataclass
-class LoraPatch:
-    """A LoRA file resolved against one export: which initializer each module patches."""
-
-    lora: LoraFile
-    targets: dict[str, list[tuple[str, LoraModule]]]   # model -> [(torch param name, module)]
-    unmatched: list[str]                                # key stems / keys that patch nothing here
-
-    def n_patched(self, model: str | None = None) -> int:
-        return sum(len(v) for m, v in self.targets.items() if model is None or m == model)
-
-
-def resolve_lora(lf: LoraFile, manifest: dict, weight_shape: Callable[[str, str], tuple]) -> LoraPatch:
-    """Match ``lf`` to an export; raises LoraError for a foreign family, nothing matching, or bad shapes."""
-    index = KeyIndex(manifest)
-    targets: dict[str, list] = {}
-    unmatched = list(lf.unknown_keys)
-    mismatches = []
-    for stem, m in lf.modules.items():
-        hit = index.lookup(stem)
-        if hit is None:
-            unmatched.append(stem)
-            continue
-        model, pname = hit
-        shape = weight_shape(model, pname)
-        try:
-            ok = m.delta_shape()
-            if int(np.prod(ok)) != int(np.prod(shape)) or m.up.reshape(m.up.shape[0], -1).shape[1] != m.down.shape[0]:
-                raise ValueError
-        except ValueError:
-            mismatches.append((stem, list(m.up.shape), list(m.down.shape), model, pname, list(shape)))
-            continue
-        targets.setdefault(model, []).append((pname, m))
-    if mismatches or not targets:
-        fam, why = _indicated_family(lf)
-        if fam and not _same_family(fam, index.family):
-            raise LoraError(f"LoRA {lf.name} is made for {_FAMILY_LABEL.get(fam, fam)} ({why}), but this checkpoint "
-                            f"is {_FAMILY_LABEL.get(index.family, index.family)}; the base model is unchanged")
-    if mismatches:
-        lines = "; ".join(f"{stem}: lora_up {up} @ lora_down {down} does not fit {model} weight {pname!r} of shape "
-                          f"{shape}" for stem, up, down, model, pname, shape in mismatches[:6])
-        more = f" (and {len(mismatches) - 6} more)" if len(mismatches) > 6 else ""
-        raise LoraError(f"LoRA {lf.name}: shape mismatch: {lines}{more}; the base model is unchanged")
-    if not targets:
-        shown = ", ".join(sorted(unmatched)[:8]) or "(the file has no LoRA keys)"
-        raise LoraError(f"LoRA {lf.name}: none of its {len(lf.modules)} modules match a weight of this "
-                        f"{_FAMILY_LABEL.get(index.family, index.family)} export (e.g. {shown}); supported layouts: "
-                        f"kohya lora_unet_/lora_te_, diffusers/PEFT unet./text_encoder. with lora_A/lora_B")
-    return LoraPatch(lf, targets, sorted(unmatched))
 
 
 # ------------------------------------------------------------------------------- weights on engines
@@ -419,9 +96,9 @@ class WeightTarget:
         """{ONNX initializer name: base + sum(strength * scale * up @ down)} for the stack."""
         deltas: dict[str, np.ndarray] = {}
         for patch, strength in stack:
-            for pname, module in patch.targets.get(self.model, ()):
-                shape = self.weight_shape(pname)
-                d = module.delta(shape) * np.float32(strength)
+            for part, module in patch.targets.get(self.model, ()):
+                pname = part.pname
+                d = module.delta(self.weight_shape(pname), part.rows) * np.float32(strength)
                 deltas[pname] = deltas[pname] + d if pname in deltas else d
         out = {}
         for pname, d in deltas.items():
@@ -479,17 +156,20 @@ class LoraContext:
         self.engines, self.manifest, self.export_dir, self.family = engines, manifest, Path(export_dir), family
         self.targets: dict[str, WeightTarget] = {}
         if "initializer_map" in manifest:
-            for name in ("unet", "clip", "clip2"):
+            for name in SD_MODELS + FLOW_MODELS:
                 eng = getattr(engines, name, None)
                 if eng is not None and name in manifest["initializer_map"]:
                     self.targets[name] = WeightTarget(eng, name, manifest, export_dir)
         self._patches: dict[tuple, LoraPatch] = {}
         self._lock = threading.Lock()
 
-    def patch(self, lf: LoraFile, log: Callable[[str], None] | None = None) -> LoraPatch:
+    def patch(self, lf: LoraFile, log: Callable[[str], None] | None = None, partial: bool = False) -> LoraPatch:
+        """``lf`` resolved against this export (cached); ``partial``: no error when nothing matches (the
+        rest of the file may be for the other export of a MODEL / CLIP pair)."""
+        key = (lf.key, partial)
         with self._lock:
-            if lf.key in self._patches:
-                return self._patches[lf.key]
+            if key in self._patches:
+                return self._patches[key]
         if not self.targets:
             raise LoraError(f"{self.export_dir}: the export has no initializer_map; re-export it to use LoRAs")
 
@@ -498,12 +178,12 @@ class LoraContext:
                 raise KeyError(f"model: received {model!r}, expected one of {sorted(self.targets)}")
             return self.targets[model].weight_shape(pname)
 
-        patch = resolve_lora(lf, self.manifest, shape)
+        patch = resolve_lora(lf, self.manifest, shape, partial=partial)
         if patch.unmatched and log:
             log(f"LoRA {lf.name}: {len(patch.unmatched)} key(s) match no weight of this export and are not applied: "
                 + ", ".join(patch.unmatched[:20]) + (" ..." if len(patch.unmatched) > 20 else ""))
         with self._lock:
-            self._patches[lf.key] = patch
+            self._patches[key] = patch
         return patch
 
     def release(self) -> None:
@@ -536,17 +216,70 @@ def _model_with(model, patch: LoraPatch, strength: float):
     return new
 
 
-def _clip_with(clip, patch: LoraPatch, strength: float):
-    towers = []
-    for tower in clip.towers:
-        fwd = tower.forward
-        state = getattr(fwd, "lora", None)
-        if state is None:
-            raise LoraError("this CLIP was not loaded from a ksampler-rt export, so a LoRA cannot be applied to it")
-        stack = state.stack + ((patch, strength),)
-        towers.append(replace(tower, forward=EngineForward(state.target.engine_for(stack),
-                                                            LoraState(state.target, stack))))
-    return replace(clip, towers=tuple(towers))
+def _tower_with(tower, patches: Callable[[object], LoraPatch], strength: float):
+    """``tower`` running its LoRA stack + (the LoRA resolved for its export, strength), or None when LoRAs do not
+    reach it (T5). A tower is a ClipTower (``forward``), or a flow CLIP's wrapper around one (``tower``:
+    flow_towers.ClipTextTower)."""
+    state = getattr(getattr(tower, "forward", None), "lora", None)
+    if state is not None:
+        stack = state.stack + ((patches(state.target.context), strength),)
+        return replace(tower, forward=EngineForward(state.target.engine_for(stack), LoraState(state.target, stack)))
+    inner = getattr(tower, "tower", None)
+    if inner is not None:
+        new = _tower_with(inner, patches, strength)
+        return None if new is None else replace(tower, tower=new)
+    return None
+
+
+def _tower_list(clip) -> list:
+    towers = getattr(clip, "towers", None) or ()
+    return list(towers.values() if isinstance(towers, Mapping) else towers)
+
+
+def _clip_with(clip, patches: Callable[[object], LoraPatch], strength: float):
+    """A CLIP whose towers (a tuple: SD / SDXL ``Clip``; a mapping: ``FlowClip``) run the LoRA; towers it does
+    not reach stay as they are."""
+    towers = clip.towers
+    items = list(towers.items()) if isinstance(towers, Mapping) else list(enumerate(towers))
+    out, patched = [], 0
+    for key, tower in items:
+        new = _tower_with(tower, patches, strength)
+        patched += new is not None
+        out.append((key, tower if new is None else new))
+    if not patched:
+        raise LoraError("this CLIP was not loaded from a ksampler-rt export, so a LoRA cannot be applied to it")
+    return replace(clip, towers=dict(out) if isinstance(towers, Mapping) else tuple(t for _, t in out))
+
+
+def _contexts(model, clip) -> list:
+    """The LoRA contexts (one per export) of the MODEL and the CLIP's towers, each once, MODEL's first."""
+    found = []
+    state = getattr(model, "lora", None) if model is not None else None
+    if state is not None:
+        found.append(state.target.context)
+    for tower in _tower_list(clip) if clip is not None else ():
+        tower = getattr(tower, "tower", tower)
+        state = getattr(getattr(tower, "forward", None), "lora", None)
+        if state is not None and all(state.target.context is not c for c in found):
+            found.append(state.target.context)
+    return found
+
+
+def _resolve(lf: LoraFile, contexts: list, log) -> Callable[[object], LoraPatch]:
+    """context -> ``lf`` resolved for it. Several exports (UNETLoader + DualCLIPLoader / TripleCLIPLoader): each
+    takes the keys that match it; the file is refused only when none matches anywhere, and only keys that
+    match no export are reported."""
+    if len(contexts) == 1:
+        patch = contexts[0].patch(lf, log)
+        return lambda ctx: patch
+    patches = [c.patch(lf, None, partial=True) for c in contexts]
+    if not any(p.n_patched() for p in patches):
+        contexts[0].patch(lf, log)  # raises, naming the family / keys
+    unmatched = sorted(set.intersection(*(set(p.unmatched) for p in patches)))
+    if unmatched and log:
+        log(f"LoRA {lf.name}: {len(unmatched)} key(s) match no weight of these exports and are not applied: "
+            + ", ".join(unmatched[:20]) + (" ..." if len(unmatched) > 20 else ""))
+    return lambda ctx: next(p for c, p in zip(contexts, patches) if c is ctx)
 
 
 def load_lora(model, clip, lora, strength_model: float = 1.0, strength_clip: float = 1.0, *,
@@ -554,32 +287,35 @@ def load_lora(model, clip, lora, strength_model: float = 1.0, strength_clip: flo
     """ComfyUI's ``LoraLoader``: ``(model, clip)`` with the LoRA file ``lora`` (a path or a LoraFile) applied.
 
     Returns new MODEL / CLIP objects; the inputs keep working unchanged. Chain calls to stack LoRAs.
-    ``model`` or ``clip`` may be None (like ``LoraLoaderModelOnly``).
+    ``model`` or ``clip`` may be None (like ``LoraLoaderModelOnly``). The MODEL and the CLIP's towers may come
+    from different exports (a flow transformer and its text encoders loaded separately).
     """
     strength_model = check_strength("strength_model", strength_model)
     strength_clip = check_strength("strength_clip", strength_clip)
     lf = lora if isinstance(lora, LoraFile) else load_lora_file(lora)
-    ctx = None
-    if model is not None and getattr(model, "lora", None) is not None:
-        ctx = model.lora.target.context
-    elif clip is not None and clip.towers and getattr(clip.towers[0].forward, "lora", None) is not None:
-        ctx = clip.towers[0].forward.lora.target.context
-    if ctx is None:
+    contexts = _contexts(model, clip)
+    if not contexts:
         raise LoraError("LoraLoader: the MODEL / CLIP were not loaded from a ksampler-rt export (CheckpointLoader"
                         "Simple), so a LoRA cannot be applied to them")
-    patch = ctx.patch(lf, log)
-    new_model = model if model is None or strength_model == 0 else _model_with(model, patch, strength_model)
-    new_clip = clip if clip is None or strength_clip == 0 else _clip_with(clip, patch, strength_clip)
+    patches = _resolve(lf, contexts, log)
+    new_model = model
+    if model is not None and strength_model != 0:
+        state = getattr(model, "lora", None)
+        new_model = _model_with(model, patches(state.target.context) if state else None, strength_model)
+    new_clip = clip if clip is None or strength_clip == 0 else _clip_with(clip, patches, strength_clip)
     return new_model, new_clip
 
 
 def attach(checkpoint_model, towers: Sequence, engines, manifest: dict, export_dir, family: str) -> LoraContext:
-    """Called by ``load_checkpoint``: give the base MODEL and the CLIP towers their LoRA state."""
+    """Called by the checkpoint / component loaders: give the base MODEL (the UNet or flow transformer; None
+    for a text-encoder export) and the CLIP towers (named as their models: clip, clip2, clip_l, clip_g) their
+    LoRA state. Towers without a LoRA target (T5) are left alone."""
     ctx = LoraContext(engines, manifest, export_dir, family)
     for t in ctx.targets.values():
         t.context = ctx
-    if "unet" in ctx.targets:
-        checkpoint_model.lora = LoraState(ctx.targets["unet"])
+    denoiser = next((ctx.targets[n] for n in ("unet", "transformer") if n in ctx.targets), None)
+    if denoiser is not None and checkpoint_model is not None:
+        checkpoint_model.lora = LoraState(denoiser)
     for tower in towers:
         if isinstance(tower.forward, EngineForward) and tower.name in ctx.targets:
             tower.forward.lora = LoraState(ctx.targets[tower.name])
