@@ -896,7 +896,7 @@ class PromptServer:
 
         @r.get("/models")
         async def models(request):
-            return _json(["checkpoints", "loras"])
+            return _json(["checkpoints", "loras", "diffusion_models", "text_encoders", "vae", "controlnet"])
 
         @r.get("/models/{folder}")
         async def models_in(request):
@@ -931,6 +931,8 @@ class PromptServer:
             return loader.inputs["ckpt_name"].combo_values() if loader else registry.checkpoint_names()
         if folder == "loras":
             return registry.lora_names()
+        if folder in ("diffusion_models", "text_encoders", "vae", "controlnet"):  # UNETLoader ... ControlNetLoader
+            return registry.component_names(folder)
         return None
 
     def _mask_original(self, ref) -> Path:
@@ -1055,12 +1057,14 @@ class PromptServer:
                 backend = pick_backend("auto")
             except Exception:  # noqa: BLE001 -- stats are best effort
                 pass
+        precision = getattr(self.pipeline, "precision", None)
+        precision = f", precision {precision}" if precision else ""
         return {
             "system": {"os": os.name, "ram_total": ram_total, "ram_free": ram_free,
                        "comfyui_version": COMFYUI_VERSION, "ksampler_rt_version": version,
                        "python_version": sys.version, "pytorch_version": None, "embedded_python": False,
                        "argv": sys.argv},
-            "devices": [{"name": f"ksampler-rt ({backend}) on {platform.machine()}",
+            "devices": [{"name": f"ksampler-rt ({backend}{precision}) on {platform.machine()}",
                          "type": device_type(backend), "index": 0,
                          "vram_total": 0, "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}],
         }

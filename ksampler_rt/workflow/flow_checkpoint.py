@@ -85,17 +85,18 @@ def load_flow_checkpoint(export_dir, backend: str = "auto", *, log: Callable[[st
     clip = FlowClip(clip_type, text_towers(export_dir, manifest, engines, clip_type))
     vae = Vae(engines.vae_decoder, engines.vae_encoder, manifest.get("latent_downscale", 8))
     model = flow_model(engines, family)
-    _attach_lora(model, clip, engines, manifest, export_dir, family)
+    _attach_lora(model, clip.towers, engines, manifest, export_dir, family)
     return Checkpoint(model, clip, vae, engines, manifest)
 
 
-def _attach_lora(model, clip, engines, manifest, export_dir, family) -> None:
-    """LoraLoader support, where :mod:`.lora` knows the flow families."""
+def _attach_lora(model, towers: dict, engines, manifest, export_dir, family) -> None:
+    """LoraLoader support (:mod:`.lora`): the transformer (``model``; None for a text-encoder export) and the
+    CLIP towers (``lora_te1_`` = clip_l, ``lora_te2_`` = clip_g) of one export; T5 takes no LoRA."""
     from . import lora
 
-    towers = tuple(t.tower for t in clip.towers.values() if isinstance(t, ClipTextTower))  # lora_te1_ = clip_l
+    clip_towers = tuple(t.tower for t in towers.values() if isinstance(t, ClipTextTower))
     try:
-        lora.attach(model, towers, engines, manifest, export_dir, family)
+        lora.attach(model, clip_towers, engines, manifest, export_dir, family)
     except lora.LoraError:
         pass  # an export without an initializer map: LoraLoader then says so by name
 
@@ -107,6 +108,11 @@ class Component:
         self.value, self.engines = value, engines
 
     def release(self) -> None:
+        states = [getattr(self.value, "lora", None)]
+        for tower in getattr(self.value, "towers", {}).values():
+            states.append(getattr(getattr(getattr(tower, "tower", None), "forward", None), "lora", None))
+        for context in {id(s.target.context): s.target.context for s in states if s is not None}.values():
+            context.release()  # the LoRA engines (merged-weight sessions) made for this component
         for e in self.engines:
             e.release()
 
@@ -126,7 +132,9 @@ def load_flow_component(registry, folder: str, names: tuple, options: dict, *, b
             raise ValueError(f"unet_name: received {names[0]!r}, an export of {manifest.get('family')} with "
                              f"{', '.join(manifest['models'])}, expected an SD3 / FLUX.1 diffusion model export")
         engines = load_engines(path, backend=backend, log=log, models=["transformer"], **engine_options)
-        return Component(flow_model(engines, manifest["family"]), [engines])
+        model = flow_model(engines, manifest["family"])
+        _attach_lora(model, {}, engines, manifest, path, manifest["family"])
+        return Component(model, [engines])
     if folder == "vae":
         (path,), (manifest,) = paths, manifests
         have = [m for m in ("vae_decoder", "vae_encoder") if m in manifest["models"]]
@@ -145,5 +153,7 @@ def load_flow_component(registry, folder: str, names: tuple, options: dict, *, b
                              f"expected a text-encoder export (clip_l, clip_g or t5xxl)")
         engines = load_engines(path, backend=backend, log=log, models=[e["name"] for e in encoders], **engine_options)
         loaded.append(engines)
-        towers.update(text_towers(path, {"text_encoders": encoders}, engines, clip_type))
+        these = text_towers(path, {"text_encoders": encoders}, engines, clip_type)
+        _attach_lora(None, these, engines, manifest, path, manifest.get("family"))
+        towers.update(these)
     return Component(FlowClip(clip_type, towers), loaded)

@@ -5,7 +5,8 @@ VAELoader, ControlNetLoader, UNETLoader, UpscaleModelLoader, StyleModelLoader, G
 ImageOnlyCheckpointLoader, ... by name when it starts and breaks the model widgets when one is absent.
 They are listed here with ComfyUI 0.3.64's inputs, outputs, categories and display names, with empty
 model choices: this product runs exported engine checkpoints (and the flow families' separate
-components: UNETLoader, DualCLIPLoader, VAELoader in :mod:`.flow_nodes`) only, so a prompt using one fails
+components: UNETLoader, DualCLIPLoader, VAELoader in :mod:`.flow_nodes`; ControlNetLoader in
+:mod:`.controlnet_nodes`) only, so a prompt using one fails
 validation with ``NodeSpec.unsupported`` as the reason instead of at run time.
 """
 from __future__ import annotations
@@ -38,10 +39,6 @@ _LISTED = (
      ("CLIP",), "advanced/loaders", "Load CLIP", "nodes", "separate text encoder"),
     ("CLIPVisionLoader", {"clip_name": _combo()}, ("CLIP_VISION",), "loaders", "Load CLIP Vision", "nodes",
      "CLIP vision model"),
-    ("ControlNetLoader", {"control_net_name": _combo()}, ("CONTROL_NET",), "loaders", "Load ControlNet Model",
-     "nodes", "ControlNet"),
-    ("DiffControlNetLoader", {"model": Input("MODEL"), "control_net_name": _combo()}, ("CONTROL_NET",), "loaders",
-     "Load ControlNet Model (diff)", "nodes", "ControlNet"),
     ("StyleModelLoader", {"style_model_name": _combo()}, ("STYLE_MODEL",), "loaders", "Load Style Model", "nodes",
      "style model"),
     ("GLIGENLoader", {"gligen_name": _combo()}, ("GLIGEN",), "loaders", "GLIGENLoader", "nodes", "GLIGEN model"),

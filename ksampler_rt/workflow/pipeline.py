@@ -83,7 +83,8 @@ class Pipeline:
         self._lock = threading.Lock()
         self.max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # LoadImage's cap; the server sets its own
         self.specs = build_node_specs(self.registry.checkpoint_names, self._input_images,
-                                      self.registry.lora_names, self.registry.lora, self.registry.component_names)
+                                      self.registry.lora_names, self.registry.lora, self.registry.component_names,
+                                      self.registry.controlnet_names)
 
     # -- models ------------------------------------------------------------------------------
     def _input_images(self) -> list[str]:
@@ -100,10 +101,12 @@ class Pipeline:
                 from .checkpoint import load_checkpoint
 
                 export_dir = self.registry.checkpoint(name)
-                engine_options = {"precision": self.precision} if self.precision else {}
                 self._checkpoints[name] = load_checkpoint(export_dir, backend=self.backend, log=self.log,
-                                                          registry=self.registry, **engine_options)
+                                                          registry=self.registry, **self._engine_options())
             return self._checkpoints[name]
+
+    def _engine_options(self) -> dict:
+        return {"precision": self.precision} if self.precision else {}
 
     def load_component(self, folder: str, names: tuple, options: dict):
         """A separate flow-family component (UNETLoader, DualCLIPLoader, TripleCLIPLoader, VAELoader), kept loaded."""
@@ -113,7 +116,18 @@ class Pipeline:
         with self._lock:
             if key not in self._checkpoints:
                 self._checkpoints[key] = load_component(self.registry, folder, tuple(names), options,
-                                                        backend=self.backend, log=self.log)
+                                                        backend=self.backend, log=self.log, **self._engine_options())
+            return self._checkpoints[key]
+
+    def load_controlnet(self, name: str):
+        """ControlNetLoader's network (a registered ControlNet / T2I-Adapter export), kept loaded."""
+        from .control_engines import load_controlnet
+
+        key = ("controlnet", name)
+        with self._lock:
+            if key not in self._checkpoints:
+                self._checkpoints[key] = load_controlnet(self.registry, name, backend=self.backend, log=self.log,
+                                                         **self._engine_options())
             return self._checkpoints[key]
 
     def checkpoint_for_run(self, name: str):
@@ -220,7 +234,8 @@ class Pipeline:
                                input_dir=self.input_dir, temp_dir=self.temp_dir, prompt=plan.prompt,
                                extra_pnginfo=extra_pnginfo, prompt_id=prompt_id, on_event=on_event,
                                is_interrupted=is_interrupted, on_step=on_step,
-                               max_image_pixels=self.max_image_pixels, load_component=self.load_component)
+                               max_image_pixels=self.max_image_pixels, load_component=self.load_component,
+                               load_controlnet=self.load_controlnet)
         if current_stats() is not None:  # the caller (the server's worker) opened the run's scope
             return execute(plan, self.specs, ctx, cache)
         with run_scope(is_interrupted):  # an interrupted run's pending UNet call leaves the batch
@@ -234,7 +249,7 @@ class Pipeline:
         from ..runtime import ksampler
 
         model, clip, vae = tuple(self.checkpoint_for_run(ckpt_name))[:3]
-        latent = {"samples": np.zeros((batch_size, 4, height // 8, width // 8), np.float32)}
+        latent = {"samples": np.zeros((batch_size, model.latent_channels, height // 8, width // 8), np.float32)}
         out = ksampler(model, seed, steps, cfg, sampler_name, scheduler, clip.encode(prompt), clip.encode(negative),
                        latent)
         return vae.decode(out["samples"])

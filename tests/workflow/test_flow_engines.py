@@ -230,6 +230,8 @@ def test_sd35_graph_through_the_servers_prompt_route_on_exports(flow_exports, tm
             with urllib.request.urlopen(req, timeout=30) as response:
                 return json.loads(response.read())
 
+        assert {"diffusion_models", "text_encoders", "vae", "controlnet"} <= set(call("/models"))
+        assert call("/models/text_encoders") == ["clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
         info = call("/object_info/TripleCLIPLoader")
         assert info["TripleCLIPLoader"]["input"]["required"]["clip_name1"][0] == [
             "clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
@@ -246,4 +248,32 @@ def test_sd35_graph_through_the_servers_prompt_route_on_exports(flow_exports, tm
         assert len(images) == 1 and (tmp_path / "out" / images[0]["filename"]).is_file()
     finally:
         thread.stop()
+        pipe.release()
+
+
+def test_lora_on_components_loaded_by_unet_and_dual_clip_loaders(flow_exports, tmp_path):
+    """LoraLoader on a MODEL from UNETLoader and a CLIP from DualCLIPLoader (separately registered exports)."""
+    from ksampler_rt.export.tiny_flow import make_tiny_flow_lora
+    from ksampler_rt.workflow.lora import load_lora
+
+    _, _, models_dir = flow_exports["flux-dev.json"]
+    lora_file = make_tiny_flow_lora(tmp_path / "flux-lora.safetensors", "flux", "kohya", 0)
+    pipe = Pipeline(models_dir, backend="onnxruntime-cpu", output_dir=tmp_path, input_dir=tmp_path, log=None)
+    try:
+        model = pipe.load_component("diffusion_models", ("flux1-dev.safetensors",), {"weight_dtype": "default"}).value
+        clip = pipe.load_component("text_encoders", ("t5xxl_fp16.safetensors", "clip_l.safetensors"),
+                                   {"type": "flux"}).value
+        same_model, same_clip = load_lora(model, clip, lora_file, 0.0, 0.0)
+        assert same_model is model and same_clip is clip  # strength 0: the identity
+        lora_model, lora_clip = load_lora(model, clip, lora_file, 1.0, 1.0)
+        g = np.random.default_rng(0)
+        x = g.standard_normal((1, 16, 6, 8), dtype=np.float32)
+        ctx = g.standard_normal((1, 256, 256), dtype=np.float32)
+        y = g.standard_normal((1, 64), dtype=np.float32)
+        base = model.unet(x, np.float32(0.5), ctx, y=y, guidance=np.float32(3.5))
+        patched = lora_model.unet(x, np.float32(0.5), ctx, y=y, guidance=np.float32(3.5))
+        assert np.abs(patched - base).max() > 1e-3
+        assert not np.allclose(lora_clip.encode("a red apple")[0][1]["pooled_output"],
+                               clip.encode("a red apple")[0][1]["pooled_output"])
+    finally:
         pipe.release()
