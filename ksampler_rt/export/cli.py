@@ -40,6 +40,9 @@ def register(subparsers) -> None:
                    help="SD3.5 single files: CLIP-G text encoder file (clip_g.safetensors, HF keys)")
     p.add_argument("--t5", default=None, metavar="FILE",
                    help="SD3.5 / FLUX.1 single files: T5-XXL encoder file (t5xxl_fp16.safetensors, HF keys)")
+    p.add_argument("--control-inputs", action="store_true",
+                   help="SD families: also export unet_control.onnx, the UNet taking ControlNet residuals and "
+                        "T2I-Adapter features (needed to run ControlNets / T2I-Adapters with this checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (atomically)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter (default torchscript: much faster, keeps parameter names)")
@@ -57,13 +60,17 @@ def run(args) -> int:
     m = export_model(args.checkpoint, args.out, precision=args.precision, family=args.family, opset=args.opset,
                      prediction=args.prediction, vae=args.vae, config=args.config, overwrite=args.overwrite,
                      exporter=args.exporter, tolerance=args.tolerance, tokenizer=args.tokenizer,
-                     no_tokenizer=args.no_tokenizer, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5)
+                     no_tokenizer=args.no_tokenizer, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5,
+                     control_inputs=args.control_inputs)
     for name, info in m["models"].items():
         v = info["validation"]
         print(f"{name:12s} {info['file']:18s} {info['size_bytes'] / 1e6:9.1f} MB  {info['precision']}  "
               f"max_abs_err {v['max_abs_err']:.3g}  max_rel_err {v['max_rel_err']:.3g}")
     for te in m["text_encoders"]:
         print(f"tokenizer {te['name']:6s} {te['tokenizer'] or '-':12s} from {te.get('tokenizer_source') or 'nowhere'}")
+    if m.get("kind") in ("controlnet", "t2i_adapter"):
+        print(f"{m['kind']} for {m['family']} UNets  -> {os.path.abspath(args.out)}")
+        return 0
     print(f"family {m['family']}  prediction {m['prediction']}  -> {os.path.abspath(args.out)}")
     if m.get("complete") is False:
         print(f"note: partial export ({', '.join(m['models'])}); the other networks come from other exports")

@@ -301,7 +301,7 @@ def vae_specs(vae, precision: str, dtype) -> list:
                       [{"name": "latent", "dtype": "float32", "shape": ["B", lc, "h", "w"]}], enc_inputs, precision)]
 
 
-def build_specs(src, precision: str, upcast_attention: bool):
+def build_specs(src, precision: str, upcast_attention: bool, control_inputs: bool = False):
     import torch
     from .wrappers import ClipWrapper, UNetWrapper, use_classic_attention
 
@@ -336,9 +336,11 @@ def build_specs(src, precision: str, upcast_attention: bool):
            {"name": "encoder_hidden_states", "dtype": "float32", "shape": ["B", "T", ctx_dim]}]
     if adm:
         uin.append({"name": "y", "dtype": "float32", "shape": ["B", adm]})
-    specs.append(ModelSpec("unet", "unet.onnx", uexp, uref, "unet.", uin,
-                           [{"name": "out", "dtype": "float32", "shape": ["B", ucfg.out_channels, "h", "w"]}],
-                           unet_inputs, precision))
+    uout = [{"name": "out", "dtype": "float32", "shape": ["B", ucfg.out_channels, "h", "w"]}]
+    specs.append(ModelSpec("unet", "unet.onnx", uexp, uref, "unet.", uin, uout, unet_inputs, precision))
+    if control_inputs:  # the residual-taking UNet for ControlNet / T2I-Adapter (see controlnet_export)
+        from .controlnet_export import unet_control_spec
+        specs.append(unet_control_spec(unet, dt, precision, upcast_attention, uin, uout, unet_inputs))
 
     # --- text encoders
     for name, sub, _tok in TEXT_ENCODERS[fam]:
@@ -426,8 +428,11 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
                  upcast_attention: bool | None = None, tokenizer: str | None = None, no_tokenizer: bool = False,
                  models: list[str] | tuple[str, ...] | None = None,
                  library_log: str | os.PathLike | None = None, clip_l: str | None = None,
-                 clip_g: str | None = None, t5: str | None = None) -> dict:
+                 clip_g: str | None = None, t5: str | None = None, control_inputs: bool = False) -> dict:
     """Export ``source`` into ``out``; returns the manifest.
+
+    ``control_inputs``: also export ``unet_control`` (the UNet taking ControlNet residuals and T2I-Adapter
+    features, see :mod:`.controlnet_export`). A ControlNet / T2I-Adapter ``source`` is exported as such.
 
     ``tokenizer``: a folder with CLIP's vocab.json + merges.txt used for every text encoder (overrides the
     checkpoint's own). Single-file checkpoints carry no tokenizer: without ``tokenizer`` (or ``config`` with
@@ -475,7 +480,7 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
             with library_output_to(log_path) as captured:
                 manifest = _export_into(tmp, scratch, source, out, precision, family, opset, prediction, vae, config,
                                         exporter, tolerance, upcast_attention, tokenizer, no_tokenizer, only,
-                                        {"clip_l": clip_l, "clip_g": clip_g, "t5": t5})
+                                        {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}, control_inputs)
             if own_log and captured.count:
                 shutil.move(log_path, os.path.join(tmp, "export.log"))
             drop_marker(tmp)
@@ -506,11 +511,28 @@ def export_model(source: str, out: str, precision: str = "fp32", family: str = "
 def _export_into(tmp: str, scratch: str, source: str, out: str, precision: str, family: str, opset: int,
                  prediction: str | None, vae: str | None, config: str | None, exporter: str,
                  tolerance: float | None, upcast_attention: bool | None, tokenizer: str | None,
-                 no_tokenizer: bool, only: list[str] | None, flow_files: dict | None = None) -> dict:
+                 no_tokenizer: bool, only: list[str] | None, flow_files: dict | None = None,
+                 control_inputs: bool = False) -> dict:
     """The export proper: load, export + validate each model into ``tmp``, write the manifest there."""
+    from .controlnet_export import control_source, export_control_into
     from .flow_export import export_flow_into, flow_family_of
+    from .validate import TOLERANCE
+
+    control = control_source(source)
+    if control is not None:  # a ControlNet / T2I-Adapter
+        extra = {"--control-inputs": control_inputs, "--vae": vae, "--prediction": prediction, "--tokenizer": tokenizer,
+                 "models": only, **{f"--{k.replace('_', '-')}": v for k, v in (flow_files or {}).items()}}
+        given = [k for k, v in extra.items() if v]
+        if given:
+            raise ExportError(f"{given[0]}: received {extra[given[0]]!r} for the {control[0]} {source}, expected it "
+                              f"only with a Stable Diffusion checkpoint")
+        return export_control_into(tmp, scratch, source, control, family, precision, opset, exporter,
+                                   tolerance if tolerance is not None else TOLERANCE[precision], config)
 
     flow = flow_family_of(source, family)
+    if flow is not None and control_inputs:
+        raise ExportError(f"--control-inputs: received it for the flow family {flow}, expected it only with an SD1.x / "
+                          f"SD2.x / SDXL checkpoint (no ControlNet support for the flow families)")
     if flow is not None:  # SD3.5 / FLUX.1
         if prediction:
             raise ExportError(f"--prediction: received {prediction!r}, expected none for the flow family {flow} "
@@ -523,7 +545,6 @@ def _export_into(tmp: str, scratch: str, source: str, out: str, precision: str, 
     import torch
     from .source import load_source, weights_hash
     from .clip_tokenizer import check_tokenizer_dir, find_clip_tokenizer, read_vocab, write_clip_tokenizer_dir
-    from .validate import TOLERANCE
 
     parent = os.path.dirname(out)
     # tokenizer files: (folder with vocab.json + merges.txt for every tower, where it came from) or None;
@@ -547,7 +568,8 @@ def _export_into(tmp: str, scratch: str, source: str, out: str, precision: str, 
     log(f"{src.kind} {src.path}: family {src.family}, prediction {src.prediction}, precision {precision}")
     towers = TEXT_ENCODERS[src.family]
     if only is not None:
-        known = ["unet", "vae_decoder", "vae_encoder"] + [n for n, _, _ in towers]
+        known = ["unet", "vae_decoder", "vae_encoder"] + [n for n, _, _ in towers] + (
+            ["unet_control"] if control_inputs else [])
         if not only or any(m not in known for m in only):
             raise ExportError(f"models: received {only}, expected a non-empty subset of {known} for {src.family}")
         towers = [t for t in towers if t[0] in only]
@@ -566,7 +588,7 @@ def _export_into(tmp: str, scratch: str, source: str, out: str, precision: str, 
     need = int(sum(_param_bytes(m, precision) for m in src.modules.values()) * 1.15) + (64 << 20)
     _check_space(parent, need)
     torch.manual_seed(0)
-    specs, dims = build_specs(src, precision, upcast_attention)
+    specs, dims = build_specs(src, precision, upcast_attention, control_inputs)
     if only is not None:
         specs = [s for s in specs if s.name in only]
     models, init_map, timings = export_specs(specs, tmp, scratch, opset, exporter, tol, precision)
@@ -624,6 +646,11 @@ def _export_into(tmp: str, scratch: str, source: str, out: str, precision: str, 
         "initializer_map": init_map,
         "export_seconds": timings,
     }
+    if "unet_control" in models:
+        names = [i["name"] for i in models["unet_control"]["inputs"]]
+        manifest["control_inputs"] = {"down": [n for n in names if n.startswith("down_")], "mid": "mid",
+                                      "adapter": [n for n in names if n.startswith("adapter_") and n != "adapter_mid"],
+                                      "adapter_mid": "adapter_mid"}
     write_manifest(tmp, manifest)
     return manifest
 

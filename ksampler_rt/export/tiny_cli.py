@@ -23,13 +23,27 @@ def register(subparsers) -> None:
                    help="model family (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
+    p.add_argument("--controlnet", action="store_true",
+                   help="also write OUT/controlnet: a tiny ControlNet for the tiny UNet (SD families)")
+    p.add_argument("--t2i-adapter", action="store_true",
+                   help="also write OUT/t2i_adapter: a tiny T2I-Adapter for the tiny UNet (SD families)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from ksampler_rt.export.tiny import TINY_LORA_NAME, make_tiny_lora, make_tiny_model
 
+    control = getattr(args, "controlnet", False) or getattr(args, "t2i_adapter", False)
+    if control and args.family in _FLOW_FAMILIES:
+        raise ValueError(f"--family: received {args.family!r} with --controlnet / --t2i-adapter, expected one of "
+                         f"{_FAMILIES} (no tiny ControlNet for the flow families)")
     out = make_tiny_model(args.out, family=args.family, seed=args.seed, force=args.force)
+    if control:
+        from ksampler_rt.export.tiny_control import make_tiny_controlnet, make_tiny_t2i_adapter
+        if args.controlnet:
+            make_tiny_controlnet(out, seed=args.seed)
+        if args.t2i_adapter:
+            make_tiny_t2i_adapter(out, seed=args.seed)
     for f in sorted(p for p in Path(out).rglob("*") if p.is_file()):
         print(f)
     if args.family in _FLOW_FAMILIES:

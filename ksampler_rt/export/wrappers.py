@@ -90,3 +90,52 @@ class VaeEncoderWrapper(nn.Module):
             h = self.vae.quant_conv(h)
         mean, _ = torch.chunk(h, 2, dim=1)
         return mean.float()
+
+
+def control_residual_layout(unet_config) -> dict:
+    """Where a ControlNet's residuals and a T2I-Adapter's features enter the UNet, as (channels, downscale vs
+    the latent) lists: ``down`` = diffusers ``down_block_res_samples`` (conv_in, each resnet / attention
+    layer, each downsampler), ``mid`` = after the mid block, ``adapter`` = one per down block (diffusers
+    ``down_intrablock_additional_residuals``: inside a cross-attention block before its downsampler, after a
+    plain block including its downsampler), ``adapter_mid`` = after the mid block (a 4th SDXL adapter feature)."""
+    chans = list(unet_config["block_out_channels"])
+    types = list(unet_config["down_block_types"])
+    n, L = len(chans), int(unet_config["layers_per_block"])
+    down = [(chans[0], 1)]
+    adapter = []
+    for i, (c, t) in enumerate(zip(chans, types)):
+        down += [(c, 2 ** i)] * L
+        last = i == n - 1
+        if not last:
+            down.append((c, 2 ** (i + 1)))
+        adapter.append((c, 2 ** i if ("CrossAttn" in t or last) else 2 ** (i + 1)))
+    mid = (chans[-1], 2 ** (n - 1))
+    return {"down": down, "mid": mid, "adapter": adapter, "adapter_mid": mid}
+
+
+class UNetControlWrapper(UNetWrapper):
+    """unet(sample, timestep, encoder_hidden_states[, y], down_0..down_{N-1}, mid, adapter_0..adapter_{K-1},
+    adapter_mid) -> out: the UNet with ControlNet residuals added as diffusers' ``down_block_additional_residuals``
+    / ``mid_block_additional_residual`` and T2I-Adapter features as ``down_intrablock_additional_residuals`` (the
+    last one after the mid block). All zeros gives exactly the plain UNet. Same parameter names as
+    :class:`UNetWrapper` (``unet.*``), so LoRA maps onto both graphs alike."""
+
+    def __init__(self, unet, dtype=torch.float32):
+        super().__init__(unet, dtype)
+        layout = control_residual_layout(unet.config)
+        self.n_down, self.n_adapter = len(layout["down"]), len(layout["adapter"])
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        if self.has_y:
+            y, extra = extra[0], extra[1:]
+            kw = {"added_cond_kwargs": {"y": y.to(self.dtype)}}
+        else:
+            kw = {}
+        d = self.dtype
+        down = [r.to(d) for r in extra[:self.n_down]]
+        mid = extra[self.n_down].to(d)
+        adapter = [a.to(d) for a in extra[self.n_down + 1:self.n_down + 2 + self.n_adapter]]
+        out = self.unet(sample.to(d), timestep, encoder_hidden_states.to(d), return_dict=False,
+                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                        down_intrablock_additional_residuals=adapter, **kw)[0]
+        return out.float()

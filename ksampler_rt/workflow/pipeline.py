@@ -136,23 +136,42 @@ class Pipeline:
         checkpoint = self.load_checkpoint(name)
         model = checkpoint.model if hasattr(checkpoint, "model") else checkpoint[0]
         engines = getattr(checkpoint, "engines", None)
+        if self._gate(model, engines):
+            if self.max_batch > 1 and getattr(engines, "backend", "") in _ONE_REQUEST_BACKENDS:
+                _serialize_side_engines(checkpoint.vae, getattr(checkpoint, "clip", None))
+        return checkpoint
+
+    def component_for_run(self, folder: str, names: tuple, options: dict):
+        """:meth:`load_component` with the same gates as :meth:`checkpoint_for_run`: a diffusion model's
+        transformer behind the batching gather point, a VAE serialized on a one-request backend."""
+        component = self.load_component(folder, names, options)
+        value = getattr(component, "value", component)
+        engines = (getattr(component, "engines", None) or [None])[0]
+        if folder == "diffusion_models":
+            self._gate(value, engines)
+        elif self.max_batch > 1 and getattr(engines, "backend", "") in _ONE_REQUEST_BACKENDS:
+            _serialize_side_engines(value if folder == "vae" else None, value if folder == "text_encoders" else None)
+        return component
+
+    def _gate(self, model, engines) -> bool:
+        """Put ``model``'s network behind a :class:`BatchingUNet` once, when batching is on or the backend
+        needs one engine thread; True when it was put there by this call."""
         backend = getattr(engines, "backend", "")
         if self.max_batch <= 1 and backend not in _THREAD_AFFINE_BACKENDS:
-            return checkpoint
+            return False
         with self._lock:
-            if id(model) not in self._batchers:
-                from ..runtime.batching import BatchingUNet
+            if id(model) in self._batchers:
+                return False
+            from ..runtime.batching import BatchingUNet
 
-                limit = self.max_batch
-                engine_rows = _engine_max_rows(getattr(engines, "unet", None))
-                if engine_rows is not None and engine_rows < limit:
-                    limit = engine_rows
-                model.unet = BatchingUNet(model.unet, max_batch=limit, batch_wait_ms=self.batch_wait_ms,
-                                          engine_thread=backend in _THREAD_AFFINE_BACKENDS, log=self.log)
-                self._batchers[id(model)] = model.unet
-                if self.max_batch > 1 and backend in _ONE_REQUEST_BACKENDS:
-                    _serialize_side_engines(checkpoint)
-        return checkpoint
+            limit = self.max_batch
+            engine_rows = _engine_max_rows(getattr(engines, "denoiser", None))
+            if engine_rows is not None and engine_rows < limit:
+                limit = engine_rows
+            model.unet = BatchingUNet(model.unet, max_batch=limit, batch_wait_ms=self.batch_wait_ms,
+                                      engine_thread=backend in _THREAD_AFFINE_BACKENDS, log=self.log)
+            self._batchers[id(model)] = model.unet
+            return True
 
     def release(self) -> None:
         with self._lock:
@@ -234,7 +253,7 @@ class Pipeline:
                                input_dir=self.input_dir, temp_dir=self.temp_dir, prompt=plan.prompt,
                                extra_pnginfo=extra_pnginfo, prompt_id=prompt_id, on_event=on_event,
                                is_interrupted=is_interrupted, on_step=on_step,
-                               max_image_pixels=self.max_image_pixels, load_component=self.load_component,
+                               max_image_pixels=self.max_image_pixels, load_component=self.component_for_run,
                                load_controlnet=self.load_controlnet)
         if current_stats() is not None:  # the caller (the server's worker) opened the run's scope
             return execute(plan, self.specs, ctx, cache)
@@ -268,12 +287,13 @@ class Pipeline:
 
 
 def _engine_max_rows(engine) -> int | None:
-    """The largest batch of the UNet engine's ``sample`` input over its shape profiles (None: unbounded)."""
+    """The largest batch of the denoiser engine's latent input (``sample`` / ``x``) over its shape profiles
+    (None: unbounded)."""
     profiles = getattr(engine, "profiles", None) or []
     rows = []
     for profile in profiles:
         try:
-            rows.append(int(profile["sample"].max[0]))
+            rows.append(int(profile["x" if "x" in profile.ranges else "sample"].max[0]))
         except (KeyError, TypeError, IndexError, AttributeError, ValueError):
             return None
     return max(rows) if rows else None
@@ -297,13 +317,14 @@ class _Serialized:
         return getattr(self.engine, name)
 
 
-def _serialize_side_engines(checkpoint) -> None:
-    vae = getattr(checkpoint, "vae", None)
+def _serialize_side_engines(vae=None, clip=None) -> None:
+    """Serialize a VAE's and a CLIP's engines (SD towers, or a FlowClip's CLIP / T5 towers)."""
     for name in ("decoder", "encoder"):
         engine = getattr(vae, name, None)
         if engine is not None and not isinstance(engine, _Serialized):
             setattr(vae, name, _Serialized(engine))
-    for tower in getattr(getattr(checkpoint, "clip", None), "towers", ()):
-        forward = tower.forward
+    towers = getattr(clip, "towers", ())
+    for tower in (towers.values() if isinstance(towers, dict) else towers):
+        forward = getattr(getattr(tower, "tower", tower), "forward", None)
         if hasattr(forward, "engine") and not isinstance(forward.engine, _Serialized):
             forward.engine = _Serialized(forward.engine)

@@ -277,3 +277,22 @@ def test_lora_on_components_loaded_by_unet_and_dual_clip_loaders(flow_exports, t
                                clip.encode("a red apple")[0][1]["pooled_output"])
     finally:
         pipe.release()
+
+
+def test_unet_loader_model_goes_through_the_batching_gate(flow_exports, tmp_path):
+    """With step batching on, a MODEL from UNETLoader is gathered like a checkpoint's; the result is the same."""
+    from ksampler_rt.runtime.batching import BatchingUNet
+
+    _, _, models_dir = flow_exports["flux-schnell.json"]
+    prompt = small_graph("flux-schnell.json", steps=2)
+    solo, _ = run_graph(models_dir, "openvino-cpu", prompt, tmp_path / "solo")
+    pipe = Pipeline(models_dir, backend="openvino-cpu", output_dir=tmp_path / "b", input_dir=tmp_path, log=None,
+                    max_batch=2)
+    try:
+        batched = pipe.run_workflow(prompt)
+        model = pipe.load_component("diffusion_models", ("flux1-schnell.safetensors",),
+                                    {"weight_dtype": "default"}).value
+        assert isinstance(model.unet, BatchingUNet)
+        np.testing.assert_array_equal(batched.outputs["31"][0]["samples"], solo.outputs["31"][0]["samples"])
+    finally:
+        pipe.release()
