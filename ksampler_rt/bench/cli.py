@@ -37,9 +37,32 @@ def bench_precision(args) -> int:
     return 0
 
 
+def bench_flow(args) -> int:
+    """An SD3 / FLUX.1 model: ksampler-rt against diffusers' pipeline on the same weights (ksampler_rt.bench.flow)."""
+    from .flow import FlowBenchConfig, format_report, run, save
+
+    w, h = _size(args.size) if args.size else (None, None)
+    fields = dict(model=args.model, backends=tuple(_csv(args.backend)) if args.backend else None, width=w, height=h,
+                  steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed,
+                  repeats=args.repeats, threads=args.threads, out=args.out,
+                  peers=tuple(p for p in _csv(args.peers) if p != "none") if args.peers is not None else None)
+    if args.quick:
+        cfg = FlowBenchConfig.quick_config(**fields)
+    else:
+        cfg = FlowBenchConfig(**{k: v for k, v in fields.items() if v is not None})
+    result = run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_report(result))
+    print(f"\nwrote {save(result, cfg.out)}")
+    return 0
+
+
 def bench(args) -> int:
     if getattr(args, "precision", None):
         return bench_precision(args)
+    from .models import is_flow_model
+
+    if is_flow_model(args.model):
+        return bench_flow(args)
     from .harness import BenchConfig, format_report, run, save
 
     w, h = _size(args.size) if args.size else (None, None)
@@ -76,8 +99,10 @@ def register(subparsers) -> None:
                     "backend, and in the same run diffusers' pipeline in PyTorch on the same weights; prints a "
                     "table and writes JSON + a PNG chart under --out.")
     p.add_argument("--model", default="tiny",
-                   help="tiny (default), half-sd15 (SD1.5-shaped UNet at half width, built and exported once), an "
-                        "export directory or a diffusers folder")
+                   help="tiny (default), half-sd15 (SD1.5-shaped UNet at half width, built and exported once), "
+                        "tiny-flux, tiny-flux-schnell, tiny-sd3 (tiny FLUX.1 / SD3 fixtures: against diffusers' "
+                        "FluxPipeline / StableDiffusion3Pipeline, default backends onnxruntime-cpu,openvino-cpu, "
+                        "see docs/benchmarks.md), an export directory or a diffusers folder")
     p.add_argument("--backend", default=None,
                    help="comma list of tensorrt, onnxruntime-cuda, onnxruntime-trt, onnxruntime-cpu, openvino-cpu; default: every "
                         "available one")

@@ -1,6 +1,8 @@
 """Benchmark models: which diffusers folder and export a ``--model`` name stands for.
 
 * ``tiny`` -- the tiny SD1.5 fixture of ``ksampler_rt.export.tiny`` (``ksampler-rt demo``'s model).
+* ``tiny-flux``, ``tiny-flux-schnell``, ``tiny-sd3`` -- the tiny FLUX.1 dev / schnell and SD3 fixtures of
+  ``ksampler_rt.export.tiny`` (``make_tiny_model(out, family)``), measured by :mod:`ksampler_rt.bench.flow`.
 * ``half-sd15`` -- an SD1.5-*shaped* UNet at half width, random weights, built here offline:
   SD1.5's UNet config (4 levels, 2 layers per block, cross-attention 768, 8 heads, time embedding
   4 x 160) with ``block_out_channels`` halved to (160, 320, 640, 640), ~220 M parameters (SD1.5:
@@ -29,11 +31,15 @@ from typing import Callable
 #: Bumped whenever a recipe below changes, so an older cached build is not reused.
 BENCH_RECIPE_VERSION = 1
 
-BUILTIN_MODELS = ("tiny", "half-sd15")
+#: Built-in tiny flow fixtures: bench name -> ``ksampler_rt.export.tiny`` family.
+FLOW_BUILTINS = {"tiny-flux": "flux", "tiny-flux-schnell": "flux-schnell", "tiny-sd3": "sd3"}
+FLOW_FAMILIES = ("sd3", "flux", "flux-schnell")
+
+BUILTIN_MODELS = ("tiny", "half-sd15", *FLOW_BUILTINS)
 
 #: Resolution the benchmark uses by default per built-in model (the half-width UNet at 512 px takes
 #: several seconds per step on 2 CPU cores; 256 px keeps a full run within minutes).
-DEFAULT_SIZE = {"tiny": 256, "half-sd15": 256}
+DEFAULT_SIZE = {"tiny": 256, "half-sd15": 256, **{name: 256 for name in FLOW_BUILTINS}}
 
 HALF_SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -140,6 +146,43 @@ def _export_into_cache(source: Path, key: str, log: Callable[[str], None]) -> Pa
     return export_dir
 
 
+def model_family(spec: str) -> str | None:
+    """The family a ``--model`` value stands for, without building or importing anything heavy: a built-in's,
+    an export's manifest ``family``, a diffusers folder's pipeline class; None when it cannot be told yet."""
+    if spec in FLOW_BUILTINS:
+        return FLOW_BUILTINS[spec]
+    if spec in BUILTIN_MODELS:
+        return "sd15"
+    path = Path(spec).expanduser()
+    try:
+        if (path / "manifest.json").is_file():
+            return json.loads((path / "manifest.json").read_text()).get("family")
+        if (path / "model_index.json").is_file():
+            cls = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+            return {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}.get(cls)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def is_flow_model(spec: str) -> bool:
+    """Whether ``--model`` names an SD3 / FLUX.1 model (benchmarked by :mod:`ksampler_rt.bench.flow`)."""
+    return model_family(spec) in FLOW_FAMILIES
+
+
+def _resolve_flow_builtin(spec: str, log: Callable[[str], None]) -> BenchModel:
+    """A tiny flow fixture: built into the tiny-model cache, exported into the bench cache (as ``tiny``)."""
+    from ..export.tiny import TINY_RECIPE_VERSION, ensure_tiny_model
+
+    family = FLOW_BUILTINS[spec]
+    source = ensure_tiny_model(family)
+    export_dir = _export_into_cache(source, f"bench-{spec}-r{TINY_RECIPE_VERSION}", log)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    return BenchModel(spec, export_dir, source, manifest.get("family", family), DEFAULT_SIZE[spec],
+                      f"tiny {family} fixture (ksampler_rt.export.tiny): a few narrow transformer blocks, tiny CLIP / "
+                      f"T5 / 16-channel VAE, random weights")
+
+
 def resolve_model(spec: str, log: Callable[[str], None] = print, *, need_source: bool = True) -> BenchModel:
     """``--model`` -> (export dir, diffusers folder), building and exporting built-ins on first use."""
     if spec == "tiny":
@@ -149,6 +192,8 @@ def resolve_model(spec: str, log: Callable[[str], None] = print, *, need_source:
         export_dir = prepare_tiny_checkpoint(log=log)
         return BenchModel("tiny", Path(export_dir), source, "sd15", DEFAULT_SIZE["tiny"],
                           "tiny SD1.5 fixture: UNet (32, 64), CLIP 32 wide x 3 layers, VAE (8, 16, 32, 32)")
+    if spec in FLOW_BUILTINS:
+        return _resolve_flow_builtin(spec, log)
     if spec == "half-sd15":
         source = ensure_source(spec, log)
         export_dir = _export_into_cache(source, f"bench-{spec}-r{BENCH_RECIPE_VERSION}", log)

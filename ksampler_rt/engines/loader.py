@@ -226,6 +226,9 @@ def controlnet_callable(eng: Engine) -> Callable[..., dict]:
         t = np.asarray(timestep, dtype=specs["timestep"].dtype).reshape(-1)
         if t.size == 1 and x.shape[0] != 1:
             t = np.full((x.shape[0],), t[0], dtype=t.dtype)
+        hint = np.asarray(hint)
+        if hint.shape[0] == 1 and x.shape[0] != 1:  # one hint for every row (ComfyUI broadcasts it in torch)
+            hint = np.broadcast_to(hint, (x.shape[0],) + hint.shape[1:])
         feeds = {"sample": np.ascontiguousarray(x, dtype=specs["sample"].dtype), "timestep": t,
                  "encoder_hidden_states": np.ascontiguousarray(context, dtype=specs["encoder_hidden_states"].dtype),
                  "controlnet_cond": np.ascontiguousarray(hint, dtype=specs["controlnet_cond"].dtype)}

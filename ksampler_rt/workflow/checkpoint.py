@@ -108,7 +108,7 @@ def load_checkpoint(export_dir: str | Path, backend: str = "auto", *, log: Calla
         return load_engines(export_dir, backend=backend, log=log, models=["unet_control"], **engine_options)
 
     unet = ControlledUNet(engines.unet_callable(), load_control if "unet_control" in manifest["models"] else None,
-                          export_dir)
+                          export_dir, manifest)
     model = Model(unet, family, zsnr=bool(manifest.get("schedule", {}).get("zsnr", False)))
     model.control_unet = unet
     towers = tuple(_tower(export_dir, family, entry, getattr(engines, entry["name"]))

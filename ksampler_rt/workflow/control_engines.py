@@ -15,24 +15,47 @@ from typing import Callable
 
 class ControlledUNet:
     """``unet(x, timestep, context, control=None, **kw)``: the plain UNet, or with ``control`` the export's
-    ``unet_control`` engine (loaded by ``load_control()`` on first use)."""
+    ``unet_control`` engine (loaded by ``load_control()`` on first use). :meth:`with_lora` gives the view of a
+    LoRA stack: its plain callable, and the residual-taking engine with the same merged weights."""
 
-    def __init__(self, plain: Callable, load_control: Callable[[], object] | None, export_dir: Path):
-        self.plain, self._load_control, self.export_dir = plain, load_control, export_dir
-        self._engines = None
-        self._callable = None
+    def __init__(self, plain: Callable, load_control: Callable[[], object] | None, export_dir: Path,
+                 manifest: dict | None = None, *, root: "ControlledUNet | None" = None, stack: tuple = ()):
+        self.plain, self._load_control, self.export_dir, self.manifest = plain, load_control, export_dir, manifest
+        self.root, self.stack = root, stack
+        self._engines = self._target = self._callable = None
         self._lock = threading.Lock()
         self.engine = getattr(plain, "engine", None)
 
-    def control_callable(self) -> Callable:
+    def with_lora(self, plain: Callable, stack: tuple) -> "ControlledUNet":
+        root = self.root or self
+        return ControlledUNet(plain, root._load_control, root.export_dir, root.manifest, root=root, stack=stack)
+
+    def _control_engines(self):
         if self._load_control is None:
             raise ValueError(f"control_net: received a ControlNet for the checkpoint {self.export_dir.name}, whose "
                              f"export has no UNet with ControlNet inputs; expected one exported with "
                              f"`ksampler-rt export SOURCE --out {self.export_dir} --control-inputs`")
         with self._lock:
-            if self._callable is None:
+            if self._engines is None:
                 self._engines = self._load_control()
-                self._callable = self._engines.unet_callable(self._engines.unet_control)
+            return self._engines
+
+    def _lora_target(self):
+        from .lora import WeightTarget
+
+        engines = self._control_engines()
+        with self._lock:
+            if self._target is None:
+                self._target = WeightTarget(engines.unet_control, "unet_control", self.manifest, self.export_dir,
+                                            patch_model="unet")
+            return self._target
+
+    def control_callable(self) -> Callable:
+        if self._callable is None:
+            root = self.root or self
+            engines = root._control_engines()
+            engine = root._lora_target().engine_for(self.stack) if self.stack else engines.unet_control
+            self._callable = engines.unet_callable(engine)
         return self._callable
 
     def __call__(self, x, timestep, context, control=None, **kwargs):
@@ -42,9 +65,11 @@ class ControlledUNet:
 
     def release(self) -> None:
         with self._lock:
+            if self._target is not None:
+                self._target.release()
             if self._engines is not None:
                 self._engines.release()
-            self._engines = self._callable = None
+            self._engines = self._target = self._callable = None
 
 
 class EngineControl:

@@ -65,8 +65,10 @@ class WeightTarget:
     """
 
     def __init__(self, engine, model: str, manifest: dict, export_dir: str | os.PathLike,
-                 cache_size: int = DEFAULT_CACHE_SIZE):
+                 cache_size: int = DEFAULT_CACHE_SIZE, patch_model: str | None = None):
         self.engine, self.model, self.manifest = engine, model, manifest
+        # the model whose resolved LoRA targets this engine takes: unet_control takes the UNet's (same weights)
+        self.patch_model = patch_model or model
         self.export_dir = Path(export_dir)
         self.init_map = manifest["initializer_map"][model]
         self.cache_size = int(cache_size)
@@ -96,7 +98,7 @@ class WeightTarget:
         """{ONNX initializer name: base + sum(strength * scale * up @ down)} for the stack."""
         deltas: dict[str, np.ndarray] = {}
         for patch, strength in stack:
-            for part, module in patch.targets.get(self.model, ()):
+            for part, module in patch.targets.get(self.patch_model, ()):
                 pname = part.pname
                 d = module.delta(self.weight_shape(pname), part.rows) * np.float32(strength)
                 deltas[pname] = deltas[pname] + d if pname in deltas else d
@@ -108,7 +110,7 @@ class WeightTarget:
         return out
 
     def engine_for(self, stack):
-        active = tuple((p, float(s)) for p, s in stack if s != 0 and p.n_patched(self.model))
+        active = tuple((p, float(s)) for p, s in stack if s != 0 and p.n_patched(self.patch_model))
         if not active:
             return self.engine
         key = tuple((p.lora.key, s) for p, s in active)
@@ -212,6 +214,9 @@ def _model_with(model, patch: LoraPatch, strength: float):
     engine = state.target.engine_for(stack)
     new = copy.copy(model)
     new.unet = state.target.context.engines.unet_callable(engine)
+    control = getattr(model, "control_unet", None)
+    if control is not None:  # the residual-taking UNet gets the same LoRA stack when a ControlNet needs it
+        new.unet = new.control_unet = control.with_lora(new.unet, stack)
     new.lora = LoraState(state.target, stack)
     return new
 
