@@ -13,11 +13,16 @@ it, builds the engines, then measures and checks, per GPU backend, and prints a 
   (CFG's context stays), plus proof that the check would catch a stale replay (each output is also compared
   with the previous step's reference, which must fail);
 * several shape buckets (sizes x batch 1..2), a call from a second thread, device memory per bucket;
-* fp16 NaN/inf check of the VAE decoder at SDXL's latent shape (1, 4, 128, 128);
+* NaN/inf check of the VAE decoder at SDXL's latent shape (1, 4, 128, 128) with large latents, in the
+  export's own precision (an overflow check of fp16 only with an fp16 export; the precision rows below run it
+  per precision);
 * a LoRA-style weight swap (TensorRT: refit of a ``--refit`` plan; ONNX Runtime: second session), checked
   against ORT CPU with the same weights, and the base weights back afterwards; for TensorRT, how many of the
   export's initializer names the plan can refit (names folded through Transpose nodes do not survive);
-* library, driver and GPU versions.
+* library, driver and GPU versions;
+* ``precisions`` (``--precisions fp32,fp16,bf16[,fp8]``, ``ksampler_rt.bench.gpu_precision``): per backend and
+  precision, ms per UNet call, relative L2 of the UNet output and of a short sampled latent against the fp32
+  engine, NaN / inf counts, the VAE's overflow check (fp32 fallback) and decoded-image PSNR against fp32.
 
 Without a GPU backend it runs the same steps on the CPU backends and a tiny hand-made export (small latents),
 so CI runs it (tests/bench/test_gpu_check.py). Nothing here imports torch unless the half-width model must be
@@ -39,10 +44,21 @@ from typing import Callable
 
 import numpy as np
 
+from .gpu_precision import DEFAULT_PRECISIONS
+
 DESCRIPTION = "Acceptance run of the GPU path (the CPU backends on a machine without a GPU)"
 GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-trt")
 CPU_BACKENDS = ("onnxruntime-cpu", "openvino-cpu")
 SDXL_VAE_LATENT = (1, 4, 128, 128)
+
+
+def _precisions(value: str) -> tuple[str, ...]:
+    from .gpu_precision import parse_precisions
+
+    try:
+        return parse_precisions(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -402,8 +418,9 @@ def check_backend(backend: str, export_dir: Path, ref, sizes, args, budget: Budg
     return res
 
 
-def load_vae(export_dir, backend, lat, scale):
-    """The VAE decoder alone for latents of shape ``lat`` (a shape-bound backend builds it for that size only)."""
+def load_vae(export_dir, backend, lat, scale, precision: str | None = None):
+    """The VAE decoder alone for latents of shape ``lat`` (a shape-bound backend builds it for that size only),
+    in ``precision`` (None: the export's own)."""
     from ..engines import LoadOptions
     from ..engines.backends import LoadJob, get_backend
     from ..engines.build import build_model, model_profiles, profile_request
@@ -411,7 +428,8 @@ def load_vae(export_dir, backend, lat, scale):
     from ..engines.manifest import load_manifest
 
     manifest, impl, cache = load_manifest(export_dir), get_backend(backend), EngineCache()
-    load = LoadOptions(shapes=f"{lat[3] * scale}x{lat[2] * scale}", batch="1", build_missing=True)
+    load = LoadOptions(shapes=f"{lat[3] * scale}x{lat[2] * scale}", batch="1", build_missing=True,
+                       precision=precision)
     opts = load.build_options(backend)
     entry = manifest.models["vae_decoder"]
     found = build_model(manifest, "vae_decoder", opts, cache)
@@ -459,7 +477,8 @@ def run(args, log=print) -> dict:
     wanted = [b.strip() for b in args.backends.split(",")] if args.backends else (gpu_here or [
         b for b in CPU_BACKENDS if avail.get(b, "unknown") is None])
     gpu = any(b in GPU_BACKENDS for b in wanted)
-    report: dict = {"versions": versions(), "mode": "gpu" if gpu else "cpu", "backends": {}, "skipped": {}}
+    report: dict = {"versions": versions(), "mode": "gpu" if gpu else "cpu", "backends": {}, "skipped": {},
+                    "precisions": {}}
     with tempfile.TemporaryDirectory(prefix="ksrt-gpu-check-") as tmp:
         if not args.cache:
             os.environ.setdefault("KSAMPLER_RT_CACHE", str(Path(tmp) / "cache"))
@@ -472,6 +491,8 @@ def run(args, log=print) -> dict:
         from ..engines.spec import parse_shapes
 
         sizes = parse_shapes(args.sizes or ("512x512,768x512" if gpu else "64x64,96x64"))
+        quick = getattr(args, "quick", False)
+        sizes = sizes[:1] if quick else sizes
         ref = load_engines(export_dir, "onnxruntime-cpu", models=["unet", "vae_decoder"])
         with ref:
             for backend in wanted:
@@ -487,9 +508,36 @@ def run(args, log=print) -> dict:
                 except Exception as exc:  # one backend's failure is a finding, not the end of the run
                     report["backends"][backend] = {"backend": backend, "passed": False,
                                                    "error": f"{type(exc).__name__}: {exc}"}
+            report["precisions"] = run_precisions(args, list(report["backends"]), export_dir, ref, sizes, budget,
+                                                  Path(tmp), report["versions"], log)
     report["elapsed_s"] = time.perf_counter() - budget.t0
-    report["passed"] = bool(report["backends"]) and all(r.get("passed") for r in report["backends"].values())
+    report["passed"] = bool(report["backends"]) and all(r.get("passed") for r in report["backends"].values()) \
+        and all(s.get("passed", True) for s in report["precisions"].values())
     return report
+
+
+def run_precisions(args, backends, export_dir, ref, sizes, budget, workdir, versions_, log) -> dict:
+    """The ``precisions`` section: each backend's precision rows (``gpu_precision.precision_section``)."""
+    from . import gpu_precision as gp
+
+    out: dict = {}
+    manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
+    cc = (versions_.get("gpu") or {}).get("compute_capability")
+    precisions, quick = getattr(args, "precisions", DEFAULT_PRECISIONS), getattr(args, "quick", False)
+    for backend in backends if precisions else ():
+        on_gpu = backend in GPU_BACKENDS
+        big_lat = SDXL_VAE_LATENT if on_gpu else (1, 4, 16, 16)  # as check_backend's vae_nan
+        loader = gp.EngineLoader(backend, export_dir, sizes, big_lat, workdir / f"prec-{backend}", on_gpu, log)
+        try:
+            out[backend] = gp.precision_section(
+                backend, loader, precisions, ref_unet=ref.unet, sizes=sizes,
+                batches=(1,) if quick else (1, 2), scale=int(manifest.get("latent_scale", 8)),
+                family=manifest.get("family"), quantized=bool(manifest.get("quantized")), compute_capability=cc,
+                gpu=on_gpu, repeat=min(args.repeat, 5) if quick else args.repeat, big_lat=big_lat,
+                budget_ok=budget.ok, log=log)
+        except Exception as exc:  # the section's own failure is a finding, as a backend's is
+            out[backend] = {"passed": False, "error": f"{type(exc).__name__}: {exc}", "rows": []}
+    return out
 
 
 def _fmt(v, spec=".3f") -> str:
@@ -528,6 +576,12 @@ def format_table(report: dict) -> str:
         lines.append(f"{'':<17} " + "; ".join(extras) + f"; tolerance {r.get('tolerance')}")
     for name, why in report["skipped"].items():
         lines.append(f"{name:<17} skipped: {why}")
+    if report.get("precisions"):
+        from .gpu_precision import format_rows
+
+        lines.append("precisions (against the fp32 engine of the same backend, same inputs):")
+        for name, sec in report["precisions"].items():
+            lines += format_rows(sec, name) if "error" not in sec else [f"{name:<17} ERROR {sec['error']}"]
     lines.append(f"{'PASSED' if report['passed'] else 'FAILED'} in {report['elapsed_s']:.1f} s")
     return "\n".join(lines)
 
@@ -544,6 +598,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--no-lora", dest="lora", action="store_false", help="skip the LoRA / refit check")
     p.add_argument("--cache", default=None, help="engine cache root (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the JSON report here")
+    p.add_argument("--precisions", type=_precisions, default=DEFAULT_PRECISIONS,
+                   help="precision rows per backend against its fp32 engine: fp32,fp16,bf16 (default), also fp8 / "
+                        "int8 (quantized exports on a GPU), or none")
+    p.add_argument("--quick", action="store_true", help="first size only, batch 1 in the precision rows, 5 timed "
+                                                        "calls: to stay inside a short device budget")
     return p
 
 

@@ -219,11 +219,9 @@ class DefaultNoiseSampler:
 def _brownian_increment(tree, sign, lock, key):
     a, b = key
     lo, hi, s = (a, b, 1) if a < b else (b, a, -1)
+    # (+-W) / sqrt(|dt|): the tree does the sign and the division in its summing pass when compiled
     with lock:
-        w = tree(float(lo), float(hi))
-    if sign * s < 0:
-        w = -w
-    return w / np.sqrt(np.abs(b - a))
+        return tree.scaled(float(lo), float(hi), sign * s < 0, np.sqrt(np.abs(b - a)))
 
 
 class BrownianNoiseSampler:

@@ -529,3 +529,64 @@ def unet_feeds(rng, b=2, h=8, w=8, tokens=77):
     return {"sample": rng.standard_normal((b, 4, h, w)).astype(np.float32),
             "timestep": np.full((b,), 500.0, np.float32),
             "encoder_hidden_states": rng.standard_normal((b, tokens, 8)).astype(np.float32)}
+
+
+# ----------------------------------------------------------------------------------------------- precisions
+
+def round_to(a, precision: str) -> np.ndarray:
+    """``a`` (float32) rounded to ``precision``'s mantissa and range, returned as float32: fp16 through numpy's
+    float16 (values past 65504 become inf, as on a GPU); bf16 by rounding the float32 bit pattern to its top
+    16 bits (nearest, ties to even); fp32 unchanged."""
+    a = np.asarray(a, np.float32)
+    if precision == "fp16":
+        with np.errstate(over="ignore"):
+            return a.astype(np.float16).astype(np.float32)
+    if precision == "bf16":
+        u = a.view(np.uint32).astype(np.uint64)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.astype(np.uint32).view(np.float32)
+    return a.copy()
+
+
+def precision_unet_reference(sample, timestep, encoder_hidden_states):
+    """The precision fakes' UNet: a contraction (so a short Euler run stays bounded) that uses every input."""
+    ctx = encoder_hidden_states.astype(np.float64).mean(axis=(1, 2))
+    out = 0.5 * sample.astype(np.float64) + 1e-3 * timestep.astype(np.float64)[:, None, None, None] \
+        + ctx[:, None, None, None]
+    return out.astype(np.float32)
+
+
+class FakePrecisionUnet:
+    """A UNet engine computing :func:`precision_unet_reference` with its output rounded to ``precision``."""
+
+    def __init__(self, precision: str):
+        self.precision = precision
+        self.inputs, self.outputs, self.output_names = UNET_INPUTS, UNET_OUTPUTS, ["out"]
+        self.calls = 0
+
+    def __call__(self, **feeds):
+        self.calls += 1
+        f = {k: np.asarray(v, np.float32) for k, v in feeds.items()}
+        return {"out": round_to(precision_unet_reference(f["sample"], f["timestep"], f["encoder_hidden_states"]),
+                                self.precision)}
+
+
+class FakePrecisionVae:
+    """A VAE decoder whose first activation is ``3000 * latent``, normalized over the image before ``tanh``:
+    in fp16 the activation overflows (inf) once ``|latent| > 21.8``, and the normalization turns +inf and -inf
+    into NaN everywhere -- how the SDXL VAE's group norms spread an fp16 overflow."""
+
+    def __init__(self, precision: str):
+        self.precision = precision
+        self.inputs = [TensorSpec("latent", "float32", ("batch", 4, "height", "width"))]
+        self.output_names = ["image"]
+        self.released = False
+
+    def __call__(self, latent):
+        h = round_to(np.asarray(latent, np.float32) * np.float32(3000.0), self.precision)
+        with np.errstate(invalid="ignore"):
+            out = np.tanh((h - h.mean()) / np.float32(6000.0))
+        return {"image": round_to(out, self.precision)}
+
+    def release(self):
+        self.released = True

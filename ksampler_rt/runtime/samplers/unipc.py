@@ -14,7 +14,10 @@ Behaviour follows ComfyUI 0.3.64 ``comfy/extra_samplers/uni_pc.py`` (``sample_un
 * order = min(3, steps - 1); the first steps ramp the order up, the last ones lower it
   (lower_order_final), the corrector runs on every step but the last, whose model value is never
   needed, so there are exactly ``steps`` model calls;
-* the step coefficients depend only on the schedule, so they are computed once up front.
+* the step coefficients depend only on the schedule, so they are computed once up front;
+* with the compiled kernels (:mod:`..fused_jit`) each step's array maths runs as two fused passes,
+  the same float32 operations in the same order (bit-identical; the numpy code below is the
+  reference and the fallback).
 
 Reference: Zhao et al., "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
 Diffusion Models" (NeurIPS 2023, arXiv:2302.04867).
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import fused_jit
 from .common import F32, exp, expm1, is_flow, log, schedule_cached, sqrt
 from .spec import SamplerSpec
 
@@ -115,36 +119,75 @@ def unipc_plan(t: np.ndarray, variant: str = "bh1") -> list:
     return plan
 
 
+def _data_prediction(model, x_vp, sigma, fused: bool):
+    """The denoiser turned into UniPC's data prediction at x_vp (VP space)."""
+    x_in = x_vp * ((sigma ** 2 + F32(1.0)) ** F32(0.5))
+    d = model(x_in, sigma)
+    if fused and fused_jit.fusable(x_vp, d):
+        return fused_jit.unipc_data_prediction(x_vp, x_in, d, sigma, _std(sigma), _alpha(sigma))
+    eps = (x_in - d) / sigma
+    return (x_vp - _std(sigma) * eps) / _alpha(sigma)
+
+
+def _predict(up: _Update, x, history: list) -> tuple:
+    """(d1s, x_new): the scaled differences of the older data predictions and the predictor's x."""
+    m0 = history[-1]
+    d1s = [(history[-1 - i] - m0) / up.rks[i - 1] for i in range(1, up.order)]
+    x_base = up.x_scale * x - up.m0_scale * m0
+    return d1s, (x_base - up.b_scale * _dot(up.rhos_p, d1s) if up.rhos_p is not None else x_base)
+
+
+def _correct(up: _Update, x, history: list, d1s: list, model_t):
+    """The corrector's x from the data prediction model_t at the step's sigma."""
+    corr = up.rhos_c[-1] * (model_t - history[-1])
+    if d1s:
+        corr = _dot(up.rhos_c[:-1], d1s) + corr
+    return (up.x_scale * x - up.m0_scale * history[-1]) - up.b_scale * corr
+
+
+def _step(model, up: _Update, x, history: list, sigma):
+    """One predictor(-corrector) update to ``sigma`` in numpy: (x, the data prediction at sigma or None)."""
+    d1s, x_new = _predict(up, x, history)
+    if up.rhos_c is None:
+        return x_new, None
+    model_t = _data_prediction(model, x_new, sigma, False)  # also the model value at sigma
+    return _correct(up, x, history, d1s, model_t), model_t
+
+
+def _step_fused(model, up: _Update, x, history: list, sigma):
+    """:func:`_step` with the compiled passes (the same float32 operations in the same order): the
+    predictor's model input in one pass, the data prediction and the corrector in another."""
+    if not fused_jit.fusable(x, *history):
+        return _step(model, up, x, history, sigma)
+    if up.rhos_c is None:
+        return fused_jit.unipc_predict(up, x, history), None
+    c_in = (sigma ** 2 + F32(1.0)) ** F32(0.5)
+    x_in = fused_jit.unipc_predict(up, x, history, c_in)
+    d = model(x_in, sigma)
+    if not fused_jit.fusable(x, d):  # e.g. a float64 denoiser output: numpy's promotions, as in _step
+        d1s, x_new = _predict(up, x, history)
+        model_t = (x_new - _std(sigma) * ((x_in - d) / sigma)) / _alpha(sigma)
+        return _correct(up, x, history, d1s, model_t), model_t
+    return fused_jit.unipc_correct(up, x, history, d, c_in, sigma, _std(sigma), _alpha(sigma))
+
+
 def sample_unipc(model, x, sigmas, noise=None, callback=None, variant="bh1"):
     """UniPC multistep (B(h) = h for bh1, e^h - 1 for bh2), data prediction, in VP space."""
     t = np.array(sigmas, dtype=F32)
     if t[-1] == 0:
         t[-1] = F32(0.001)
     plan = unipc_plan(t, variant)
-
-    def data_prediction(x_vp, sigma):
-        x_in = x_vp * ((sigma ** 2 + F32(1.0)) ** F32(0.5))
-        eps = (x_in - model(x_in, sigma)) / sigma
-        return (x_vp - _std(sigma) * eps) / _alpha(sigma)
-
     x = x / np.sqrt(F32(1.0) + t[0] ** F32(2.0))
-    history = [data_prediction(x, t[0])]  # data predictions at t[k-1], t[k-2], ... (newest last)
+    fused = fused_jit.available() and fused_jit.fusable(x)
+    step = _step_fused if fused else _step
+    history = [_data_prediction(model, x, t[0], fused)]  # data predictions at t[k-1], t[k-2], ... (newest last)
     steps = len(t) - 1
     if callback is not None:
         callback(0, x, history[-1])
     for k, up in enumerate(plan, start=1):
-        m0 = history[-1]
-        d1s = [(history[-1 - i] - m0) / up.rks[i - 1] for i in range(1, up.order)]
-        x_base = up.x_scale * x - up.m0_scale * m0
-        x_new = x_base - up.b_scale * _dot(up.rhos_p, d1s) if up.rhos_p is not None else x_base
-        if up.rhos_c is not None:  # corrector, which also gives the model value at t[k]
-            model_t = data_prediction(x_new, t[k])
-            corr = up.rhos_c[-1] * (model_t - m0)
-            if d1s:
-                corr = _dot(up.rhos_c[:-1], d1s) + corr
-            x_new = x_base - up.b_scale * corr
+        x, model_t = step(model, up, x, history, t[k])
+        if model_t is not None:
             history = (history + [model_t])[-3:]
-        x = x_new
         # ComfyUI reports once per model call: the last call's report comes after the final update.
         if callback is not None and k != steps - 1:
             callback(k if k < steps else steps - 1, x, history[-1])
