@@ -11,8 +11,6 @@ not 0) and adds its own self-check. Importing this module never imports numba.
 """
 from __future__ import annotations
 
-import threading
-import warnings
 
 import numpy as np
 
@@ -20,8 +18,6 @@ from . import jit
 
 __all__ = ["NonFiniteOutput", "available", "cfg_eps"]
 
-_lock = threading.Lock()
-_state: dict = {"checked": False, "ok": False, "why": ""}
 _K: dict = {}
 
 
@@ -35,22 +31,7 @@ class NonFiniteOutput(ValueError):
 
 def available() -> bool:
     """True when the compiled kernels are on (:func:`.jit.available`) and the head passed its check."""
-    if not jit.available():
-        return False
-    if _state["checked"]:
-        return _state["ok"]
-    with _lock:
-        if not _state["checked"]:
-            try:
-                _compile()
-                _self_check()
-                ok, why = True, ""
-            except Exception as e:  # noqa: BLE001 - a numba/llvm failure must not break sampling
-                ok, why = False, f"CFG head: {type(e).__name__}: {e}"
-                warnings.warn(f"ksampler_rt: compiled CFG head off, the numpy path runs instead ({why})",
-                              RuntimeWarning, stacklevel=2)
-            _state.update(checked=True, ok=ok, why=why)
-        return _state["ok"]
+    return _KERNELS.available()
 
 
 def _head(x, out, sigma, cfg, uncond_first, guided, uncond):
@@ -121,3 +102,6 @@ def cfg_eps(x: np.ndarray, out: np.ndarray, sigma, cfg, uncond_first: bool):
 
 
 jit.register_warm_up(available)  # jit.warm_up_in_background() loads the head too
+
+
+_KERNELS = jit.CheckedKernels("CFG head", _compile, _self_check)

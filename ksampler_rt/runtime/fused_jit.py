@@ -19,8 +19,6 @@ never imports numba.
 """
 from __future__ import annotations
 
-import threading
-import warnings
 
 import numpy as np
 
@@ -29,30 +27,13 @@ from . import jit
 __all__ = ["available", "brownian_sum", "fusable", "unipc_data_prediction", "unipc_correct", "unipc_predict"]
 
 F32 = np.float32
-_lock = threading.Lock()
-_state: dict = {"checked": False, "ok": False, "why": ""}
 _K: dict = {}
 _EMPTY = np.empty(0, F32)
 
 
 def available() -> bool:
     """True when the compiled kernels are on (:func:`.jit.available`) and these passed their check."""
-    if not jit.available():
-        return False
-    if _state["checked"]:
-        return _state["ok"]
-    with _lock:
-        if not _state["checked"]:
-            try:
-                _compile()
-                _self_check()
-                ok, why = True, ""
-            except Exception as e:  # noqa: BLE001 - a numba/llvm failure must not break sampling
-                ok, why = False, f"fused kernels: {type(e).__name__}: {e}"
-                warnings.warn(f"ksampler_rt: compiled fused passes off, the numpy path runs instead ({why})",
-                              RuntimeWarning, stacklevel=2)
-            _state.update(checked=True, ok=ok, why=why)
-        return _state["ok"]
+    return _KERNELS.available()
 
 
 def fusable(*arrays) -> bool:
@@ -175,3 +156,6 @@ class _Up:
 
 
 jit.register_warm_up(available)  # jit.warm_up_in_background() loads these too
+
+
+_KERNELS = jit.CheckedKernels("fused passes", _compile, _self_check)

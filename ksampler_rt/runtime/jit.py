@@ -337,3 +337,33 @@ def randn_seeds(seeds: np.ndarray, n: int, out: np.ndarray, kernel: str = "avx2"
                          f"of {len(s)} x {n} elements")
     _K["randn_seeds"](s, n, out.reshape(len(s), -1), _scalar(kernel))
     return out
+
+
+class CheckedKernels:
+    """A group of compiled kernels beside the generator's (the CFG head, the fused sampler passes): on when
+    the compiled kernels are (:func:`available`) and the group compiled and passed its self-check, decided
+    once per process, thread-safe; otherwise the numpy path runs, after one warning naming why."""
+
+    def __init__(self, label: str, compile_fn, self_check):
+        self.label, self._compile, self._self_check = label, compile_fn, self_check
+        self._lock = threading.Lock()
+        self.checked, self.ok, self.why = False, False, ""
+
+    def available(self) -> bool:
+        if not available():
+            return False
+        if self.checked:
+            return self.ok
+        with self._lock:
+            if not self.checked:
+                try:
+                    self._compile()
+                    self._self_check()
+                    ok, why = True, ""
+                except Exception as e:  # noqa: BLE001 - a numba/llvm failure must not break sampling
+                    ok, why = False, f"{self.label}: {type(e).__name__}: {e}"
+                    warnings.warn(f"ksampler_rt: compiled {self.label} off, the numpy path runs instead ({why})",
+                                  RuntimeWarning, stacklevel=3)
+                self.ok, self.why, self.checked = ok, why, True
+            return self.ok
+

@@ -75,17 +75,6 @@ class Worker(Protocol):
     def run(self, prompt_id: str, prompt: dict, extra_data: dict, on_event: EventSink,
             is_interrupted: Callable[[], bool]) -> RunResult: ...
 
-    def _family_of(self, loader: Mapping) -> str | None:
-        """The family of the MODEL a loader node gives (already loaded by the run: served from the cache)."""
-        inputs = loader.get("inputs") or {}
-        if loader.get("class_type") == "UNETLoader":
-            model = self.pipeline.load_component("diffusion_models", (inputs["unet_name"],),
-                                                 {"weight_dtype": inputs.get("weight_dtype", "default")})
-            model = getattr(model, "value", model)
-        else:
-            model = self.pipeline.load_checkpoint(inputs["ckpt_name"]).model
-        return model.family.name
-
     def free(self, unload_models: bool = False, free_memory: bool = False) -> None: ...
 
     def close(self) -> None: ...

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..runtime.control import ControlNet, check_network_family
-from .latent_ops import CROP_METHODS, common_upscale
+from .latent_ops import CROP_METHODS, center_crop, common_upscale
 from .spec import Input, NodeSpec
 
 MAX_RESOLUTION = 16384
@@ -97,19 +97,6 @@ def controlnet_apply_advanced(ctx, node_id, positive, negative, control_net, ima
 
 
 # -- images -------------------------------------------------------------------------------------------
-def _center_crop(samples: np.ndarray, width: int, height: int) -> np.ndarray:
-    """comfy/utils.py common_upscale's "center" crop to the target aspect (for lanczos, which
-    latent_ops.common_upscale does not do)."""
-    old_h, old_w = samples.shape[-2:]
-    old_aspect, new_aspect = old_w / old_h, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    return samples[..., y:old_h - y, x:old_w - x]
-
-
 def _lanczos(samples: np.ndarray, width: int, height: int) -> np.ndarray:
     """comfy/utils.py lanczos: each image to 8-bit, PIL's LANCZOS resize, back to float / 255."""
     from PIL import Image
@@ -133,7 +120,7 @@ def upscale_image(image: np.ndarray, width: int, height: int, method: str, crop:
     if method == "lanczos":
         if crop not in CROP_METHODS:
             raise ValueError(f"crop: received {crop!r}, expected one of {CROP_METHODS}")
-        cropped = _center_crop(samples, width, height) if crop == "center" else samples
+        cropped = center_crop(samples, width, height) if crop == "center" else samples
         out = _lanczos(cropped, width, height)
     else:
         out = common_upscale(samples, width, height, method, crop)

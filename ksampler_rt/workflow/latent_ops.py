@@ -48,6 +48,18 @@ def _matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
     return w.astype(np.float32)
 
 
+def center_crop(samples: np.ndarray, width: int, height: int) -> np.ndarray:
+    """comfy/utils.py common_upscale's "center" crop of [..., H, W] to the aspect of width x height."""
+    old_h, old_w = samples.shape[-2:]
+    old_aspect, new_aspect = old_w / old_h, width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    return samples[..., y:old_h - y, x:old_w - x]
+
+
 def common_upscale(samples: np.ndarray, width: int, height: int, method: str, crop: str) -> np.ndarray:
     """Resize [B,C,H,W] to [B,C,height,width], optionally centre-cropping to the new aspect first."""
     if method == "bislerp":
@@ -55,16 +67,7 @@ def common_upscale(samples: np.ndarray, width: int, height: int, method: str, cr
                          f"{UPSCALE_METHODS[:-1]}")
     if crop not in CROP_METHODS:
         raise ValueError(f"crop: received {crop!r}, expected one of {CROP_METHODS}")
-    s = samples
-    if crop == "center":
-        old_h, old_w = s.shape[-2:]
-        old_aspect, new_aspect = old_w / old_h, width / height
-        x = y = 0
-        if old_aspect > new_aspect:
-            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-        elif old_aspect < new_aspect:
-            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-        s = s[..., y:old_h - y, x:old_w - x]
+    s = center_crop(samples, width, height) if crop == "center" else samples
     wh = _matrix(s.shape[-2], height, method)
     ww = _matrix(s.shape[-1], width, method)
     return np.einsum("oh,bchw,pw->bcop", wh, s.astype(np.float32), ww, optimize=True).astype(np.float32)

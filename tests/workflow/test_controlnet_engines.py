@@ -233,42 +233,25 @@ def test_controlnet_graph_through_ksampler_rt_run(models_dir, tmp_path, capsys, 
 def test_controlnet_graph_changes_the_image_and_runs_over_prompt(models_dir, tmp_path):
     pytest.importorskip("aiohttp")
     pytest.importorskip("prometheus_client")
-    import time
-    import urllib.request
-
-    from ksampler_rt.serve.server import PromptServer, ServerConfig, ServerThread
+    from tests.workflow.prompt_server import prompt_server
 
     inp, out = _graph_dirs(tmp_path)
     prompt = json.loads((EXAMPLES / "controlnet.json").read_text())
     prompt["5"]["inputs"].update(width=64, height=64)
     prompt["3"]["inputs"]["steps"] = 3
     pipe = Pipeline(models_dir, backend="onnxruntime-cpu", output_dir=out, input_dir=inp, log=None)
-    thread = ServerThread(PromptServer(ServerConfig(host="127.0.0.1", port=0), pipeline=pipe)).start()
     try:
-        def call(path, body=None):
-            data = None if body is None else json.dumps(body).encode()
-            req = urllib.request.Request(thread.url + path, data, {"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=30) as response:
-                return json.loads(response.read())
-
-        assert call("/models/controlnet") == [CN]
-        info = call("/object_info/ControlNetLoader")["ControlNetLoader"]
-        assert info["input"]["required"]["control_net_name"][0] == [CN]
-        prompt_id = call("/prompt", {"prompt": prompt})["prompt_id"]
-        deadline, entry = time.monotonic() + 120, None
-        while time.monotonic() < deadline:
-            history = call(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-                entry = history[prompt_id]
-                break
-            time.sleep(0.1)
+        with prompt_server(pipe) as server:
+            assert server.call("/models/controlnet") == [CN]
+            info = server.call("/object_info/ControlNetLoader")["ControlNetLoader"]
+            assert info["input"]["required"]["control_net_name"][0] == [CN]
+            entry = server.run(prompt)
         assert entry is not None and entry["status"]["status_str"] == "success", entry and entry["status"]
         with_cn = pipe.run_workflow(prompt).outputs["3"][0]["samples"]
         prompt["12"]["inputs"]["strength"] = 0.0
         without = pipe.run_workflow(prompt).outputs["3"][0]["samples"]
         assert rel_l2(with_cn, without) > 1e-3
     finally:
-        thread.stop()
         pipe.release()
 
 

@@ -214,40 +214,24 @@ def test_flux_schnell_graph_through_ksampler_rt_run_on_exports(flow_exports, tmp
 def test_sd35_graph_through_the_servers_prompt_route_on_exports(flow_exports, tmp_path):
     pytest.importorskip("aiohttp")
     pytest.importorskip("prometheus_client")
-    import time
-    import urllib.request
-
-    from ksampler_rt.serve.server import PromptServer, ServerConfig, ServerThread
+    from tests.workflow.prompt_server import prompt_server
 
     _, _, models_dir = flow_exports["sd3.5.json"]
     pipe = Pipeline(models_dir, backend="onnxruntime-cpu", output_dir=tmp_path / "out", input_dir=tmp_path,
                     log=None)
-    thread = ServerThread(PromptServer(ServerConfig(host="127.0.0.1", port=0), pipeline=pipe)).start()
     try:
-        def call(path, body=None):
-            data = None if body is None else json.dumps(body).encode()
-            req = urllib.request.Request(thread.url + path, data, {"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=30) as response:
-                return json.loads(response.read())
-
-        assert {"diffusion_models", "text_encoders", "vae", "controlnet"} <= set(call("/models"))
-        assert call("/models/text_encoders") == ["clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
-        info = call("/object_info/TripleCLIPLoader")
-        assert info["TripleCLIPLoader"]["input"]["required"]["clip_name1"][0] == [
-            "clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
-        prompt_id = call("/prompt", {"prompt": small_graph("sd3.5.json", steps=2)})["prompt_id"]
-        deadline, entry = time.monotonic() + 120, None
-        while time.monotonic() < deadline:
-            history = call(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-                entry = history[prompt_id]
-                break
-            time.sleep(0.1)
+        with prompt_server(pipe) as server:
+            assert {"diffusion_models", "text_encoders", "vae", "controlnet"} <= set(server.call("/models"))
+            assert server.call("/models/text_encoders") == ["clip_g.safetensors", "clip_l.safetensors",
+                                                            "t5xxl_fp16.safetensors"]
+            info = server.call("/object_info/TripleCLIPLoader")
+            assert info["TripleCLIPLoader"]["input"]["required"]["clip_name1"][0] == [
+                "clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
+            entry = server.run(small_graph("sd3.5.json", steps=2))
         assert entry is not None and entry["status"]["status_str"] == "success", entry and entry["status"]
         images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
         assert len(images) == 1 and (tmp_path / "out" / images[0]["filename"]).is_file()
     finally:
-        thread.stop()
         pipe.release()
 
 
