@@ -77,14 +77,20 @@ class EngineControl:
     {"down", "mid"}``) or "t2i_adapter" (``net(hint) -> [features]``, down-block order), ``family`` the UNet
     family it fits; the T2I attributes the runtime reads come from the export's manifest."""
 
-    def __init__(self, engines, manifest: dict):
+    def __init__(self, engines, manifest: dict, name: str = ""):
         self.engines, self.manifest = engines, manifest
         self.kind = manifest.get("kind", "controlnet")
         self.family = manifest.get("family")
-        self.global_average_pooling = bool(manifest.get("global_average_pooling", False))
+        # comfy/controlnet.py load_controlnet: the config's global_pool_conditions, or a file named *_shuffle
+        stem = name.rsplit(".", 1)[0] if name.endswith((".safetensors", ".pth", ".ckpt", ".bin")) else name
+        self.global_average_pooling = bool(manifest.get("global_pool_conditions")) or stem.endswith(
+            ("_shuffle", "_shuffle_fp16"))
         if self.kind == "t2i_adapter":
-            self.unshuffle_amount = int(manifest.get("unshuffle_amount", 8))
-            self.channels_in = int(manifest.get("channels_in", 3))
+            # comfy/t2i_adapter/adapter.py Adapter: pixel unshuffle by 8, by 16 for the SDXL adapters; its input
+            # channels are the image's (3, or 1 for the sketch adapters)
+            self.unshuffle_amount = 16 if manifest.get("adapter_type") == "full_adapter_xl" else 8
+            cond = next(s for s in engines.t2i_adapter.inputs if s.name == "controlnet_cond")
+            self.channels_in = int(cond.shape[1]) if isinstance(cond.shape[1], int) else 3
             self._call = _adapter_callable(engines.t2i_adapter, manifest)
         else:
             self._call = engines.controlnet_callable()
@@ -124,4 +130,4 @@ def load_controlnet(registry, name: str, *, backend: str = "auto", log: Callable
         raise ValueError(f"control_net_name: received {name!r}, an export of kind {kind or 'checkpoint'!r}, "
                          f"expected a ControlNet or T2I-Adapter export (`ksampler-rt export` of one)")
     engines = load_engines(path, backend=backend, log=log, **engine_options)
-    return EngineControl(engines, manifest)
+    return EngineControl(engines, manifest, name)

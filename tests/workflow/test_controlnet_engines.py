@@ -273,3 +273,22 @@ def test_t2i_adapter_on_engines_changes_the_result_and_is_deterministic(exports,
     finally:
         adapter.release()
         checkpoint.release()
+
+
+def test_engine_control_attributes_follow_comfyui(exports, tmp_path):
+    """ComfyUI's load_controlnet: *_shuffle files pool globally; T2I-Adapters unshuffle by 8 (16 for SDXL's)
+    and take the image's channels."""
+    _, cn, _ = exports("sd15")
+    registry = ModelRegistry(tmp_path / "models")
+    registry.register("control_v11e_sd15_shuffle.safetensors", cn)
+    registry.register("control_v11p_sd15_canny.safetensors", cn)
+    shuffle = load_controlnet(registry, "control_v11e_sd15_shuffle.safetensors", backend="onnxruntime-cpu", log=None)
+    canny = load_controlnet(registry, "control_v11p_sd15_canny.safetensors", backend="onnxruntime-cpu", log=None)
+    adapter = load_controlnet(_registry_for(tiny_t2i_adapter_export("sd15", tmp_path), "ad", tmp_path / "a"), "ad",
+                              backend="onnxruntime-cpu", log=None)
+    try:
+        assert shuffle.global_average_pooling and not canny.global_average_pooling
+        assert (adapter.unshuffle_amount, adapter.channels_in) == (8, 3)
+    finally:
+        for n in (shuffle, canny, adapter):
+            n.release()
