@@ -15,7 +15,7 @@ import copy
 
 import numpy as np
 
-from ..runtime.model_sampling import flux_shift, make_model_sampling
+from ..runtime.model_sampling import ModelSamplingDiscreteFlow, ModelSamplingFlux, flux_shift
 from .conditioning_nodes import set_values
 from .flow_checkpoint import Component
 from .flow_text import encode_flux, encode_sd3
@@ -71,23 +71,39 @@ def empty_sd3_latent_image(ctx, node_id, width, height, batch_size):
     return ({"samples": np.zeros((batch_size, 16, height // 8, width // 8), np.float32)},)
 
 
-def with_shift(model, families: tuple[str, ...], shift: float, node: str):
-    """A copy of ``model`` whose flow model sampling uses ``shift`` (the UNet and everything else shared)."""
+FLOW_MODEL_FAMILIES = ("sd3", "flux", "flux-schnell")
+
+
+def with_sampling(model, model_sampling, node: str):
+    """A copy of ``model`` with another flow model sampling (ComfyUI's ``add_object_patch("model_sampling")``;
+    the network and everything else shared). ComfyUI patches any MODEL; here any flow-family MODEL (on an SD
+    MODEL it would switch an eps / v network to the CONST prediction, which this runtime refuses by name)."""
     family = getattr(getattr(model, "family", None), "name", None)
-    if family not in families:
-        raise ValueError(f"model: received a {family or type(model).__name__} model, expected a model of family "
-                         f"{' or '.join(families)} for {node}")
+    if family not in FLOW_MODEL_FAMILIES:
+        raise ValueError(f"model: received a {family or type(model).__name__} model, expected a model of a flow "
+                         f"family ({', '.join(FLOW_MODEL_FAMILIES)}) for {node}")
     patched = copy.copy(model)
-    patched.model_sampling = make_model_sampling(model.family, shift=shift)
+    patched.model_sampling = model_sampling
     return patched
 
 
 def model_sampling_sd3(ctx, node_id, model, shift):
-    return (with_shift(model, ("sd3",), shift, "ModelSamplingSD3"),)
+    """comfy_extras/nodes_model_advanced.py ModelSamplingSD3: ModelSamplingDiscreteFlow(shift, multiplier=1000)
+    + CONST, whatever the model's own sampling was (on FLUX.1 too, as in ComfyUI)."""
+    return (with_sampling(model, ModelSamplingDiscreteFlow(shift=_positive(shift), multiplier=1000.0),
+                          "ModelSamplingSD3"),)
 
 
 def model_sampling_flux(ctx, node_id, model, max_shift, base_shift, width, height):
-    return (with_shift(model, ("flux",), flux_shift(width, height, max_shift, base_shift), "ModelSamplingFlux"),)
+    """ModelSamplingFlux: ModelSamplingFlux(the shift computed from the size) + CONST, on any flow model."""
+    shift = flux_shift(width, height, max_shift, base_shift)
+    return (with_sampling(model, ModelSamplingFlux(shift=_positive(shift)), "ModelSamplingFlux"),)
+
+
+def _positive(shift) -> float:
+    if not float(shift) > 0:
+        raise ValueError(f"shift: received {shift!r}, expected a number > 0")
+    return float(shift)
 
 
 def _names(component_names, folder):

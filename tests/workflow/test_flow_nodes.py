@@ -143,15 +143,33 @@ def test_model_sampling_sd3_shift_changes_the_schedule(pipe):
 
 
 @pytest.mark.parametrize("node, family, message", [
-    ("ModelSamplingSD3", "flux", r"model: received a flux model, expected a model of family sd3"),
-    ("ModelSamplingFlux", "sd15", r"model: received a sd15 model, expected a model of family flux"),
+    ("ModelSamplingSD3", "sd15", r"model: received a sd15 model, expected a model of a flow family"),
+    ("ModelSamplingFlux", "sdxl", r"model: received a sdxl model, expected a model of a flow family"),
 ])
-def test_model_sampling_nodes_reject_other_families(pipe, node, family, message):
+def test_model_sampling_nodes_reject_sd_families(pipe, node, family, message):
     model = Model(FakeFlowNet("flux"), family)
     inputs = {"shift": 3.0} if node == "ModelSamplingSD3" else dict(max_shift=1.15, base_shift=0.5, width=64,
                                                                     height=64)
     with pytest.raises(ValueError, match=message):
         spec_run(pipe, node, model=model, **inputs)
+
+
+def test_model_sampling_nodes_patch_the_other_flow_family_like_comfyui(pipe):
+    """ComfyUI's nodes replace the model sampling whatever the model's own was: ModelSamplingSD3 on FLUX.1 dev
+    gives SD3's table (multiplier 1000: the network then gets sigma * 1000), ModelSamplingFlux on SD3 / schnell
+    FLUX.1 dev's."""
+    flux = Model(FakeFlowNet("flux"), "flux")
+    as_sd3, = spec_run(pipe, "ModelSamplingSD3", model=flux, shift=3.0)
+    sd3 = Model(FakeFlowNet("sd3"), "sd3", shift=3.0)
+    np.testing.assert_array_equal(as_sd3.model_sampling.sigmas, sd3.model_sampling.sigmas)
+    sigma = np.array([0.5], np.float32)
+    assert as_sd3.model_sampling.timestep(sigma)[0] == pytest.approx(500.0)  # sigma * 1000, as for SD3
+    assert as_sd3.family.name == "flux" and as_sd3.unet is flux.unet  # network, latent format, guidance kept
+    schnell = Model(FakeFlowNet("flux-schnell"), "flux-schnell")
+    as_flux, = spec_run(pipe, "ModelSamplingFlux", model=schnell, max_shift=1.15, base_shift=0.5, width=1024,
+                        height=1024)
+    dev = Model(FakeFlowNet("flux"), "flux")
+    np.testing.assert_array_equal(as_flux.model_sampling.sigmas, dev.model_sampling.sigmas)  # 1024²: shift 1.15
 
 
 def test_flux_guidance_and_zero_out_follow_comfyui(pipe):
