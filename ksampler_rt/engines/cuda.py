@@ -1,6 +1,6 @@
 """A small CUDA runtime facade (device/pinned memory, streams, copies, graphs) over cuda-python or cupy.
 
-Only what the TensorRT backend needs; imported lazily. cuda-python is preferred
+What the TensorRT and ONNX Runtime CUDA backends need; imported lazily. cuda-python is preferred
 (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6); cupy is the fallback.
 Not exercised on this project's CPU CI.
 """
@@ -104,6 +104,16 @@ class CudaRuntime:
                         "cudaMemcpyAsync D2H")
         else:
             self._cupy.cuda.runtime.memcpyAsync(dst, src, nbytes, 2, s)
+
+    def dtod(self, dst: int, src: int, nbytes: int, s: int) -> None:
+        """Device-to-device ``cudaMemcpyAsync`` on stream ``s`` (ControlNet residuals into the UNet's input
+        buffers without touching the host)."""
+        if self._rt:
+            self._check(self._rt.cudaMemcpyAsync(dst, src, nbytes,
+                                                 self._rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, s),
+                        "cudaMemcpyAsync D2D")
+        else:
+            self._cupy.cuda.runtime.memcpyAsync(dst, src, nbytes, 3, s)  # cudaMemcpyDeviceToDevice
 
     # graphs: capture the work enqueued on a stream, then replay it with one launch
     def begin_capture(self, s: int) -> None:

@@ -193,7 +193,8 @@ class EngineSet:
                     raise TypeError("unet(): this transformer (FLUX.1 dev) needs guidance (FluxGuidance)")
                 feeds["guidance"] = per_row("guidance", guidance, batch)
             if residuals:
-                feeds.update(_control_feeds(specs, roles, residuals, control, x))
+                feeds.update(_control_feeds(specs, roles, residuals, control, x,
+                                            device=getattr(eng, "device_inputs", False)))
             elif control is not None:
                 raise TypeError("unet(): received ControlNet residuals (control=...), expected none: this export's "
                                 "UNet takes no ControlNet inputs (re-export with --control-inputs)")
@@ -214,12 +215,17 @@ class EngineSet:
 def controlnet_callable(eng: Engine) -> Callable[..., dict]:
     """``controlnet(x, timestep, context, hint, y=None) -> {"down": [...], "mid": array}`` over a ControlNet
     engine (ONNX inputs ``sample``, ``timestep``, ``encoder_hidden_states``, ``controlnet_cond``, SDXL ``y``;
-    outputs ``down_0``.. and ``mid``), what the runtime's ControlNet application calls."""
+    outputs ``down_0``.. and ``mid``), what the runtime's ControlNet application calls.
+
+    An engine with ``device_outputs`` (ONNX Runtime CUDA) is asked to keep its outputs on the device: the
+    arrays are then :class:`~ksampler_rt.engines.device.DeviceTensor` (``np.asarray`` copies one to the host),
+    which a UNet engine with ``device_inputs`` takes by a device-to-device copy (issue #21)."""
     specs = {s.name: s for s in eng.inputs}
     for need in ("sample", "timestep", "encoder_hidden_states", "controlnet_cond"):
         if need not in specs:
             raise EngineError(f"the exported ControlNet has no input {need!r} (inputs: {', '.join(specs)})")
     downs = sorted((n for n in eng.output_names if n.startswith("down_")), key=lambda n: int(n.split("_")[1]))
+    on_device = bool(getattr(eng, "device_outputs", False))
 
     def controlnet(x, timestep, context, hint, y=None) -> dict:
         x = np.asarray(x)
@@ -236,16 +242,19 @@ def controlnet_callable(eng: Engine) -> Callable[..., dict]:
             if y is None:
                 raise TypeError("controlnet(): this ControlNet (SDXL) needs y (the ADM vector)")
             feeds["y"] = np.ascontiguousarray(y, dtype=specs["y"].dtype)
-        out = eng(**feeds)
+        out = eng(**feeds, keep_on_device=True) if on_device else eng(**feeds)
         return {"down": [out[n] for n in downs], "mid": out["mid"]}
 
     controlnet.engine = eng
     return controlnet
 
 
-def _control_feeds(specs: dict, roles: dict, residuals: list[str], control, x: np.ndarray) -> dict:
+def _control_feeds(specs: dict, roles: dict, residuals: list[str], control, x: np.ndarray,
+                   device: bool = False) -> dict:
     """The residual inputs of a UNet exported with ControlNet inputs: ``control``'s ``down`` / ``mid`` (and
-    T2I-Adapter ``adapter`` / ``adapter_mid``) arrays; zeros of the matching shape for what is absent."""
+    T2I-Adapter ``adapter`` / ``adapter_mid``) arrays; zeros of the matching shape for what is absent.
+    ``device``: the engine takes device-resident residuals (``device_inputs``): those of its input's dtype are
+    passed as they are (a device-to-device copy there); any other one is copied to the host here."""
     control = control or {}
     adapters = sorted((n for n in specs if n.startswith("adapter_") and n != "adapter_mid"),
                       key=lambda n: int(n.split("_")[1]))
@@ -264,9 +273,17 @@ def _control_feeds(specs: dict, roles: dict, residuals: list[str], control, x: n
         if name not in specs:
             continue
         value = given.get(name)
-        feeds[name] = (np.ascontiguousarray(value, dtype=specs[name].dtype) if value is not None
-                       else np.zeros(_residual_shape(specs[name], roles[name], x), dtype=specs[name].dtype))
+        if value is None:
+            feeds[name] = np.zeros(_residual_shape(specs[name], roles[name], x), dtype=specs[name].dtype)
+        elif device and _device_resident(value) and np.dtype(value.dtype) == np.dtype(specs[name].dtype):
+            feeds[name] = value
+        else:
+            feeds[name] = np.ascontiguousarray(value, dtype=specs[name].dtype)  # a DeviceTensor: explicit D2H
     return feeds
+
+
+def _device_resident(value) -> bool:
+    return not isinstance(value, np.ndarray) and getattr(value, "device_resident", False) is True
 
 
 def _residual_shape(spec, roles: list, x: np.ndarray) -> tuple[int, ...]:

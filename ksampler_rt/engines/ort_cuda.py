@@ -19,6 +19,11 @@ Per step, a call does:
   graph released (``release_captured_graph``), a fresh graph id captures the new shape; an onnxruntime
   without that call runs the new shape without a graph. Never an error.
 
+ControlNet on CUDA (issue #21): called with ``keep_on_device=True`` the engine returns its outputs as
+:class:`~ksampler_rt.engines.device.DeviceTensor` (no D2H), and it takes DeviceTensor inputs by a
+device-to-device copy into the bucket's input buffer (no H2D), so the ControlNet's residuals never leave
+the GPU on their way to the UNet; see ``engines/device.py`` for their lifetime.
+
 Threads: ORT does not support running a CUDA-graph session from several threads, so such a session lives on
 one dedicated thread (created, captured and replayed there; callers on any thread hand it their feeds).
 """
@@ -33,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import Engine, check_io_matches
+from .device import DeviceIO, DeviceTensor
 from .ort import CUDA_EP, GPU_SWAP, TRT_EP, _ort, check_providers, export_onnx_path, session_source, session_specs
 from .spec import EngineError
 
@@ -69,7 +75,7 @@ class _Bucket:
     """Fixed device buffers + an IO binding for one exact set of input shapes."""
 
     __slots__ = ("binding", "inputs", "outputs", "graph_id", "run_options", "calls", "held", "host",
-                 "out_shapes")
+                 "out_shapes", "live")
 
 
 class _SessionThread:
@@ -131,7 +137,7 @@ class WeightSessions:
         return len(self._live)
 
 
-class OrtCudaEngine(Engine):
+class OrtCudaEngine(DeviceIO, Engine):
     """ONNX Runtime with the CUDA (optionally TensorRT) execution provider; see the module docstring.
 
     ``fusion``: the transformer optimizer's model type applied to the LoRA path's source (the cached
@@ -168,7 +174,11 @@ class OrtCudaEngine(Engine):
         self._buckets: "OrderedDict[tuple, _Bucket]" = OrderedDict()
         self._graph_ids = itertools.count(0)
         self.stats = {"h2d_bytes": 0, "h2d_skipped": 0, "syncs": 0, "runs": 0, "graph_runs": 0,
-                      "buckets_evicted": 0, "graphs_released": 0, "thread_ids": set()}
+                      "buckets_evicted": 0, "graphs_released": 0, "thread_ids": set(),
+                      # device-resident IO (engines/device.py): DeviceTensors returned, D2D copies of DeviceTensor
+                      # inputs, DeviceTensors that had to come to the host (np.asarray / outliving their step)
+                      "device_outputs": 0, "dtod": 0, "dtod_bytes": 0, "device_feeds_via_host": 0,
+                      "d2h_fallbacks": 0, "d2h_fallback_bytes": 0}
 
     # --- session ----------------------------------------------------------------------------------
     def providers(self) -> list:
@@ -304,6 +314,7 @@ class OrtCudaEngine(Engine):
 
     # --- buckets ----------------------------------------------------------------------------------
     def _free_bucket(self, b: _Bucket) -> None:
+        self._materialize(b)  # DeviceTensors still pointing at its outputs keep a host copy
         if b.graph_id >= 0 and self.session is not None and hasattr(self.session, "release_captured_graph"):
             self.session.release_captured_graph(b.graph_id)
             self.stats["graphs_released"] += 1
@@ -334,14 +345,17 @@ class OrtCudaEngine(Engine):
             self.stats["buckets_evicted"] += 1
         dev = ("cuda", self.device_id)
         b = _Bucket()
-        b.calls, b.held, b.host = 0, {}, {}
+        b.calls, b.held, b.host, b.live = 0, {}, {}, []
         b.inputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(feeds[n].shape), feeds[n].dtype.type, *dev)
                     for n in self.input_names}
         b.binding = self.session.io_binding()
         for n, v in b.inputs.items():
+            b.binding.bind_ortvalue_input(n, v)
+            if isinstance(feeds[n], DeviceTensor):  # copied device to device by the run itself
+                b.held[n] = None
+                continue
             v.update_inplace(np.ascontiguousarray(feeds[n]))
             b.held[n] = np.array(feeds[n], copy=True)
-            b.binding.bind_ortvalue_input(n, v)
         # One plain run (graph id -1 = no capture) with ORT-allocated outputs tells us their shapes.
         warm = ort.RunOptions()
         warm.add_run_config_entry("gpu_graph_id", "-1")
@@ -371,18 +385,31 @@ class OrtCudaEngine(Engine):
 
     # --- running ----------------------------------------------------------------------------------
     def _run(self, feeds, profile_index):
+        keep = self._outputs_on_device  # set by __call__(keep_on_device=True) under the lock
         if self._thread is not None:
-            return self._thread.call(self._run_here, feeds)
-        return self._run_here(feeds)
+            return self._thread.call(self._run_here, feeds, keep)
+        return self._run_here(feeds, keep)
 
-    def _run_here(self, feeds):
+    def _run_here(self, feeds, keep_on_device: bool = False):
+        with self._producer_locks(feeds):  # held until this call's sync: see DeviceIO._producer_locks
+            return self._run_bucket(feeds, keep_on_device)
+
+    def _run_bucket(self, feeds, keep_on_device: bool):
         from .cuda import pinned_array, same_values
 
         self.stats["thread_ids"].add(threading.get_ident())
         b = self._bucket(feeds)
+        if b.live:  # this run overwrites the outputs DeviceTensors of the last one may still point at
+            self._materialize(b)
         for n, v in b.inputs.items():
-            a = np.ascontiguousarray(feeds[n])
-            if b.calls and same_values(b.held[n], a):  # the device buffer holds these values already
+            a = feeds[n]
+            if isinstance(a, DeviceTensor):
+                if self._device_feed(b, n, v, a):
+                    continue
+                a = np.asarray(a)
+            a = np.ascontiguousarray(a)
+            held = b.held[n]
+            if b.calls and held is not None and same_values(held, a):  # the device buffer holds these already
                 self.stats["h2d_skipped"] += 1
                 continue
             if self.cuda is not None:
@@ -390,12 +417,17 @@ class OrtCudaEngine(Engine):
                 self.cuda.htod(v.data_ptr(), b.host[n], a.nbytes, self.stream)
             else:
                 v.update_inplace(a)
-            np.copyto(b.held[n], a)
+            if held is None:
+                b.held[n] = np.array(a, copy=True)
+            else:
+                np.copyto(held, a)
             self.stats["h2d_bytes"] += a.nbytes
         self.session.run_with_iobinding(b.binding, b.run_options)
         b.calls += 1
         self.stats["runs"] += 1
         self.stats["graph_runs"] += b.graph_id >= 0
+        if keep_on_device and self.cuda is not None:
+            return self._device_outputs(b)
         if self.cuda is None:
             return {n: v.numpy() for n, v in b.outputs.items()}
         for spec in self.outputs:

@@ -27,6 +27,14 @@ with ``down`` in diffusers' ``down_block_res_samples`` order (ComfyUI's ``contro
 Optional attributes: ``family`` (UNet family it fits), ``kind`` ("controlnet"), ``global_average_pooling``
 (ComfyUI's shuffle ControlNets: each output replaced by its spatial mean).
 
+Device-resident outputs (issue #21): an engine may return residuals that stay in GPU memory (ONNX Runtime
+CUDA's ``DeviceTensor``). The runtime treats such a value as opaque -- not an ``np.ndarray``, with ``shape``,
+``dtype`` and ``device_resident = True`` -- and never imports the engine type. In the common case (one
+ControlNet, strength 1, no pooling, inside its window) it goes to the UNet untouched, its shape checked from
+its metadata and its finiteness left to the UNet's output check. Every other case (strength != 1, stacked
+ControlNets, global average pooling) copies it to the host with ``np.asarray`` (the engine's explicit,
+counted D2H) and does the arithmetic in numpy; there is no GPU math here.
+
 T2I-Adapters (``kind == "t2i_adapter"``, comfy/controlnet.py ``T2IAdapter``): ``adapter(hint) -> [features]``
 in down-block order (ComfyUI's ``control["input"]`` reversed, its ``None`` placeholders allowed). The hint is
 resized to the latent's pixel size rounded *up* to a multiple of ``adapter.unshuffle_amount`` (default 8;
@@ -193,32 +201,52 @@ class PreparedControl:
         kwargs = {} if y is None else {"y": y}
         out = _checked(self.control.network(x_in, timestep, context, hint, **kwargs), x_in.shape[0])
         if last and previous is None and self.strength == 1 and not self.pooling:
-            # x * 1.0 == x: the outputs go to the UNet as they are. Anywhere else they are copied (scaled),
+            # x * 1.0 == x: the outputs go to the UNet as they are (device-resident ones stay on the device).
+            # Anywhere else they are copied (scaled, on the host),
             # so a network reusing its output buffers (an engine) cannot overwrite residuals still to be summed.
             return out
         return merge({"down": [self._one(a) for a in out["down"]], "mid": self._one(out["mid"])}, previous)
 
     def _one(self, a):
-        """control_merge's per-output part: global average pooling, then ``x *= strength``."""
+        """control_merge's per-output part: global average pooling, then ``x *= strength``; a device-resident
+        output comes to the host first (``np.asarray``: its engine's D2H)."""
         if a is None:
             return None
+        if device_resident(a):
+            a = np.asarray(a, dtype=F32)
         if self.pooling:
             a = np.broadcast_to(a.mean(axis=(2, 3), keepdims=True, dtype=F32), a.shape)
         return a * self.strength
+
+
+def device_resident(a) -> bool:
+    """An engine output left in device memory (e.g. ``ksampler_rt.engines.device.DeviceTensor``), by duck
+    type: not an ``np.ndarray``, ``device_resident`` is True, and it has ``shape`` and ``dtype``."""
+    return (not isinstance(a, np.ndarray) and getattr(a, "device_resident", False) is True
+            and hasattr(a, "shape") and hasattr(a, "dtype"))
+
+
+def _checked_output(name: str, a, rows: int):
+    """One ControlNet output as float32 numpy, checked; a device-resident one is checked from its metadata
+    and kept on the device (no copy: its finiteness is left to the UNet's output check)."""
+    if device_resident(a):
+        shape = tuple(a.shape)
+    else:
+        a = np.asarray(a, dtype=F32)
+        shape = a.shape
+    if len(shape) != 4 or shape[0] != rows:
+        raise ControlOutputError(f"the ControlNet returned {name} of shape {shape}, expected [{rows}, C, H, W]")
+    if isinstance(a, np.ndarray) and not np.isfinite(a).all():
+        raise ControlOutputError(f"the ControlNet returned non-finite values (NaN or inf) in {name}")
+    return a
 
 
 def _checked(out, rows: int) -> dict:
     if not isinstance(out, dict) or "down" not in out or "mid" not in out:
         raise ControlOutputError(f"the ControlNet returned {type(out).__name__}, expected a dict with 'down' "
                                  "(list of arrays) and 'mid' (array)")
-    down = [np.asarray(a, dtype=F32) for a in out["down"]]
-    mid = np.asarray(out["mid"], dtype=F32)
-    for name, a in [(f"down[{i}]", a) for i, a in enumerate(down)] + [("mid", mid)]:
-        if a.ndim != 4 or a.shape[0] != rows:
-            raise ControlOutputError(f"the ControlNet returned {name} of shape {a.shape}, expected [{rows}, C, H, W]")
-        if not np.isfinite(a).all():
-            raise ControlOutputError(f"the ControlNet returned non-finite values (NaN or inf) in {name}")
-    return {"down": down, "mid": mid}
+    down = [_checked_output(f"down[{i}]", a, rows) for i, a in enumerate(out["down"])]
+    return {"down": down, "mid": _checked_output("mid", out["mid"], rows)}
 
 
 def _checked_adapter(out, rows: int) -> list:

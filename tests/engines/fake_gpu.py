@@ -62,6 +62,7 @@ class FakeCuda:
     def __init__(self):
         self.mem = Memory()
         self.calls: list[tuple] = []
+        self.copies: list[tuple] = []  # (kind, dst, src, nbytes): which buffers every copy touched
         self._streams = itertools.count(1)
         self.capturing: dict[int, list] = {}
         self.graphs: dict[int, list] = {}
@@ -107,13 +108,20 @@ class FakeCuda:
         else:
             fn()
 
-    def htod(self, dst, src, nbytes, s):
-        self._log("htod", nbytes, s)
+    def _copy(self, kind, dst, src, nbytes, s):
+        self._log(kind, nbytes, s)
+        with self.lock:
+            self.copies.append((kind, dst, src, nbytes))
         self.enqueue(s, lambda: ctypes.memmove(dst, src, nbytes))
 
+    def htod(self, dst, src, nbytes, s):
+        self._copy("htod", dst, src, nbytes, s)
+
     def dtoh(self, dst, src, nbytes, s):
-        self._log("dtoh", nbytes, s)
-        self.enqueue(s, lambda: ctypes.memmove(dst, src, nbytes))
+        self._copy("dtoh", dst, src, nbytes, s)
+
+    def dtod(self, dst, src, nbytes, s):
+        self._copy("dtod", dst, src, nbytes, s)
 
     def begin_capture(self, s):
         self._log("begin_capture", s)
@@ -370,9 +378,12 @@ class FakeContext:
 
 # ----------------------------------------------------------------------------------------------- ONNX Runtime
 
-def fake_onnxruntime(inputs=UNET_INPUTS, outputs=UNET_OUTPUTS, release=True):
+def fake_onnxruntime(inputs=UNET_INPUTS, outputs=UNET_OUTPUTS, release=True, compute=None, io=None):
     """An ``onnxruntime`` module with the CUDA EP (``release``: whether sessions have
-    ``release_captured_graph``, onnxruntime >= 1.31)."""
+    ``release_captured_graph``, onnxruntime >= 1.31). ``compute``: ``compute(source, {input: array}) ->
+    {output: array}`` for every session (``source``: what the session was created from), instead of the
+    fake UNet's :func:`reference`; ``io``: ``io(source) -> (input specs, output specs)`` instead of
+    ``inputs`` / ``outputs`` (several models in one process)."""
     ort = types.ModuleType("onnxruntime")
     ort.__spec__ = importlib.machinery.ModuleSpec("onnxruntime", None)  # importlib.util.find_spec works
     ort.__version__ = "1.31.1"
@@ -469,17 +480,28 @@ def fake_onnxruntime(inputs=UNET_INPUTS, outputs=UNET_OUTPUTS, release=True):
         def get_providers(self):
             return [p[0] if isinstance(p, tuple) else p for p in self.provider_options]
 
+        def _io(self):
+            return io(self.source) if io is not None else (inputs, outputs)
+
         def get_inputs(self):
             return [types.SimpleNamespace(name=s.name, type=f"tensor({'float' if s.dtype == 'float32' else s.dtype})",
-                                          shape=list(s.shape)) for s in inputs]
+                                          shape=list(s.shape)) for s in self._io()[0]]
 
         def get_outputs(self):
-            return [types.SimpleNamespace(name=s.name, type="tensor(float)", shape=list(s.shape)) for s in outputs]
+            return [types.SimpleNamespace(name=s.name, type="tensor(float)", shape=list(s.shape))
+                    for s in self._io()[1]]
 
         def io_binding(self):
             return Binding()
 
         def _compute(self, b: Binding):
+            if compute is not None:
+                for n, a in compute(self.source, {k: v.arr for k, v in b.inputs.items()}).items():
+                    if n in b.outputs:
+                        b.outputs[n].arr[...] = a
+                    else:
+                        b.outputs[n] = OrtValue(np.array(a, np.float32))
+                return
             x, t, c = (b.inputs[n].arr for n in ("sample", "timestep", "encoder_hidden_states"))
             out = reference(x, t, c)
             if "out" in b.outputs:
