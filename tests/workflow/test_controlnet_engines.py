@@ -215,7 +215,8 @@ def _graph_dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("example, backend", [("controlnet.json", "onnxruntime-cpu"),
-                                              ("controlnet.ui.json", "openvino-cpu")])
+                                              ("controlnet.ui.json", "openvino-cpu"),
+                                              ("controlnet.ui.json", "onnxruntime-cpu")])
 def test_controlnet_graph_through_ksampler_rt_run(models_dir, tmp_path, capsys, example, backend):
     from PIL import Image
 
@@ -230,7 +231,8 @@ def test_controlnet_graph_through_ksampler_rt_run(models_dir, tmp_path, capsys, 
     assert Image.open(printed[0]).size == (64, 64)
 
 
-def test_controlnet_graph_changes_the_image_and_runs_over_prompt(models_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "openvino-cpu"])
+def test_controlnet_graph_changes_the_image_and_runs_over_prompt(models_dir, tmp_path, backend):
     pytest.importorskip("aiohttp")
     pytest.importorskip("prometheus_client")
     from tests.workflow.prompt_server import prompt_server
@@ -239,7 +241,7 @@ def test_controlnet_graph_changes_the_image_and_runs_over_prompt(models_dir, tmp
     prompt = json.loads((EXAMPLES / "controlnet.json").read_text())
     prompt["5"]["inputs"].update(width=64, height=64)
     prompt["3"]["inputs"]["steps"] = 3
-    pipe = Pipeline(models_dir, backend="onnxruntime-cpu", output_dir=out, input_dir=inp, log=None)
+    pipe = Pipeline(models_dir, backend=backend, output_dir=out, input_dir=inp, log=None)
     try:
         with prompt_server(pipe) as server:
             assert server.call("/models/controlnet") == [CN]
