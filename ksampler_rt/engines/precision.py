@@ -83,6 +83,11 @@ QUALITY_BOUNDS: dict[tuple[str, str], dict[str, float]] = {
     ("unet", "bf16"): {"rel_l2": 0.15},
     ("unet", "fp16"): {"rel_l2": 0.05},
     ("unet", "int8"): {"rel_l2": 0.15},
+    # the fp8 Q/DQ export (``export --quantize fp8``, TensorRT; measured on the CPU as fake quantization, a
+    # whole job at CFG 7): tiny SD1.5 0.32-0.35 / 25-27 dB, half-width SD1.5 0.27-0.29 / 25.6-26.4 dB. The
+    # int8 Q/DQ export has no bound: on random-weight models its per-tensor ranges fail (rel. L2 0.69-0.97,
+    # 17.6-18.6 dB); ("unet", "int8") above is openvino-cpu's NNCF weight compression
+    ("unet", "fp8"): {"rel_l2": 0.45, "psnr_db": 22.0},
     ("clip", "bf16"): {"rel_l2": 0.05},
     ("clip", "fp16"): {"rel_l2": 0.01},
     ("clip", "int8"): {"rel_l2": 0.05},
@@ -286,3 +291,27 @@ def explain_auto(backend: str, flags=None) -> str:
     picks = {n: auto_precision(backend, n, flags) for n in NETWORKS}
     why = describe_cpu(flags)
     return f"precision auto on {backend}: " + ", ".join(f"{n}={p}" for n, p in picks.items()) + f" (CPU: {why})"
+
+
+# --- quantized (Q/DQ) exports --------------------------------------------------------------------------
+#: What a CPU backend says when it loads a quantized export (``ksampler-rt export ... --quantize``).
+QUANTIZED_CPU_NOTE = ("runs simulated on the CPU (fake quantization: the Q/DQ nodes around fp32 kernels): "
+                      "for quality checks, not speed; fp8 / int8 speed needs TensorRT on a GPU")
+
+
+def quantized_model(manifest_data: dict, model: str) -> str | None:
+    """The quantization (``fp8`` / ``int8``) of ``model``'s graph in an export, None when it has no Q/DQ
+    nodes (every model of an ordinary export; a quantized export's text encoders and VAE)."""
+    q = manifest_data.get("quantized")
+    entry = (manifest_data.get("models") or {}).get(model) or {}
+    return q if q and entry.get("precision") == q else None
+
+
+def ort_session_configs(manifest_data: dict, model: str) -> dict[str, str]:
+    """ONNX Runtime session config entries (``SessionOptions.add_session_config_entry``) the CPU build of
+    ``model`` needs: for a Q/DQ graph, ``session.disable_quant_qdq=1``, so that the Q/DQ pairs run as written
+    (fake quantization, what the quality figures measure). Without it ONNX Runtime 1.31 fuses the float8
+    DequantizeLinear -> MatMul pairs into ``MatMulIntegerToFloat``, which has no float8 kernel, and the session
+    fails ("Type 'tensor(float8e4m3fn)' of input parameter ... of operator (MatMulIntegerToFloat) ... is
+    invalid"); for int8 it would swap in integer kernels, a different computation than TensorRT's."""
+    return {"session.disable_quant_qdq": "1"} if quantized_model(manifest_data, model) else {}

@@ -33,6 +33,7 @@ from .spec import EngineError, ShapeProfile, TensorSpec
 
 INSTALL = "pip install ksampler-rt[tensorrt]"
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
+QUANTIZED = ("fp8", "int8")  # built only from an export with Q/DQ nodes (manifest "quantized")
 SUPPORTED_MAJORS = (10, 11)  # keep in step with pyproject's [tensorrt] pin (tensorrt>=10,<12)
 
 
@@ -98,12 +99,21 @@ def precision_flags(precision: str, compute_capability, *, strongly_typed: bool 
     """``trt.BuilderFlag`` names for ``precision`` on a GPU of ``compute_capability`` (pure logic).
 
     fp16 on any GPU TensorRT 10 supports; bf16 from Ampere (8.0); fp8 from Ada/Hopper (8.9) and int8
-    (6.1+) both only make sense for an export with Q/DQ nodes, so they are refused otherwise. A strongly
-    typed network (required by weight streaming) takes its precision from the ONNX types: no flags.
+    (6.1+) both only make sense for an export with Q/DQ nodes (``ksampler_rt.export.quantize``), so they are
+    refused otherwise, strongly typed or not. A strongly typed network (TensorRT 11, weight streaming) takes
+    its precision from the ONNX types -- the Q/DQ nodes for fp8 / int8, as TensorRT's "Explicit Quantization"
+    guide recommends ("precision-control build flags are not required"): no flags.
     """
     if precision not in PRECISIONS:
         raise EngineError(f"precision: received {precision!r}, expected one of {', '.join(PRECISIONS)}")
     cc = _cc(compute_capability)
+    if precision in QUANTIZED:  # gated whatever the typing: a strongly typed build still needs the GPU and Q/DQ
+        need = (8, 9) if precision == "fp8" else (6, 1)
+        if cc < need:
+            raise EngineError(f"{precision} needs compute capability >= {need[0]}.{need[1]}, this GPU has "
+                              f"{compute_capability}; use --precision fp16")
+        if not quantized_export:
+            raise EngineError(qdq_refusal(precision))
     if strongly_typed:
         return []
     if precision == "fp32":
@@ -117,14 +127,15 @@ def precision_flags(precision: str, compute_capability, *, strongly_typed: bool 
             raise EngineError(f"bf16 needs an Ampere or newer GPU (compute capability >= 8.0), this GPU has "
                               f"{compute_capability}; use --precision fp16")
         return ["BF16"]
-    need = (8, 9) if precision == "fp8" else (6, 1)
-    if cc < need:
-        raise EngineError(f"{precision} needs compute capability >= {need[0]}.{need[1]}, this GPU has "
-                          f"{compute_capability}; use --precision fp16")
-    if not quantized_export:
-        raise EngineError(f"{precision} needs an export with quantize/dequantize (Q/DQ) nodes (calibrated "
-                          f"offline); this export has none; use --precision fp16")
+    # TensorRT 10's weakly typed path: the FP8 / INT8 flag lets the Q/DQ-wrapped layers run quantized, FP16
+    # the layers between them (an fp32 export's other layers would otherwise stay fp32)
     return [precision.upper(), "FP16"]
+
+
+def qdq_refusal(precision: str) -> str:
+    """Why ``precision`` (fp8 / int8) is refused for an export without Q/DQ nodes."""
+    return (f"{precision} needs an export with quantize/dequantize (Q/DQ) nodes (calibrated "
+            f"offline); this export has none; use --precision fp16")
 
 
 def profile_shapes(profiles: Sequence[ShapeProfile]) -> list[dict[str, tuple]]:

@@ -48,6 +48,13 @@ def register(subparsers) -> None:
                    help="torch.onnx exporter (default torchscript: much faster, keeps parameter names)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max relative error allowed in validation (default 1e-3 fp32, 5e-2 fp16)")
+    p.add_argument("--quantize", choices=("fp8", "int8"), default=None,
+                   help="also quantize the denoiser (UNet / transformer) for TensorRT's explicit quantization: "
+                        "Q/DQ nodes calibrated on a few fp32 sampling runs (text encoders and VAE stay fp32; see "
+                        "docs/engines.md, Precision). CHECKPOINT may then also be an existing fp32 export folder. "
+                        "CPU backends run the result simulated (quality checks only)")
+    p.add_argument("--calibration-size", type=int, default=None, metavar="PIXELS",
+                   help="with --quantize: image size of the calibration runs (default: the family's native size)")
     p.set_defaults(func=run)
 
 
@@ -56,6 +63,8 @@ def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+    if args.quantize:
+        return run_quantized(args)
     from .onnx_export import export_model
     m = export_model(args.checkpoint, args.out, precision=args.precision, family=args.family, opset=args.opset,
                      prediction=args.prediction, vae=args.vae, config=args.config, overwrite=args.overwrite,
@@ -74,4 +83,43 @@ def run(args) -> int:
     print(f"family {m['family']}  prediction {m['prediction']}  -> {os.path.abspath(args.out)}")
     if m.get("complete") is False:
         print(f"note: partial export ({', '.join(m['models'])}); the other networks come from other exports")
+    return 0
+
+
+def run_quantized(args) -> int:
+    """``--quantize``: an existing fp32 export is quantized directly; a checkpoint is exported in fp32 into a
+    scratch folder first (removed afterwards). The output appears only when everything succeeded."""
+    import os
+    import shutil
+    import tempfile
+
+    from .errors import ExportError
+    from .quantize import CalibrationRecipe, quantize_export
+
+    if args.precision != "fp32":
+        raise ExportError(f"--precision: received {args.precision!r} with --quantize, expected fp32 (the "
+                          f"quantizer calibrates the fp32 graph; the Q/DQ nodes set the denoiser's precision)")
+    size = args.calibration_size
+    recipe = CalibrationRecipe(width=size, height=size)
+    if os.path.isfile(os.path.join(args.checkpoint, "manifest.json")):
+        r = quantize_export(args.checkpoint, args.out, args.quantize, recipe=recipe, overwrite=args.overwrite)
+    else:
+        from .onnx_export import export_model
+
+        out = os.path.abspath(args.out)  # the fp32 export is as large as the checkpoint: next to out, not /tmp
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.fp32-", dir=os.path.dirname(out))
+        try:
+            fp32 = os.path.join(scratch, "fp32")
+            export_model(args.checkpoint, fp32, precision="fp32", family=args.family, opset=args.opset,
+                         prediction=args.prediction, vae=args.vae, config=args.config, exporter=args.exporter,
+                         tolerance=args.tolerance, tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer,
+                         clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5, control_inputs=args.control_inputs)
+            r = quantize_export(fp32, args.out, args.quantize, recipe=recipe, overwrite=args.overwrite)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    q = r.manifest["quantization"]
+    print(f"{q['model']} quantized {q['mode']}: {r.qdq['nodes']['QuantizeLinear']} QuantizeLinear, "
+          f"{r.qdq['nodes']['DequantizeLinear']} DequantizeLinear (opset {r.qdq['opset']}), calibrated on "
+          f"{q['calibration']['denoiser_calls']} calls -> {os.path.abspath(args.out)}")
     return 0

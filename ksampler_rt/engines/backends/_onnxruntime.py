@@ -53,12 +53,21 @@ class OnnxRuntimeBackend(Backend):
             import onnxruntime as ort
 
             from ..ort import check_providers, cpu_session_options
+            from ..precision import QUANTIZED_CPU_NOTE, ort_session_configs, quantized_model
+
+            if quantized_model(job.manifest.data, entry.name) and self.device_type == "cpu":
+                import warnings
+
+                warnings.warn(f"{entry.name}: {quantized_model(job.manifest.data, entry.name)} Q/DQ graph "
+                              f"{QUANTIZED_CPU_NOTE}", RuntimeWarning, stacklevel=2)
 
             out = tmp / "model.onnx"
             source = self.build_source(job, tmp)
             self.before_session(ort)
             so = cpu_session_options(level=level, optimized_model_path=str(out),
                                      external_data_min_bytes=EXTERNAL_DATA_MIN_BYTES)
+            for key, value in ort_session_configs(job.manifest.data, entry.name).items():
+                so.add_session_config_entry(key, value)  # a Q/DQ graph runs as written (fake quantization)
             session = ort.InferenceSession(str(source), sess_options=so, providers=provs)
             check_providers(session, [p[0] if isinstance(p, tuple) else p for p in provs], entry.name)
             del session

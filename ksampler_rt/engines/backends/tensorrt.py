@@ -4,7 +4,9 @@ so ``load_engines`` does not build a missing plan unless asked (``ksampler-rt bu
 
 Precision comes from the export: each model is built in the precision the export gave it (an fp16 export's
 fp32 VAE stays fp32); TensorRT 11 builds strongly typed networks (its only mode), TensorRT 10 the flag
-path with the export's fp32 layers pinned. The cache key holds the precision actually built, whether the
+path with the export's fp32 layers pinned. fp8 / int8 build a quantized export's Q/DQ denoiser
+(``ksampler-rt export SRC --out DIR --quantize fp8``; manifest ``"quantized"``) and its other models in fp32;
+an export without Q/DQ nodes is refused. The cache key holds the precision actually built, whether the
 network was strongly typed, the exporter revision (a new exporter can change the graph behind the same
 weights) and no driver version (a plan depends on TensorRT, the GPU and CUDA, not on the driver)."""
 from __future__ import annotations
@@ -59,6 +61,8 @@ class TensorRT(Backend):
         the builder flag path); TensorRT 11 builds strongly typed networks only, so it runs the export's own."""
         p = requested or export_precision
         major = self.installed_major()
+        if p in ("fp8", "int8"):
+            return p  # the precision of the Q/DQ graph: gated per model, with the manifest (model_precision)
         if p != export_precision and major is not None and major >= 11:
             raise EngineError(f"precision: received {p!r}, expected the export's own precision "
                               f"{export_precision!r} (TensorRT {major} builds strongly typed networks, whose "
@@ -70,6 +74,8 @@ class TensorRT(Backend):
         precision export (the SDXL VAE), which is built fp32 unless a conversion was asked for."""
         from ..precision import keeps_fp32
 
+        if precision in ("fp8", "int8"):
+            return self._quantized_precision(precision, entry, manifest)
         if precision == "fp16" and keeps_fp32(entry.name, manifest.family):  # T5-XXL, FLUX.1's VAE
             return "fp32"
         if precision == manifest.precision and precision in ("fp16", "bf16"):
@@ -77,6 +83,24 @@ class TensorRT(Backend):
             if floats and all(d == "float32" for d in floats):
                 return "fp32"
         return precision
+
+    def _quantized_precision(self, precision: str, entry, manifest) -> str:
+        """fp8 / int8: the quantized export's denoiser (its Q/DQ graph) in ``precision``, its other models
+        (text encoders, VAE: no Q/DQ nodes) in fp32. An export without Q/DQ nodes: refused here when the
+        build is strongly typed (TensorRT 11), else by ``precision_flags`` after the GPU check, as before."""
+        from ..trt_backend import qdq_refusal
+
+        quantized = manifest.data.get("quantized")
+        if not quantized:
+            major = self.installed_major()
+            if major is not None and major >= 11:
+                raise EngineError(qdq_refusal(precision))
+            return precision
+        if quantized != precision:
+            raise EngineError(f"precision: received {precision!r}, expected {quantized!r} (this export's Q/DQ "
+                              f"nodes are {quantized}; re-quantize with `--quantize {precision}`)")
+        own = (manifest.data.get("models", {}).get(entry.name) or {}).get("precision")
+        return precision if own == quantized else "fp32"
 
     def key_options(self, options) -> dict:
         major = self.installed_major()
@@ -96,7 +120,8 @@ class TensorRT(Backend):
             plan = build_plan(job.entry.path, job.profiles, job.precision, env.get("compute_capability"),
                               refit=opts.refit, weight_streaming=opts.weight_streaming,
                               timing_cache=job.cache.timing_cache_path(env),
-                              quantized_export=bool(job.manifest.data.get("quantized")))
+                              quantized_export=bool(job.manifest.data.get("quantized")
+                                                     and job.precision == job.manifest.data.get("quantized")))
             (tmp / "engine.plan").write_bytes(plan)
             return {"artefact": "engine.plan"}
 
