@@ -56,9 +56,30 @@ def bench_flow(args) -> int:
     return 0
 
 
+def bench_controlnet(args) -> int:
+    """``--controlnet``: the per-step cost of one ControlNet beside the plain step, against diffusers'
+    ControlNet pipeline on the same weights (ksampler_rt.bench.controlnet)."""
+    from .controlnet import ControlBenchConfig, format_report, run, save
+
+    w, h = _size(args.size) if args.size else (None, None)
+    fields = dict(model=args.model, backends=tuple(_csv(args.backend)) if args.backend else None, width=w, height=h,
+                  steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed,
+                  repeats=args.repeats, threads=args.threads, out=args.out)
+    if args.quick:
+        cfg = ControlBenchConfig.quick_config(**fields)
+    else:
+        cfg = ControlBenchConfig(**{k: v for k, v in fields.items() if v is not None})
+    result = run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_report(result))
+    print(f"\nwrote {save(result, cfg.out)}")
+    return 0
+
+
 def bench(args) -> int:
     if getattr(args, "precision", None):
         return bench_precision(args)
+    if getattr(args, "controlnet", False):
+        return bench_controlnet(args)
     from .models import is_flow_model
 
     if is_flow_model(args.model):
@@ -142,4 +163,10 @@ def register(subparsers) -> None:
                         "backends (default openvino-cpu, onnxruntime-cpu) with its latent relative L2 and image "
                         "PSNR against the fp32 run of the same seed, beside diffusers eager fp32 and torch bf16 "
                         "autocast (--peers diffusers,diffusers-bf16)")
+    p.add_argument("--controlnet", action="store_true",
+                   help="ControlNet benchmark instead (--model tiny or half-sd15; default backend onnxruntime-cpu): "
+                        "per-step ms of ksampler-rt plain and with one ControlNet (ControlNet engine + the "
+                        "residual-taking UNet) beside diffusers' StableDiffusionPipeline and "
+                        "StableDiffusionControlNetPipeline on the same weights and sigmas, interleaved, with the "
+                        "latents' relative L2 (see docs/benchmarks.md)")
     p.set_defaults(func=bench)

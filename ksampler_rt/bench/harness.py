@@ -466,7 +466,9 @@ class DiffusersPeer:
 
     def __init__(self, source_dir, cfg: BenchConfig, sigmas, *, compile: bool = False, family: str = "sd15"):
         self.source_dir, self.cfg, self.compile, self.family = Path(source_dir), cfg, compile, family
-        self.sigmas = [float(s) for s in sigmas[:-1]]  # the scheduler appends the final 0
+        # the whole list, final 0 included: diffusers' EulerDiscreteScheduler(sigmas=...) takes the last entry as
+        # the final sigma (0.42 appends nothing), so dropping the 0 would run one step fewer than ours
+        self.sigmas = [float(s) for s in sigmas]
         self.name = "diffusers torch " + ("compile" if compile else "eager")
         self.pipe = None
         self.unet_calls: list[tuple[float, float]] = []

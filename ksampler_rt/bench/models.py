@@ -222,3 +222,65 @@ def resolve_model(spec: str, log: Callable[[str], None] = print, *, need_source:
         return BenchModel(path.name, export_dir, path, manifest.get("family", "?"), size, "diffusers folder")
     raise ValueError(f"--model: received {path}, expected an export directory (manifest.json) or a diffusers "
                      "folder (model_index.json)")
+
+
+# ---------------------------------------------------------------------------------------------
+# ControlNet benchmark models (``ksampler-rt bench --controlnet``, :mod:`ksampler_rt.bench.controlnet`)
+
+CONTROL_MODELS = ("tiny", "half-sd15")
+
+
+@dataclass
+class ControlBenchModel:
+    name: str
+    source_dir: Path          # the SD diffusers folder (UNet weights of both sides)
+    controlnet_dir: Path      # the diffusers ControlNetModel folder (ControlNet weights of both sides)
+    export_dir: Path          # the checkpoint export with ``unet`` and ``unet_control``
+    controlnet_export: Path   # the ControlNet's export
+    default_size: int
+    note: str = ""
+
+
+def _ensure_controlnet_source(source: Path, target: Path, log: Callable[[str], None]) -> Path:
+    """``ControlNetModel.from_unet`` on ``source``'s UNet, its ControlNet-only layers re-drawn deterministically
+    (:func:`ksampler_rt.export.tiny_control.make_tiny_controlnet`), kept under the bench cache."""
+    if (target / "config.json").is_file():
+        return target
+    from ..export.tiny_control import make_tiny_controlnet
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log(f"building the ControlNet of {source.name} (random weights) in {target} ...")
+    return make_tiny_controlnet(source, seed=0, out=target)  # written into a temp folder, then renamed
+
+
+def _export_control(source: Path, key: str, log: Callable[[str], None], **kw) -> Path:
+    from ..export.manifest import EXPORTER_REVISION
+
+    export_dir = cache_root() / "exports" / f"{key}-e{EXPORTER_REVISION}"
+    if (export_dir / "manifest.json").is_file():
+        return export_dir
+    from ..export.onnx_export import export_model
+
+    log(f"exporting {source} to {export_dir} (once; minutes for half-sd15 on a small CPU) ...")
+    export_model(str(source), str(export_dir), overwrite=True, **kw)
+    return export_dir
+
+
+def resolve_control_model(spec: str, log: Callable[[str], None] = print) -> ControlBenchModel:
+    """``--model`` of ``bench --controlnet``: a built-in SD1.5 model, its ControlNet, and both exports (the
+    checkpoint with ``--control-inputs``), built and exported into the bench cache on first use."""
+    if spec == "tiny":
+        from ..export.tiny import TINY_RECIPE_VERSION
+
+        source, key = ensure_source("tiny", log), f"tiny-r{TINY_RECIPE_VERSION}"
+        note = "tiny SD1.5 fixture: UNet (32, 64), its ControlNet (from_unet, re-drawn control layers)"
+    elif spec == "half-sd15":
+        source, key = ensure_source("half-sd15", log), f"half-sd15-r{BENCH_RECIPE_VERSION}"
+        note = ("SD1.5-shaped UNet at half width (160, 320, 640, 640) and its ControlNet (from_unet, re-drawn "
+                "control layers), random weights")
+    else:
+        raise ValueError(f"--model: received {spec!r} with --controlnet, expected one of {', '.join(CONTROL_MODELS)}")
+    cn_dir = _ensure_controlnet_source(source, cache_root() / "bench" / f"{key}-controlnet", log)
+    export_dir = _export_control(source, f"bench-{key}-control", log, control_inputs=True)
+    cn_export = _export_control(cn_dir, f"bench-{key}-controlnet", log)
+    return ControlBenchModel(spec, source, cn_dir, export_dir, cn_export, DEFAULT_SIZE[spec], note)
