@@ -22,11 +22,10 @@ UNet: the analytic UNet of analytic_unet.py, plus, when it receives ``control``:
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
+
+from tests.runtime.analytic_unet import AnalyticUNet
 
 F32 = np.float32
 
@@ -37,16 +36,6 @@ CONTROLNETS = {  # name -> (a, b, c)
 
 ADAPTERS = {"T": (8, 3), "TX": (16, 3), "TG": (8, 1)}  # name -> (unshuffle_amount, channels_in)
 W_AD = (0.3, -0.2, 0.5, 0.1)
-
-
-def _analytic_unet_module():
-    name = "ksampler_rt_tests_analytic_unet"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("analytic_unet.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 def avg_pool(a: np.ndarray, k: int) -> np.ndarray:
@@ -109,7 +98,7 @@ class AnalyticControlledUNet:
     ``controls`` every control dict received."""
 
     def __init__(self, log: list | None = None):
-        self.inner = _analytic_unet_module().AnalyticUNet()
+        self.inner = AnalyticUNet()
         self.log = log
         self.controls: list[dict] = []
 

@@ -14,9 +14,7 @@ sampled by the runtime with the numpy twins. Compared:
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +33,7 @@ CASES = META["cases"]
 REL_L2 = 1e-5
 
 
-def _analytic_control():
-    name = "ksampler_rt_tests_analytic_control"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("analytic_control.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-AC = _analytic_control()
+from tests.runtime import analytic_control as AC  # noqa: E402
 
 
 def rel_l2(got, want) -> float:

@@ -7,9 +7,7 @@ table, loaders, the application structure (which entries share an application) a
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,18 +28,7 @@ META = json.loads((GOLDEN / "controlnet.json").read_text())
 DATA = np.load(GOLDEN / "controlnet.npz")
 
 
-def _analytic_control():
-    name = "ksampler_rt_tests_analytic_control"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "runtime" / "analytic_control.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-AC = _analytic_control()
+from tests.runtime import analytic_control as AC  # noqa: E402
 
 
 # -- image nodes ---------------------------------------------------------------------------------------
