@@ -211,6 +211,10 @@ class Pipeline:
                     check_filename_prefix(values["filename_prefix"])
                 except ValueError as exc:
                     return [("filename_prefix", str(exc).partition(": ")[2])]
+            if class_type in ("KSampler", "KSamplerAdvanced"):
+                message = self._controlnet_family_problem(prompt, values)
+                if message:
+                    return [("model", message)]
             if class_type == "CLIPSetLastLayer" and isinstance(values.get("stop_at_clip_layer"), int):
                 message = self._clip_layer_problem(prompt, values.get("clip"), values["stop_at_clip_layer"])
                 if message:
@@ -218,6 +222,58 @@ class Pipeline:
             return []
 
         return check
+
+    def _manifest_family(self, folder: str, name) -> str | None:
+        import json
+
+        try:
+            path = self.registry.checkpoint(name) if folder == "checkpoints" else self.registry.component(folder, name)
+            return json.loads((path / "manifest.json").read_text()).get("family")
+        except (ValueError, OSError, TypeError):
+            return None  # reported on the loader's own input
+
+    def _controlnet_family_problem(self, prompt: Mapping, values: Mapping) -> str | None:
+        """A ControlNet registered for another family than the sampler's MODEL (its export's manifest says
+        which UNet family it fits), found at validation, before any engine is built or run. None when they fit or
+        either is unknown (stand-ins, models not in the registry: the runtime checks again at sampling)."""
+        from .graph import is_link
+
+        def upstream(link, keys):
+            seen, stack = set(), [link]
+            while stack:
+                link = stack.pop()
+                if not is_link(link) or str(link[0]) not in prompt or str(link[0]) in seen:
+                    continue
+                seen.add(str(link[0]))
+                node = prompt[str(link[0])]
+                yield node
+                stack.extend(v for k, v in (node.get("inputs") or {}).items() if k in keys)
+
+        model_family = None
+        for node in upstream(values.get("model"), ("model",)):
+            inputs = node.get("inputs") or {}
+            if node.get("class_type") == "CheckpointLoaderSimple":
+                model_family = self._manifest_family("checkpoints", inputs.get("ckpt_name"))
+            elif node.get("class_type") == "UNETLoader":
+                model_family = self._manifest_family("diffusion_models", inputs.get("unet_name"))
+            else:
+                continue
+            break
+        if model_family is None:
+            return None
+        group = {"sd2-v": "sd2"}.get
+        conditioning = ("conditioning", "positive", "negative", "conditioning_1", "conditioning_2", "conditioning_to",
+                        "conditioning_from", "control_net")
+        for key in ("positive", "negative"):
+            for node in upstream(values.get(key), conditioning):
+                name = (node.get("inputs") or {}).get("control_net_name")
+                if node.get("class_type") not in ("ControlNetLoader", "DiffControlNetLoader") or name is None:
+                    continue
+                net_family = self._manifest_family("controlnet", name)
+                if net_family is not None and group(net_family, net_family) != group(model_family, model_family):
+                    return (f"control_net_name {name!r}: received a ControlNet for family {net_family!r}, expected one "
+                            f"for the model's family {model_family!r}")
+        return None
 
     def _clip_layer_problem(self, prompt: Mapping, link, layer: int) -> str | None:
         """Why ``layer`` cannot be served by the checkpoint the CLIP comes from (None when it can or is unknown)."""

@@ -294,3 +294,24 @@ def test_engine_control_attributes_follow_comfyui(exports, tmp_path):
     finally:
         for n in (shuffle, canny, adapter):
             n.release()
+
+
+def test_a_controlnet_for_another_family_fails_validation_before_any_engine(exports, tmp_path):
+    from ksampler_rt.workflow.graph import WorkflowError
+
+    sd, _, _ = exports("sd15")
+    _, cn_xl, _ = exports("sdxl")
+    registry = ModelRegistry(tmp_path / "models")
+    registry.register(CKPT, sd)
+    registry.register("xl-canny.safetensors", cn_xl)
+    prompt = json.loads((EXAMPLES / "controlnet.json").read_text())
+    prompt["11"]["inputs"]["control_net_name"] = "xl-canny.safetensors"
+    inp, out = _graph_dirs(tmp_path)
+    pipe = Pipeline(registry.root, backend="onnxruntime-cpu", output_dir=out, input_dir=inp, log=None)
+    with pytest.raises(WorkflowError, match="received a ControlNet for family 'sdxl', expected one for the model's "
+                                            "family 'sd15'"):
+        pipe.prepare(prompt)
+    assert not pipe._checkpoints  # nothing was loaded
+    registry.register("sd15-canny.safetensors", exports("sd15")[1])
+    prompt["11"]["inputs"]["control_net_name"] = "sd15-canny.safetensors"
+    pipe.prepare(prompt)  # the matching one validates
