@@ -119,3 +119,31 @@ def unipc_correct(x, m0, h1, h2, d, nd, r1, r2, xs, ms, bs, p1, p2, c_in, c1, c2
             mt = (x_new - std * ((x_new * c_in - d[i]) / sigma)) / alpha
             model_t[i] = mt
             x_out[i] = base - bs * ((d1 * c1 + d2 * c2) + c_last * (mt - m0[i]))
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def rf_renoise(x, d, nz, ratio, omr, ar, s, c, out):
+    """The ancestral rectified-flow step: out = ar (ratio x + omr d) + (nz s) c, numpy's order."""
+    for i in range(x.shape[0]):
+        out[i] = ar * (ratio * x[i] + omr * d[i]) + (nz[i] * s) * c
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def cfg_pp_renoise(x, d, u, nz, sigma, a_s, a_t, sd, s, su, out):
+    """Ancestral CFG++ step: out = (a_t d + sd ((x - a_s u) / sigma)) + ((nz a_t) s) su, numpy's order."""
+    for i in range(x.shape[0]):
+        out[i] = (a_t * d[i] + sd * ((x[i] - a_s * u[i]) / sigma)) + ((nz[i] * a_t) * s) * su
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def ddpm(x, d, nz, q, sigma, oma, k1, k2, k3, k4, out):
+    """DDPM step: out = (k1 ((x / q) - (oma ((x - d) / sigma)) / k2) + k3 nz) k4, numpy's order."""
+    for i in range(x.shape[0]):
+        out[i] = (k1 * (x[i] / q - (oma * ((x[i] - d[i]) / sigma)) / k2) + k3 * nz[i]) * k4
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def dpmpp_2m_cfg_pp(x, d, u, o, ne, mc, e, out):
+    """CFG++ DPM-Solver++(2M) step: out = (d + (ne u - mc (d - o))) + e x, numpy's order."""
+    for i in range(x.shape[0]):
+        out[i] = (d[i] + (ne * u[i] - mc * (d[i] - o[i]))) + e * x[i]

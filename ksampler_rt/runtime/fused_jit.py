@@ -11,7 +11,10 @@ are bit-identical to the numpy code (which stays the reference and the fallback)
 * :func:`unipc_predict`, :func:`unipc_correct`, :func:`unipc_data_prediction`: the UniPC-B(h)
   predictor (its model input) in one pass, the data prediction and the corrector in another (about
   25 numpy passes per step become 2; the corrector recomputes the predictor's values instead of
-  reading them back).
+  reading them back);
+* :func:`rf_renoise`, :func:`cfg_pp_renoise`, :func:`ddpm`, :func:`dpmpp_2m_cfg_pp`: one step's update
+  of the ancestral RF Euler, ancestral CFG++ Euler, DDPM and CFG++ DPM-Solver++(2M) samplers in one
+  pass each (callers in :mod:`.samplers.common` / :mod:`.samplers.dpmpp` keep the numpy fallback).
 
 They follow the compiled kernels' switch (:func:`.jit.available`: numba present, ``KSAMPLER_RT_JIT``
 not 0) and add their own self-check against the numpy expressions on first use. Importing this module
@@ -24,7 +27,7 @@ import numpy as np
 
 from . import jit
 
-__all__ = ["available", "brownian_sum", "fusable", "unipc_data_prediction", "unipc_correct", "unipc_predict"]
+__all__ = ["available", "brownian_sum", "cfg_pp_renoise", "ddpm", "dpmpp_2m_cfg_pp", "fusable", "rf_renoise", "unipc_data_prediction", "unipc_correct", "unipc_predict"]
 
 F32 = np.float32
 _K: dict = {}
@@ -49,7 +52,9 @@ def _compile() -> None:
         from . import _fused_kernels as k
 
         _K.update(sum_scaled=k.sum_scaled, unipc_predict=k.unipc_predict, unipc_correct=k.unipc_correct,
-                  data_prediction=k.data_prediction)
+                  data_prediction=k.data_prediction, rf_renoise=k.rf_renoise,
+                  cfg_pp_renoise=k.cfg_pp_renoise, ddpm=k.ddpm,
+                  dpmpp_2m_cfg_pp=k.dpmpp_2m_cfg_pp)
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
@@ -118,6 +123,39 @@ def unipc_data_prediction(x_vp, x_in, d, sigma, std, alpha) -> np.ndarray:
     return out
 
 
+# ------------------------------------------------------------------------------ ancestral RF step
+def rf_renoise(x, d, nz, ratio, alpha_ratio, s_noise, coeff) -> np.ndarray:
+    """``alpha_ratio * (ratio * x + (1 - ratio) * d) + nz * s_noise * coeff`` in one pass (the RF Euler
+    step then the rescale and renoise of ComfyUI's ``sample_euler_ancestral_RF``); scalars float32."""
+    out = np.empty_like(x)
+    ratio = F32(ratio)
+    _K["rf_renoise"](_flat(x), _flat(d), _flat(nz), ratio, F32(1) - ratio, F32(alpha_ratio), F32(s_noise),
+                     F32(coeff), _flat(out))
+    return out
+
+
+def cfg_pp_renoise(x, d, u, nz, sigma, alpha_s, alpha_t, sigma_down, s_noise, sigma_up) -> np.ndarray:
+    """``(alpha_t d + sigma_down ((x - alpha_s u) / sigma)) + nz alpha_t s_noise sigma_up`` in one pass."""
+    out = np.empty_like(x)
+    _K["cfg_pp_renoise"](_flat(x), _flat(d), _flat(u), _flat(nz), *(F32(v) for v in (
+        sigma, alpha_s, alpha_t, sigma_down, s_noise, sigma_up)), _flat(out))
+    return out
+
+
+def ddpm(x, d, nz, q, sigma, oma, k1, k2, k3, k4) -> np.ndarray:
+    """``(k1 (x / q - (oma ((x - d) / sigma)) / k2) + k3 nz) k4`` in one pass (a DDPM step)."""
+    out = np.empty_like(x)
+    _K["ddpm"](_flat(x), _flat(d), _flat(nz), *(F32(v) for v in (q, sigma, oma, k1, k2, k3, k4)), _flat(out))
+    return out
+
+
+def dpmpp_2m_cfg_pp(x, d, u, old, ne, mc, e) -> np.ndarray:
+    """``d + (ne u - mc (d - old)) + e x`` in one pass (a second-order CFG++ DPM-Solver++(2M) step)."""
+    out = np.empty_like(x)
+    _K["dpmpp_2m_cfg_pp"](_flat(x), _flat(d), _flat(u), _flat(old), F32(ne), F32(mc), F32(e), _flat(out))
+    return out
+
+
 # ------------------------------------------------------------------------------ self-check
 def _self_check() -> None:
     """Each kernel against the numpy expressions it replaces, bit for bit."""
@@ -145,6 +183,19 @@ def _self_check() -> None:
     if not (np.array_equal(got_new, x_new) and np.array_equal(got_in, x_in) and np.array_equal(got_mt, mt)
             and np.array_equal(got_out, x_out) and np.array_equal(got_dp, (x - s[11] * ((x_in - dd) / s[9])) / s[8])):
         raise RuntimeError("self-check failed: UniPC step")
+    r, a, c = F32(0.83), F32(1.07), F32(0.21)
+    for sn in (F32(1.0), F32(0.9)):
+        if not np.array_equal(rf_renoise(x, dd, m0, r, a, sn, c), a * (r * x + (1 - r) * dd) + m0 * sn * c):
+            raise RuntimeError("self-check failed: rf_renoise")
+    k = [F32(v) for v in (1.1, 0.45, 0.62, 0.3, 0.9, 0.55, 1.2)]
+    want = (k[2] * dd + k[3] * ((x - k[1] * h1) / k[0])) + m0 * k[2] * k[4] * k[5]
+    if not np.array_equal(cfg_pp_renoise(x, dd, h1, m0, *k[:6]), want):
+        raise RuntimeError("self-check failed: cfg_pp_renoise")
+    want = (k[3] * (x / k[0] - k[2] * ((x - dd) / k[1]) / k[4]) + k[5] * m0) * k[6]
+    if not np.array_equal(ddpm(x, dd, m0, *k), want):
+        raise RuntimeError("self-check failed: ddpm")
+    if not np.array_equal(dpmpp_2m_cfg_pp(x, dd, h1, h2, *k[:3]), dd + (k[0] * h1 - k[1] * (dd - h2)) + k[2] * x):
+        raise RuntimeError("self-check failed: dpmpp_2m_cfg_pp")
 
 
 class _Up:

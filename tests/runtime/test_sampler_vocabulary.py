@@ -140,4 +140,5 @@ def test_no_import_circle_through_the_registry():
             continue
         assert not [m for m in _imported_modules(path) if m.endswith("registry")], path.name
     for path in (SAMPLERS_DIR / "spec.py", COMMON):
-        assert not [m for m in _imported_modules(path) if m.startswith(".")], path.name
+        # a sampler module is a sibling (".x"); runtime modules above ("..fused_jit") are allowed
+        assert not [m for m in _imported_modules(path) if m.startswith(".") and not m.startswith("..")], path.name

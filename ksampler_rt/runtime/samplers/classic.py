@@ -15,8 +15,9 @@ import numpy as np
 from scipy import integrate
 
 from .common import (
-    F32, exp, f32, get_ancestral_step, get_ancestral_step_rf, half_log_snr_to_sigma, is_flow, lerp, log, notify,
-    rf_step, schedule_cached, sigma_to_half_log_snr, sqrt, times, to_d, torch_linspace,
+    F32, cfg_pp_renoise, ddpm_update, exp, f32, get_ancestral_step, get_ancestral_step_rf, half_log_snr_to_sigma,
+    is_flow, lerp, log, notify, rf_step, rf_step_renoise, schedule_cached, sigma_to_half_log_snr, times, to_d,
+    torch_linspace,
 )
 from .dpm_solver import (
     DPM_SOLVER_STEPS, PIDStepSizeController, dpm_sigma_range, dpm_solver_1_step, dpm_solver_2_step,
@@ -70,9 +71,8 @@ def sample_euler_ancestral_RF(model, x, sigmas, noise, callback=None, eta=1.0, s
             x = denoised
         else:
             sigma_down, alpha_ratio, renoise_coeff = get_ancestral_step_rf(sigma, sigma_next, eta)
-            x = rf_step(x, sigma, sigma_down, denoised)
-            if eta > 0:
-                x = alpha_ratio * x + times(noise_sampler(sigma, sigma_next), s_noise, renoise_coeff)
+            x = (rf_step_renoise(x, sigma, sigma_down, denoised, alpha_ratio, noise_sampler(sigma, sigma_next),
+                                 s_noise, renoise_coeff) if eta > 0 else rf_step(x, sigma, sigma_down, denoised))
     return x
 
 
@@ -91,14 +91,15 @@ def sample_euler_ancestral_cfg_pp(model, x, sigmas, noise, callback=None, eta=1.
             continue
         alpha_s = sigma * exp(sigma_to_half_log_snr(sigma, ms))
         alpha_t = sigma_next * exp(sigma_to_half_log_snr(sigma_next, ms))
-        d = to_d(x, sigma, alpha_s * uncond_denoised)
         # a flow model's sigma = 1 has alpha_s = 0: sigma / alpha_s = inf gives (0, sigma_next), as in torch
         with np.errstate(divide="ignore", invalid="ignore"):
             sigma_down, sigma_up = get_ancestral_step(sigma / alpha_s, sigma_next / alpha_t, eta)
         sigma_down = alpha_t * sigma_down
-        x = alpha_t * denoised + sigma_down * d
         if eta > 0 and s_noise > 0:
-            x = x + times(noise_sampler(sigma, sigma_next), alpha_t, s_noise, sigma_up)
+            x = cfg_pp_renoise(x, denoised, uncond_denoised, sigma, alpha_s, alpha_t, sigma_down,
+                               noise_sampler(sigma, sigma_next), s_noise, sigma_up)
+        else:
+            x = alpha_t * denoised + sigma_down * to_d(x, sigma, alpha_s * uncond_denoised)
     return x
 
 
@@ -328,17 +329,6 @@ def sample_dpm_adaptive(model, x, sigmas, noise, callback=None, order=3, rtol=0.
 
 # -- DDPM and LCM ------------------------------------------------------------------------------------------
 
-def _ddpm_step(x, sigma, sigma_prev, eps, noise_sampler):
-    """Ho et al. (2020) ancestral posterior step in VP space (alpha_bar = 1 / (1 + sigma^2))."""
-    alpha_cumprod = 1 / (sigma * sigma + 1)
-    alpha_cumprod_prev = 1 / (sigma_prev * sigma_prev + 1)
-    alpha = alpha_cumprod / alpha_cumprod_prev
-    mu = sqrt(1.0 / alpha) * (x - (1 - alpha) * eps / sqrt(1 - alpha_cumprod))
-    if sigma_prev > 0:
-        mu += sqrt((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod)) * noise_sampler(sigma, sigma_prev)
-    return mu
-
-
 def sample_ddpm(model, x, sigmas, noise, callback=None):
     """DDPM ancestral sampling (ComfyUI's generic_step_sampler with DDPMSampler_step)."""
     noise_sampler = noise.default(x)
@@ -346,9 +336,7 @@ def sample_ddpm(model, x, sigmas, noise, callback=None):
         sigma, sigma_next = f32(sigmas[i]), f32(sigmas[i + 1])
         denoised = model(x, sigma)
         notify(callback, i, x, denoised)
-        x = _ddpm_step(x / sqrt(1.0 + sigma * sigma), sigma, sigma_next, (x - denoised) / sigma, noise_sampler)
-        if sigma_next != 0:
-            x = x * sqrt(1.0 + sigma_next * sigma_next)
+        x = ddpm_update(x, denoised, sigma, sigma_next, noise_sampler)
     return x
 
 

@@ -15,6 +15,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .. import fused_jit
+
 F32 = np.float32
 
 
@@ -176,6 +178,51 @@ def rf_step(x: np.ndarray, sigma, sigma_to, denoised: np.ndarray) -> np.ndarray:
     x <- r x + (1 - r) D (exact along the flow path x = (1 - sigma) D + sigma n for a constant D)."""
     ratio = sigma_to / sigma
     return ratio * x + (1 - ratio) * denoised
+
+
+def rf_step_renoise(x, sigma, sigma_to, denoised, alpha_ratio, noise, s_noise, coeff) -> np.ndarray:
+    """``alpha_ratio * rf_step(x, sigma, sigma_to, denoised) + times(noise, s_noise, coeff)``: the step,
+    rescale and renoise of ComfyUI's ``sample_euler_ancestral_RF``; one compiled pass (bit-identical)
+    when the arrays are float32 and the scalars float32 (``s_noise`` may be a Python number)."""
+    f32s = all(isinstance(v, np.float32) for v in (sigma, sigma_to, alpha_ratio, coeff))
+    if (f32s and isinstance(s_noise, (np.float32, float, int)) and fused_jit.available()
+            and fused_jit.fusable(x, denoised, noise)):
+        return fused_jit.rf_renoise(x, denoised, noise, sigma_to / sigma, alpha_ratio, s_noise, coeff)
+    return alpha_ratio * rf_step(x, sigma, sigma_to, denoised) + times(noise, s_noise, coeff)
+
+
+def cfg_pp_renoise(x, denoised, uncond, sigma, alpha_s, alpha_t, sigma_down, noise, s_noise, sigma_up):
+    """The renoised step of ComfyUI's ``sample_euler_ancestral_cfg_pp``: ``alpha_t * denoised + sigma_down *
+    to_d(x, sigma, alpha_s * uncond) + times(noise, alpha_t, s_noise, sigma_up)``; one compiled pass
+    (bit-identical) for float32 arrays and scalars."""
+    if (all(isinstance(v, np.float32) for v in (sigma, alpha_s, alpha_t, sigma_down, sigma_up))
+            and isinstance(s_noise, (np.float32, float, int)) and fused_jit.available()
+            and fused_jit.fusable(x, denoised, uncond, noise)):
+        return fused_jit.cfg_pp_renoise(x, denoised, uncond, noise, sigma, alpha_s, alpha_t, sigma_down, s_noise,
+                                        sigma_up)
+    x = alpha_t * denoised + sigma_down * to_d(x, sigma, alpha_s * uncond)
+    return x + times(noise, alpha_t, s_noise, sigma_up)
+
+
+def ddpm_update(x, denoised, sigma, sigma_next, noise_sampler) -> np.ndarray:
+    """One step of ComfyUI's ``sample_ddpm`` (``DDPMSampler_step`` in VP space, alpha_bar = 1 / (1 +
+    sigma^2), between the VP scalings of x); one compiled pass (bit-identical) when sigma_next > 0 and
+    the arrays are float32."""
+    alpha_cumprod = 1 / (sigma * sigma + 1)
+    alpha_cumprod_prev = 1 / (sigma_next * sigma_next + 1)
+    alpha = alpha_cumprod / alpha_cumprod_prev
+    k1, k2, q = sqrt(1.0 / alpha), sqrt(1 - alpha_cumprod), sqrt(1.0 + sigma * sigma)
+    k4 = sqrt(1.0 + sigma_next * sigma_next)
+    if sigma_next > 0:
+        k3 = sqrt((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod))
+        nz = noise_sampler(sigma, sigma_next)
+        if (all(isinstance(v, np.float32) for v in (sigma, alpha, q, k1, k2, k3, k4)) and fused_jit.available()
+                and fused_jit.fusable(x, denoised, nz)):
+            return fused_jit.ddpm(x, denoised, nz, q, sigma, 1 - alpha, k1, k2, k3, k4)
+    mu = k1 * (x / q - (1 - alpha) * ((x - denoised) / sigma) / k2)
+    if sigma_next > 0:
+        mu += k3 * nz
+    return mu * k4 if sigma_next != 0 else mu
 
 
 def is_flow(model_sampling) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import fused_steps
 from .common import (
     F32, get_ancestral_step, half_log_snr_to_sigma, nan_to_zero, phi1, phi2, schedule_cached, sigma_to_half_log_snr,
     times, to_d, torch_linspace,
@@ -64,7 +65,11 @@ def sample_ipndm(model, x, sigmas, noise=None, callback=None, max_order=4):
             x_next = x + (sigma_next - sigma) * d
         else:
             weights, div = _IPNDM_WEIGHTS[order]
-            x_next = x + (sigma_next - sigma) * _weighted([d] + history[::-1], weights) / div
+            ds = [d] + history[::-1]
+            if fused_steps.available() and fused_steps.fusable(x, *ds):
+                x_next = fused_steps.ipndm_step(x, ds, weights, div, sigma_next - sigma)  # same bits, 1 pass
+            else:
+                x_next = x + (sigma_next - sigma) * _weighted(ds, weights) / div
         _push(history, d, max_order)
         x = x_next
     return x
@@ -120,7 +125,12 @@ def sample_ipndm_v(model, x, sigmas, noise=None, callback=None, max_order=4):
         if sigma_next == 0:
             x_next = denoised
         else:
-            x_next = x + (sigma_next - sigma) * _weighted([d] + history[::-1], coeffs[i])
+            ds, w = [d] + history[::-1], coeffs[i]
+            if len(ds) > 1 and all(isinstance(c, F32) for c in w) and fused_steps.available() \
+                    and fused_steps.fusable(x, *ds):
+                x_next = fused_steps.ipndm_step(x, ds, w, 1, sigma_next - sigma)  # /1 is exact: same bits
+            else:
+                x_next = x + (sigma_next - sigma) * _weighted(ds, w)
         _push(history, d, max_order)
         x = x_next
     return x
@@ -227,9 +237,22 @@ def res_multistep(model, x, sigmas, noise, callback=None, eta=1.0, cfg_pp=False,
                 phi1_val, phi2_val = phi1(-h), phi2(-h)
                 b1 = nan_to_zero(phi1_val - phi2_val / c2)
                 b2 = nan_to_zero(phi2_val / c2)
+            a = sigma_fn(h)
+            nz = noise_sampler(sigma, sigma_next) if sigma_next > 0 and eta > 0 else None
+            if (all(isinstance(v, F32) for v in (a, h, b1, b2, sigma_up)) and fused_steps.available()
+                    and fused_steps.fusable(x, denoised, guide, old_denoised, *([] if nz is None else [nz]))):
+                # one pass, same float32 operations in the same order as below
+                x = fused_steps.res_step(x, denoised, guide, old_denoised, nz, cfg_pp, a, h, b1, b2, F32(s_noise),
+                                         sigma_up)
+                old_denoised, old_sigma_down = guide, sigma_down
+                continue
             if cfg_pp:
                 x = x + (denoised - guide)
-            x = sigma_fn(h) * x + h * (b1 * guide + b2 * old_denoised)
+            x = a * x + h * (b1 * guide + b2 * old_denoised)
+            if nz is not None:
+                x = x + times(nz, F32(s_noise), sigma_up)
+            old_denoised, old_sigma_down = guide, sigma_down
+            continue
         # ComfyUI draws here even when sigma_up == 0; with eta == 0 every draw is multiplied by 0.
         if sigma_next > 0 and eta > 0:
             x = x + times(noise_sampler(sigma, sigma_next), F32(s_noise), sigma_up)
