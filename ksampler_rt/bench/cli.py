@@ -37,42 +37,39 @@ def bench_precision(args) -> int:
     return 0
 
 
+def _common_fields(args) -> dict:
+    """The options the flow and ControlNet benches share, as their config classes name them (None: default)."""
+    w, h = _size(args.size) if args.size else (None, None)
+    return dict(model=args.model, backends=tuple(_csv(args.backend)) if args.backend else None, width=w, height=h,
+                steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed,
+                repeats=args.repeats, threads=args.threads, out=args.out)
+
+
+def _run_bench(module, config_cls, fields: dict, quick: bool) -> int:
+    """Build the config (``--quick``: its quick preset), run the module's bench, print the report, save the JSON."""
+    cfg = config_cls.quick_config(**fields) if quick else config_cls(**{k: v for k, v in fields.items()
+                                                                        if v is not None})
+    result = module.run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(module.format_report(result))
+    print(f"\nwrote {module.save(result, cfg.out)}")
+    return 0
+
+
 def bench_flow(args) -> int:
     """An SD3 / FLUX.1 model: ksampler-rt against diffusers' pipeline on the same weights (ksampler_rt.bench.flow)."""
-    from .flow import FlowBenchConfig, format_report, run, save
+    from . import flow
 
-    w, h = _size(args.size) if args.size else (None, None)
-    fields = dict(model=args.model, backends=tuple(_csv(args.backend)) if args.backend else None, width=w, height=h,
-                  steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed,
-                  repeats=args.repeats, threads=args.threads, out=args.out,
-                  peers=tuple(p for p in _csv(args.peers) if p != "none") if args.peers is not None else None)
-    if args.quick:
-        cfg = FlowBenchConfig.quick_config(**fields)
-    else:
-        cfg = FlowBenchConfig(**{k: v for k, v in fields.items() if v is not None})
-    result = run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_report(result))
-    print(f"\nwrote {save(result, cfg.out)}")
-    return 0
+    fields = _common_fields(args)
+    fields["peers"] = tuple(p for p in _csv(args.peers) if p != "none") if args.peers is not None else None
+    return _run_bench(flow, flow.FlowBenchConfig, fields, args.quick)
 
 
 def bench_controlnet(args) -> int:
     """``--controlnet``: the per-step cost of one ControlNet beside the plain step, against diffusers'
     ControlNet pipeline on the same weights (ksampler_rt.bench.controlnet)."""
-    from .controlnet import ControlBenchConfig, format_report, run, save
+    from . import controlnet
 
-    w, h = _size(args.size) if args.size else (None, None)
-    fields = dict(model=args.model, backends=tuple(_csv(args.backend)) if args.backend else None, width=w, height=h,
-                  steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed,
-                  repeats=args.repeats, threads=args.threads, out=args.out)
-    if args.quick:
-        cfg = ControlBenchConfig.quick_config(**fields)
-    else:
-        cfg = ControlBenchConfig(**{k: v for k, v in fields.items() if v is not None})
-    result = run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_report(result))
-    print(f"\nwrote {save(result, cfg.out)}")
-    return 0
+    return _run_bench(controlnet, controlnet.ControlBenchConfig, _common_fields(args), args.quick)
 
 
 def bench(args) -> int:
