@@ -562,7 +562,7 @@ def run_full_level(names, sizes, steps: int, repeats: int, peer: "PeerProcess | 
                f"(medians; {best} of {len(met)} by each side's best repeat)")
     print(f"full level: {summary}")
     return {"steps": steps, "repeats": repeats, "passes": len(chunks), "cfg": FULL_CFG, "family": family,
-            "peer": peer_note,
+            "peer": peer.describe(family) if peer is not None else peer_note,
             "peer_info": ({k: v for k, v in peer.info.items() if k != "samplers"} if peer is not None else None),
             "ours": f"ksampler_rt.runtime.ksampler() + Model(zero-cost UNet, {family})",
             "rows": rows, "summary": summary,

@@ -31,3 +31,113 @@ def res_step(x, den, g, od, nz, pp, a, h, b1, b2, sn, su, noisy, out):
         if noisy:
             v = v + (nz[i] * sn) * su
         out[i] = v
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def eps_of(x, den, sigma, out):
+    """out = (x - den) / sigma: the eps (or to_d slope) of a denoiser value."""
+    for i in range(x.shape[0]):
+        out[i] = (x[i] - den[i]) / sigma
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def lin_step(x, e, f, a, b, two, out):
+    """out = x - a * e, then (if ``two``) - b * (f - e): every DPM-Solver stage and step."""
+    for i in range(x.shape[0]):
+        v = x[i] - a * e[i]
+        if two:
+            v = v - b * (f[i] - e[i])
+        out[i] = v
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def lms_step(x, den, sigma, h1, h2, h3, k, zero, c0, c1, c2, c3, d_out, out):
+    """d = (x - den) / sigma (kept as the newest slope), out = x + (0 + c0 d + c1 h1 + ...)."""
+    for i in range(x.shape[0]):
+        d = (x[i] - den[i]) / sigma
+        d_out[i] = d
+        acc = zero + c0 * d
+        if k >= 1:
+            acc = acc + c1 * h1[i]
+        if k >= 2:
+            acc = acc + c2 * h2[i]
+        if k >= 3:
+            acc = acc + c3 * h3[i]
+        out[i] = x[i] + acc
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def rms_scaled(lo, hi, prev, atol, rtol, out):
+    """out (float64) = (lo - hi) / max(atol, rtol * max(|lo|, |prev|)), the quotient in float32;
+    max as numpy's (a NaN operand wins)."""
+    for i in range(lo.shape[0]):
+        a, p = abs(lo[i]), abs(prev[i])
+        m = a if (a >= p or a != a) else p
+        s = rtol * m
+        delta = atol if (atol >= s or atol != atol) else s
+        out[i] = (lo[i] - hi[i]) / delta
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def seeds_stage(x, u, v, sde, nz, mode, a, c, p, q, lw, from_start, noise_mode, e, qn, sig, sn, keep, out, sde_out):
+    """One SEEDS stage: out = a x - c z with z = u (mode 0), torch.lerp(u, v) (mode 1: weight ``lw``
+    taken from u if ``from_start`` else from v, the fma emulated in float64 as the numpy path does) or
+    p u + q v (mode 2); then the SDE noise s = qn nz (noise_mode 1) or sde e + qn nz (2), kept in
+    ``sde_out`` if ``keep``, added as (s sig) sn."""
+    for i in range(x.shape[0]):
+        if mode == 0:
+            z = u[i]
+        elif mode == 1:
+            diff = v[i] - u[i]
+            base = u[i] if from_start else v[i]
+            z = numba.float32(numba.float64(lw) * numba.float64(diff) + numba.float64(base))
+        else:
+            z = p * u[i] + q * v[i]
+        y = a * x[i] - c * z
+        if noise_mode != 0:
+            s = qn * nz[i]
+            if noise_mode == 2:
+                s = sde[i] * e + s
+            if keep:
+                sde_out[i] = s
+            y = y + (s * sig) * sn
+        out[i] = y
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def er_sde_step(x, den, old, old_dd, nz, stage, xw, dw, d2, w2, d3, w3, noisy, f1, f2, f3, dd_out, out):
+    """One ER-SDE step: (xw x + dw den), + w2 dd with dd = (den - old) / d2 (stage >= 2, kept in
+    ``dd_out``), + w3 (dd - old_dd) / d3 (stage 3), then + ((nz f1) f2) f3 if ``noisy``."""
+    for i in range(x.shape[0]):
+        y = xw * x[i] + dw * den[i]
+        if stage >= 2:
+            dd = (den[i] - old[i]) / d2
+            dd_out[i] = dd
+            y = y + w2 * dd
+            if stage >= 3:
+                y = y + w3 * ((dd - old_dd[i]) / d3)
+        if noisy:
+            y = y + ((nz[i] * f1) * f2) * f3
+        out[i] = y
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def sa_step(x, p0, p1, p2, p3, k, b0, b1, b2, b3, sc, nz, noise_mode, f1, f2, f3, noise_out, out):
+    """One SA-Solver predictor or corrector: sc x + (p0 b0 + p1 b1 + ... (k more terms)), then + the
+    kept step noise ``nz`` (noise_mode 1) or + a new one ((nz f1) f2) f3, kept in ``noise_out`` (2)."""
+    for i in range(x.shape[0]):
+        acc = p0[i] * b0
+        if k >= 1:
+            acc = acc + p1[i] * b1
+        if k >= 2:
+            acc = acc + p2[i] * b2
+        if k >= 3:
+            acc = acc + p3[i] * b3
+        y = sc * x[i] + acc
+        if noise_mode == 1:
+            y = y + nz[i]
+        elif noise_mode == 2:
+            s = ((nz[i] * f1) * f2) * f3
+            noise_out[i] = s
+            y = y + s
+        out[i] = y

@@ -257,8 +257,9 @@ class CFGDenoiser:
         guided += uncond
         return guided, uncond
 
-    def _with_uncond_compiled(self, x: np.ndarray, sigma) -> tuple[np.ndarray, np.ndarray]:
-        """with_uncond for the one-call [uncond, cond] eps case, same values as the numpy path."""
+    def _with_uncond_compiled(self, x: np.ndarray, sigma, keep_uncond: bool = True) -> tuple:
+        """with_uncond for the one-call [uncond, cond] eps case, same values as the numpy path (the
+        uncond part None with ``keep_uncond=False``: nothing reads it then)."""
         call = self._everything[0][0]
         s = np.float32(sigma)
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -270,7 +271,8 @@ class CFGDenoiser:
         try:
             out = self.inner.unet_output(x_in, np.full(x_in.shape[0], s, dtype=np.float32), call.context,
                                          check_finite=False, **kwargs)
-            return cfg_jit.cfg_eps(x, np.ascontiguousarray(out), s, self.cfg, uncond_first=call.kinds[0] == UNCOND)
+            return cfg_jit.cfg_eps(x, np.ascontiguousarray(out), s, self.cfg, uncond_first=call.kinds[0] == UNCOND,
+                                   keep_uncond=keep_uncond)
         except cfg_jit.NonFiniteOutput as exc:
             raise UNetOutputError(f"{self._where(sigma)}: the UNet returned {exc.count} non-finite values "
                                   "(NaN or inf)") from None
@@ -278,4 +280,6 @@ class CFGDenoiser:
             raise UNetOutputError(f"{self._where(sigma)}: {exc}") from exc
 
     def __call__(self, x: np.ndarray, sigma) -> np.ndarray:
+        if self._fusable and cfg_jit.available():
+            return self._with_uncond_compiled(x, sigma, keep_uncond=False)[0]
         return self.with_uncond(x, sigma)[0]

@@ -119,3 +119,19 @@ def test_ksampler_fused_bit_identical_to_numpy(monkeypatch, family, sampler):
     monkeypatch.setattr(fused_jit, "available", lambda: False)
     for got, ref in zip(fused, run()):
         assert got.tobytes() == ref.tobytes()
+
+
+def test_renoise_passes_stand_aside_for_a_float64_s_noise():
+    """np.float64 subclasses float, but numpy widens a float32 array times a float64 scalar: the compiled
+    passes must leave such an s_noise to the numpy path (float64 result), not round it to float32."""
+    rng = np.random.default_rng(2)
+    x, d, u, nz = (rng.standard_normal((1, 4, 5, 3)).astype(F32) for _ in range(4))
+    sd, ar, c = get_ancestral_step_rf(F32(0.8), F32(0.6), 1.0)
+    s_noise = np.float64(0.9)
+    got = common.rf_step_renoise(x, F32(0.8), sd, d, ar, nz, s_noise, c)
+    want = _numpy(x, F32(0.8), sd, d, ar, nz, s_noise, c)
+    assert got.dtype == want.dtype == np.float64 and np.array_equal(got, want)
+    k = [F32(v) for v in (0.7, 0.31, 0.42, 0.25, 0.37)]
+    got = common.cfg_pp_renoise(x, d, u, k[0], k[1], k[2], k[3], nz, s_noise, k[4])
+    assert got.dtype == np.float64
+    assert np.array_equal(got, (k[2] * d + k[3] * ((x - k[1] * u) / k[0])) + nz * k[2] * s_noise * k[4])

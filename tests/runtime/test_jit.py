@@ -226,12 +226,16 @@ def test_compiled_head_uncond_order_and_errors(analytic_unet_cls):
     preds = d._predictions(x, sigma)  # the numpy path's per-kind denoised values
     assert np.array_equal(uncond, preds[1])
     assert np.array_equal(guided, preds[1] + (preds[0] - preds[1]) * np.float32(6.0))
+    # a plain call (what every sampler but the CFG++ ones makes) takes the head that stores no uncond
+    assert np.array_equal(d(x, sigma), guided)
     bad = Model(lambda x, t, c, **k: np.where(np.arange(x.size).reshape(x.shape) == 5, np.inf, 0).astype(np.float32),
                 "sd15")
     sigmas = np.array([14.6, 7.0, 0.0], np.float32)
     d = CFGDenoiser(bad, _conditioning(1.0), _conditioning(-1.0), 5.0, 1, (8, 8), sigmas=sigmas)
     with pytest.raises(UNetOutputError, match=r"step 2 of 2 \(sigma=7\): the UNet returned 1 non-finite"):
         d(x, sigmas[1])
+    with pytest.raises(UNetOutputError, match=r"step 2 of 2 \(sigma=7\): the UNet returned 1 non-finite"):
+        d.with_uncond(x, sigmas[1])
 
 
 def test_self_check_failure_falls_back_with_a_warning(monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import integrate
 
+from .. import fused_steps
 from .common import (
     F32, cfg_pp_renoise, ddpm_update, exp, f32, get_ancestral_step, get_ancestral_step_rf, half_log_snr_to_sigma,
     is_flow, lerp, log, notify, rf_step, rf_step_renoise, schedule_cached, sigma_to_half_log_snr, times, to_d,
@@ -260,10 +261,17 @@ def sample_lms(model, x, sigmas, noise, callback=None, order=4):
     for i in range(len(sigmas) - 1):
         sigma = f32(sigmas[i])
         denoised = model(x, sigma)
+        notify(callback, i, x, denoised)
+        if t[i + 1] != 0 and 1 <= len(coeffs[i]) <= 4 and fused_steps.available() \
+                and fused_steps.fusable(x, denoised, *ds):
+            # slope and update in one pass, the same float32 operations as below
+            older = ds[::-1][:len(coeffs[i]) - 1]
+            x, d = fused_steps.lms_step(x, denoised, sigma, older, coeffs[i])
+            ds = (ds + [d])[-order:]
+            continue
         ds.append(to_d(x, sigma, denoised))
         if len(ds) > order:
             ds.pop(0)
-        notify(callback, i, x, denoised)
         if t[i + 1] == 0:
             x = denoised
         else:
@@ -289,8 +297,8 @@ def sample_dpm_fast(model, x, sigmas, noise, callback=None):
     for i, order in enumerate(orders):
         eps = eps_cache(model)
         t, t_next = ts[i], ts[i + 1]
-        denoised = x - half_log_snr_to_sigma(t) * eps("eps", x, t)
-        notify(callback, i, x, denoised)
+        if callback is not None:  # D only for the callback: the steps read eps
+            callback(i, x, x - half_log_snr_to_sigma(t) * eps("eps", x, t))
         x = DPM_SOLVER_STEPS[order](eps, x, t, t_next)
     return x
 
@@ -313,7 +321,8 @@ def sample_dpm_adaptive(model, x, sigmas, noise, callback=None, order=3, rtol=0.
     while s < t_end - 1e-5:
         eps = eps_cache(model)
         t = min(t_end, s + pid.h)  # torch.minimum on float32
-        denoised = x - half_log_snr_to_sigma(s) * eps("eps", x, s)
+        if callback is not None:  # D only for the callback (after the attempt, with this step's x)
+            denoised = x - half_log_snr_to_sigma(s) * eps("eps", x, s)
         if order == 2:
             x_low = dpm_solver_1_step(eps, x, s, t)
             x_high = dpm_solver_2_step(eps, x, s, t)
@@ -323,7 +332,8 @@ def sample_dpm_adaptive(model, x, sigmas, noise, callback=None, order=3, rtol=0.
         if pid.propose_step(rms_error(x_low, x_high, x_prev, atol, rtol)):
             x_prev, x, s = x_low, x_high, t
         attempts += 1
-        notify(callback, attempts - 1, x, denoised)
+        if callback is not None:
+            callback(attempts - 1, x, denoised)
     return x
 
 

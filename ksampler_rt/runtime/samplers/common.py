@@ -180,12 +180,19 @@ def rf_step(x: np.ndarray, sigma, sigma_to, denoised: np.ndarray) -> np.ndarray:
     return ratio * x + (1 - ratio) * denoised
 
 
+def weak_or_f32(v) -> bool:
+    """A Python int / float (numpy casts it to the array's float32) or a float32 scalar: a factor a compiled
+    pass applies as the numpy path does. A float64 scalar is not one (``np.float64`` subclasses ``float``,
+    but numpy widens a float32 array multiplied by it to float64)."""
+    return type(v) in (int, float) or isinstance(v, np.float32)
+
+
 def rf_step_renoise(x, sigma, sigma_to, denoised, alpha_ratio, noise, s_noise, coeff) -> np.ndarray:
     """``alpha_ratio * rf_step(x, sigma, sigma_to, denoised) + times(noise, s_noise, coeff)``: the step,
     rescale and renoise of ComfyUI's ``sample_euler_ancestral_RF``; one compiled pass (bit-identical)
     when the arrays are float32 and the scalars float32 (``s_noise`` may be a Python number)."""
     f32s = all(isinstance(v, np.float32) for v in (sigma, sigma_to, alpha_ratio, coeff))
-    if (f32s and isinstance(s_noise, (np.float32, float, int)) and fused_jit.available()
+    if (f32s and weak_or_f32(s_noise) and fused_jit.available()
             and fused_jit.fusable(x, denoised, noise)):
         return fused_jit.rf_renoise(x, denoised, noise, sigma_to / sigma, alpha_ratio, s_noise, coeff)
     return alpha_ratio * rf_step(x, sigma, sigma_to, denoised) + times(noise, s_noise, coeff)
@@ -196,7 +203,7 @@ def cfg_pp_renoise(x, denoised, uncond, sigma, alpha_s, alpha_t, sigma_down, noi
     to_d(x, sigma, alpha_s * uncond) + times(noise, alpha_t, s_noise, sigma_up)``; one compiled pass
     (bit-identical) for float32 arrays and scalars."""
     if (all(isinstance(v, np.float32) for v in (sigma, alpha_s, alpha_t, sigma_down, sigma_up))
-            and isinstance(s_noise, (np.float32, float, int)) and fused_jit.available()
+            and weak_or_f32(s_noise) and fused_jit.available()
             and fused_jit.fusable(x, denoised, uncond, noise)):
         return fused_jit.cfg_pp_renoise(x, denoised, uncond, noise, sigma, alpha_s, alpha_t, sigma_down, s_noise,
                                         sigma_up)

@@ -6,7 +6,9 @@ re-derived and written in numpy, float32 throughout like ComfyUI's CPU path. The
 the model sampling's: lambda = -log(sigma) for VP models, -logit(sigma) for flow (CONST) models,
 whose first sigma >= 1 ``offset_first_sigma_for_snr`` moves to ``percent_to_sigma(1e-4)``. Noise
 comes from ``noise.default(x)``, built where ComfyUI builds ``default_noise_sampler(x, seed)``, and
-is drawn at the same points in the same order.
+is drawn at the same points in the same order. With the compiled kernels (:mod:`..fused_steps`) each
+stage or step update, noise included, is one pass with the same float32 operations as the numpy
+expressions here (the reference and fallback).
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import math
 
 import numpy as np
 
+from .. import fused_steps
 from .common import (
     F32, ei_h_phi_1, ei_h_phi_2, exp, expm1, half_log_snr_to_sigma, lerp, nan_to_zero, offset_first_sigma_for_snr,
-    schedule_cached, sigma_to_half_log_snr, sqrt, times,
+    schedule_cached, sigma_to_half_log_snr, sqrt, times, weak_or_f32,
 )
 from .spec import SamplerSpec
 
@@ -87,6 +90,14 @@ def sample_er_sde(model, x, sigmas, noise, callback=None, s_noise=1.0, max_stage
             callback(i, x, denoised)
         if plan[i] is None:
             x = denoised
+        elif weak_or_f32(s_noise) and fused_steps.scalars_f32(*(v for v in plan[i] if v is not None)) \
+                and fused_steps.ready(x, denoised, *(a for a in (old_denoised, old_denoised_d) if a is not None)):
+            x_weight, d_weight, d2, w2, d3, w3, alpha_t, std = plan[i]
+            nz = noise_sampler(sigma, sigma_next) if s_noise > 0 else None
+            x, denoised_d = fused_steps.er_sde_step(x, denoised, old_denoised, old_denoised_d, nz, x_weight,
+                                                    d_weight, d2, w2, d3, w3, (alpha_t, F32(s_noise), std))
+            if d2 is not None:
+                old_denoised_d = denoised_d
         else:
             x_weight, d_weight, d2, w2, d3, w3, alpha_t, std = plan[i]
             x = x_weight * x + d_weight * denoised  # stage 1: Euler
@@ -104,6 +115,29 @@ def sample_er_sde(model, x, sigmas, noise, callback=None, s_noise=1.0, max_stage
 
 
 # -- SEEDS ----------------------------------------------------------------------------------
+def _stage_update(x, a, c, u, *, v=None, lerp_w=None, pq=None, sde=None, nz=None, e=None, qn=None, sig=None,
+                 s_noise=1.0, last=False):
+    """One SEEDS stage ``a * x - c * z``, z = ``u``, ``lerp(u, v, lerp_w)`` or ``pq[0] * u + pq[1] * v``;
+    with the drawn noise ``nz`` the stage's SDE noise ``s = qn * nz`` (or ``sde * e + qn * nz``) is added
+    as ``s * sig * s_noise``. Returns (x_next, s or None; the compiled pass, one when the kernels take
+    it, does not keep s for the ``last`` stage of a step)."""
+    arrays = [t for t in (x, u, v, sde, nz) if t is not None]
+    scalars = [t for t in (a, c, e, qn, sig) if t is not None] + list(pq or ())
+    if weak_or_f32(s_noise) and fused_steps.scalars_f32(*scalars) and fused_steps.ready(*arrays):
+        return fused_steps.seeds_stage(x, a, c, u, v=v, lerp=lerp_w, pq=pq, sde=sde, nz=nz, e=e, qn=qn, sig=sig,
+                                       s_noise=s_noise, keep_noise=not last)
+    if lerp_w is not None:
+        y = a * x - c * lerp(u, v, lerp_w)
+    elif pq is not None:
+        y = a * x - c * (pq[0] * u + pq[1] * v)
+    else:
+        y = a * x - c * u
+    if nz is None:
+        return y, None
+    noise = qn * nz if sde is None else sde * e + qn * nz
+    return y + times(noise, sig, s_noise), noise
+
+
 def sample_seeds_2(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0, r=0.5, solver_type="phi_1"):
     """SEEDS-2: Stochastic Explicit Exponential Derivative-free Solver, 2 stages (VP data prediction).
     A DPM-Solver++(1) step (+ SDE noise) to lambda_s + r h, a second D there, then the step to lambda_t
@@ -136,25 +170,28 @@ def sample_seeds_2(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0,
         alpha_t = sigma_next * exp(lambda_t)
 
         # Step 1
-        x_2 = sigma_s_1 / sigma * exp(-r * h * eta) * x - alpha_s_1 * ei_h_phi_1(-r * h_eta) * denoised
+        noise_1 = {}
         if inject_noise:
-            sde_noise = sqrt(-expm1(-2 * r * h * eta)) * noise_sampler(sigma, sigma_s_1)
-            x_2 = x_2 + times(sde_noise, sigma_s_1, s_noise)
+            noise_1 = dict(qn=sqrt(-expm1(-2 * r * h * eta)), nz=noise_sampler(sigma, sigma_s_1), sig=sigma_s_1)
+        x_2, sde_noise = _stage_update(x, sigma_s_1 / sigma * exp(-r * h * eta),
+                                      alpha_s_1 * ei_h_phi_1(-r * h_eta), denoised, s_noise=s_noise, **noise_1)
         denoised_2 = model(x_2, sigma_s_1)
 
         # Step 2
+        noise_2 = {}
+        if inject_noise:
+            segment_factor = (r - 1) * h * eta
+            noise_2 = dict(sde=sde_noise, e=exp(segment_factor), qn=sqrt(-expm1(segment_factor * 2)),
+                           nz=noise_sampler(sigma_s_1, sigma_next), sig=sigma_next)
+        a = sigma_next / sigma * exp(-h * eta)
         if solver_type == "phi_1":
-            denoised_d = lerp(denoised, denoised_2, fac)
-            x = sigma_next / sigma * exp(-h * eta) * x - alpha_t * ei_h_phi_1(-h_eta) * denoised_d
+            x, _ = _stage_update(x, a, alpha_t * ei_h_phi_1(-h_eta), denoised, v=denoised_2, lerp_w=fac,
+                                s_noise=s_noise, last=True, **noise_2)
         else:
             b2 = ei_h_phi_2(-h_eta) / r
             b1 = ei_h_phi_1(-h_eta) - b2
-            x = sigma_next / sigma * exp(-h * eta) * x - alpha_t * (b1 * denoised + b2 * denoised_2)
-        if inject_noise:
-            segment_factor = (r - 1) * h * eta
-            sde_noise = sde_noise * exp(segment_factor)
-            sde_noise = sde_noise + sqrt(-expm1(segment_factor * 2)) * noise_sampler(sigma_s_1, sigma_next)
-            x = x + times(sde_noise, sigma_next, s_noise)
+            x, _ = _stage_update(x, a, alpha_t, denoised, v=denoised_2, pq=(b1, b2), s_noise=s_noise, last=True,
+                                **noise_2)
     return x
 
 
@@ -187,32 +224,33 @@ def sample_seeds_3(model, x, sigmas, noise, callback=None, eta=1.0, s_noise=1.0,
         alpha_t = sigma_next * exp(lambda_t)
 
         # Step 1
-        x_2 = sigma_s_1 / sigma * exp(-r_1 * h * eta) * x - alpha_s_1 * ei_h_phi_1(-r_1 * h_eta) * denoised
+        nz = {}
         if inject_noise:
-            sde_noise = sqrt(-expm1(-2 * r_1 * h * eta)) * noise_sampler(sigma, sigma_s_1)
-            x_2 = x_2 + times(sde_noise, sigma_s_1, s_noise)
+            nz = dict(qn=sqrt(-expm1(-2 * r_1 * h * eta)), nz=noise_sampler(sigma, sigma_s_1), sig=sigma_s_1)
+        x_2, sde_noise = _stage_update(x, sigma_s_1 / sigma * exp(-r_1 * h * eta),
+                                      alpha_s_1 * ei_h_phi_1(-r_1 * h_eta), denoised, s_noise=s_noise, **nz)
         denoised_2 = model(x_2, sigma_s_1)
 
         # Step 2
         a3_2 = r_2 / r_1 * ei_h_phi_2(-r_2 * h_eta)
         a3_1 = ei_h_phi_1(-r_2 * h_eta) - a3_2
-        x_3 = sigma_s_2 / sigma * exp(-r_2 * h * eta) * x - alpha_s_2 * (a3_1 * denoised + a3_2 * denoised_2)
         if inject_noise:
             segment_factor = (r_1 - r_2) * h * eta
-            sde_noise = sde_noise * exp(segment_factor)
-            sde_noise = sde_noise + sqrt(-expm1(segment_factor * 2)) * noise_sampler(sigma_s_1, sigma_s_2)
-            x_3 = x_3 + times(sde_noise, sigma_s_2, s_noise)
+            nz = dict(sde=sde_noise, e=exp(segment_factor), qn=sqrt(-expm1(segment_factor * 2)),
+                      nz=noise_sampler(sigma_s_1, sigma_s_2), sig=sigma_s_2)
+        x_3, sde_noise = _stage_update(x, sigma_s_2 / sigma * exp(-r_2 * h * eta), alpha_s_2, denoised,
+                                      v=denoised_2, pq=(a3_1, a3_2), s_noise=s_noise, **nz)
         denoised_3 = model(x_3, sigma_s_2)
 
         # Step 3
         b3 = ei_h_phi_2(-h_eta) / r_2
         b1 = ei_h_phi_1(-h_eta) - b3
-        x = sigma_next / sigma * exp(-h * eta) * x - alpha_t * (b1 * denoised + b3 * denoised_3)
         if inject_noise:
             segment_factor = (r_2 - 1) * h * eta
-            sde_noise = sde_noise * exp(segment_factor)
-            sde_noise = sde_noise + sqrt(-expm1(segment_factor * 2)) * noise_sampler(sigma_s_2, sigma_next)
-            x = x + times(sde_noise, sigma_next, s_noise)
+            nz = dict(sde=sde_noise, e=exp(segment_factor), qn=sqrt(-expm1(segment_factor * 2)),
+                      nz=noise_sampler(sigma_s_2, sigma_next), sig=sigma_next)
+        x, _ = _stage_update(x, sigma_next / sigma * exp(-h * eta), alpha_t, denoised, v=denoised_3, pq=(b1, b3),
+                            s_noise=s_noise, last=True, **nz)
     return x
 
 
@@ -251,6 +289,21 @@ def _combine(preds: list, b: np.ndarray):
     for pk, bk in zip(preds[1:], b[1:]):
         acc = acc + pk * bk
     return acc
+
+
+def _sa_update(x, sc, preds: list, b, added=None, nz=None, factors=()):
+    """``sc * x + sum_k b_k pred_k``, then ``+ added`` or ``+ times(nz, *factors)`` (the new step noise,
+    returned too): one compiled pass when the kernels take it."""
+    arrays = [x, *preds] + [t for t in (added, nz) if t is not None]
+    if len(preds) <= 4 and fused_steps.scalars_f32(sc, *b[:len(preds)], *factors) and fused_steps.ready(*arrays):
+        return fused_steps.sa_step(x, sc, preds, b[:len(preds)], added=added, nz=nz, factors=factors or None)
+    x = sc * x + _combine(preds, b)
+    if added is not None:
+        return x + added, None
+    if nz is None:
+        return x, None
+    new = times(nz, *factors)
+    return x + new, new
 
 
 def sample_sa_solver(model, x, sigmas, noise, callback=None, s_noise=1.0, predictor_order=3,
@@ -292,9 +345,8 @@ def sample_sa_solver(model, x, sigmas, noise, callback=None, s_noise=1.0, predic
             x = x_pred
         else:
             b = sa_b_coeffs(sigma, lambdas[i - c_order + 1:i + 1], lambdas[i - 1], lambdas[i], tau)
-            x = sigma / sigmas[i - 1] * exp(-(tau ** 2) * h) * x + _combine(preds[-c_order:], b)
-            if tau > 0 and s_noise > 0:
-                x = x + step_noise
+            added = step_noise if tau > 0 and s_noise > 0 else None
+            x, _ = _sa_update(x, sigma / sigmas[i - 1] * exp(-(tau ** 2) * h), preds[-c_order:], b, added=added)
             if use_pece:
                 denoised = model(x, sigma)
                 preds[-1] = denoised
@@ -305,11 +357,12 @@ def sample_sa_solver(model, x, sigmas, noise, callback=None, s_noise=1.0, predic
             tau = tau_fn(sigma_next)
             b = sa_b_coeffs(sigma_next, lambdas[i - p_order + 1:i + 1], lambdas[i], lambdas[i + 1], tau)
             h = lambdas[i + 1] - lambdas[i]
-            x_pred = sigma_next / sigma * exp(-(tau ** 2) * h) * x + _combine(preds[-p_order:], b)
+            sc = sigma_next / sigma * exp(-(tau ** 2) * h)
             if tau > 0 and s_noise > 0:
-                step_noise = times(noise_sampler(sigma, sigma_next), sigma_next,
-                                   sqrt(-expm1(-2 * tau ** 2 * h)), F32(s_noise))
-                x_pred = x_pred + step_noise
+                x_pred, step_noise = _sa_update(x, sc, preds[-p_order:], b, nz=noise_sampler(sigma, sigma_next),
+                                                factors=(sigma_next, sqrt(-expm1(-2 * tau ** 2 * h)), F32(s_noise)))
+            else:
+                x_pred, _ = _sa_update(x, sc, preds[-p_order:], b)
     return x
 
 
