@@ -141,3 +141,19 @@ def sa_step(x, p0, p1, p2, p3, k, b0, b1, b2, b3, sc, nz, noise_mode, f1, f2, f3
             noise_out[i] = s
             y = y + s
         out[i] = y
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True, error_model="numpy")
+def ge_step(x, den, g, od, pp, corr, sigma, sn, dt, gm, d_out, out):
+    """Gradient estimation: d = (x - g) / sigma (kept), den + d sn (CFG++) or x + d dt, then (if ``corr``)
+    + (gm (d - od)) dt."""
+    for i in range(x.shape[0]):
+        d = (x[i] - g[i]) / sigma
+        d_out[i] = d
+        if pp:
+            y = den[i] + d * sn
+        else:
+            y = x[i] + d * dt
+        if corr:
+            y = y + (gm * (d - od[i])) * dt
+        out[i] = y

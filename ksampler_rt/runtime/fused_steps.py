@@ -10,7 +10,8 @@ are bit-identical to the numpy code in :mod:`.samplers`, which stays the referen
   the adaptive solver's scaled error (``dpm_fast``, ``dpm_adaptive``); :func:`lms_step`: LMS's slope
   and Adams-Bashforth update;
 * :func:`seeds_stage`, :func:`er_sde_step`, :func:`sa_step`: a SEEDS stage, an ER-SDE step and an
-  SA-Solver predictor or corrector, each with its SDE noise.
+  SA-Solver predictor or corrector, each with its SDE noise; :func:`ge_step`: a gradient-estimation
+  step (plain or CFG++).
 
 Callers check :func:`available` and :func:`fusable` (and that their scalars are float32). Follows
 :func:`.jit.available` and self-checks on first use; importing this module never imports numba.
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import jit
 
-__all__ = ["available", "eps_of", "er_sde_step", "fusable", "ipndm_step", "lin_step", "lms_step", "ready", "res_step",
+__all__ = ["available", "eps_of", "er_sde_step", "fusable", "ge_step", "ipndm_step", "lin_step", "lms_step", "ready", "res_step",
            "rms_scaled", "sa_step", "scalars_f32", "seeds_stage"]
 
 F32 = np.float32
@@ -46,7 +47,7 @@ def _compile() -> None:
 
         _K.update(ipndm_step=k.ipndm_step, res_step=k.res_step, eps_of=k.eps_of, lin_step=k.lin_step,
                   lms_step=k.lms_step, rms_scaled=k.rms_scaled, seeds_stage=k.seeds_stage,
-                  er_sde_step=k.er_sde_step, sa_step=k.sa_step)
+                  er_sde_step=k.er_sde_step, sa_step=k.sa_step, ge_step=k.ge_step)
 
 
 def ipndm_step(x: np.ndarray, ds: list, weights, div: int, step) -> np.ndarray:
@@ -185,6 +186,17 @@ def sa_step(x, sc, preds: list, b, added=None, nz=None, factors=None) -> tuple:
     return out, (new if noise_mode == 2 else None)
 
 
+def ge_step(x, denoised, guide, old_d, cfg_pp: bool, sigma, sigma_next, dt, gamma_minus_1) -> tuple:
+    """ComfyUI ``sample_gradient_estimation``'s step: ``d = (x - guide) / sigma``, then ``denoised + d *
+    sigma_next`` (CFG++) or ``x + d * dt``, plus ``gamma_minus_1 * (d - old_d) * dt`` when ``old_d`` is not
+    None. Returns (x_next, d)."""
+    corr = old_d is not None
+    d, out = np.empty_like(x), np.empty_like(x)
+    _K["ge_step"](_f(x), _f(denoised), _f(guide), _f(old_d if corr else x), bool(cfg_pp), corr, F32(sigma),
+                  F32(sigma_next), F32(dt), F32(gamma_minus_1), _f(d), _f(out))
+    return out, d
+
+
 def _reference_ipndm(x, ds, weights, div, step):
     acc = weights[0] * ds[0]
     for w, d in zip(weights[1:], ds[1:]):
@@ -247,6 +259,11 @@ def _self_check_solver_steps(a: list) -> None:
     checks["sa_step"] = (np.stack([got, new]), np.stack([k[0] * x + (u * k[1] + v * k[2] + w * k[3]) + want_n, want_n]))
     checks["sa_step (kept noise)"] = (sa_step(x, k[0], [u, v, w, nz], k[1:5], added=v)[0],
                                       k[0] * x + (u * k[1] + v * k[2] + w * k[3] + nz * k[4]) + v)
+    for pp in (False, True):
+        got, d = ge_step(x, u, v, w, pp, k[0], k[1], k[2], k[3])
+        want_d = (x - v) / k[0]
+        want = (u + want_d * k[1] if pp else x + want_d * k[2]) + k[3] * (want_d - w) * k[2]
+        checks[f"ge_step (cfg_pp {pp})"] = (np.stack([got, d]), np.stack([want, want_d]))
     for name, (got, want) in checks.items():
         if got.dtype != want.dtype or not np.array_equal(got, want):
             raise RuntimeError(f"self-check failed: {name}")

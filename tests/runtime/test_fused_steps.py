@@ -183,9 +183,25 @@ def test_er_sde_and_sa_steps_bit_identical(shape):
         assert np.array_equal(new, want_new) and np.array_equal(got, want + want_new)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("cfg_pp", [False, True])
+def test_ge_step_bit_identical(shape, cfg_pp):
+    from ksampler_rt.runtime.samplers.common import to_d
+    x, den, guide, old_d = _arrays(shape, 4, 15)
+    sigma, sigma_next = np.float32(0.71), np.float32(0.52)
+    dt, gm = sigma_next - sigma, np.float32(2.0 - 1)
+    d = to_d(x, sigma, guide)
+    step = denoised_step = den + d * sigma_next if cfg_pp else x + d * dt
+    got, got_d = fused_steps.ge_step(x, den, guide, None, cfg_pp, sigma, sigma_next, dt, gm)
+    assert np.array_equal(got_d, d) and np.array_equal(got, step)
+    got, _ = fused_steps.ge_step(x, den, guide, old_d, cfg_pp, sigma, sigma_next, dt, gm)
+    assert np.array_equal(got, denoised_step + gm * (d - old_d) * dt)
+
+
 # Whole sampler runs: the compiled passes against the numpy path (fused_steps off), bit for bit, on a VP
 # and a flow model (the SNR samplers read the model sampling), through the public ksampler().
-FUSED_SAMPLERS = ["lms", "dpm_fast", "dpm_adaptive", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"]
+FUSED_SAMPLERS = ["lms", "dpm_fast", "dpm_adaptive", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece",
+                  "gradient_estimation", "gradient_estimation_cfg_pp"]
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
@@ -206,7 +222,7 @@ def test_samplers_same_bits_with_and_without_the_passes(family, sampler, monkeyp
         return ksampler(Model(net, family), 7, 8, 4.5, sampler, "simple", pos, neg, latent, 0.9)["samples"]
 
     used = []
-    for name in ("eps_of", "lin_step", "lms_step", "rms_scaled", "seeds_stage", "er_sde_step", "sa_step"):
+    for name in ("eps_of", "lin_step", "lms_step", "rms_scaled", "seeds_stage", "er_sde_step", "sa_step", "ge_step"):
         def counted(*a, _f=getattr(fused_steps, name), **k):
             used.append(_f.__name__)
             return _f(*a, **k)

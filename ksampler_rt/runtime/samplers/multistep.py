@@ -287,10 +287,15 @@ def sample_gradient_estimation(model, x, sigmas, noise=None, callback=None, ge_g
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised, guide = _denoise(model, x, sigma, cfg_pp)
-        d = to_d(x, sigma, guide)
         if callback is not None:
             callback(i, x, denoised)
         dt = sigma_next - sigma
+        if sigma_next != 0 and fused_steps.ready(x, denoised, guide, *(() if i < 1 else (old_d,))):
+            # one pass, the same float32 operations as below
+            x, old_d = fused_steps.ge_step(x, denoised, guide, old_d if i >= 1 else None, cfg_pp, sigma,
+                                           sigma_next, dt, F32(ge_gamma - 1))
+            continue
+        d = to_d(x, sigma, guide)
         if sigma_next == 0:
             x = denoised
         else:
