@@ -34,10 +34,12 @@ def available() -> bool:
     return _KERNELS.available()
 
 
-def _head(x, out, sigma, cfg, uncond_first, guided, uncond):
-    """One pass of: d_u = x - out_u * sigma, d_c = x - out_c * sigma, guided = d_u + (d_c - d_u) * cfg.
-    Returns False if out holds a NaN or inf (v - v != 0 exactly then; an AND reduction keeps the
-    loop vectorised, a count would not). Compiled by numba (module level, so its cache finds it)."""
+def _head(x, out, sigma, cfg, uncond_first, guided, uncond, keep_uncond):
+    """One pass of: d_u = x - out_u * sigma, d_c = x - out_c * sigma, guided = d_u + (d_c - d_u) * cfg,
+    and uncond = d_u if ``keep_uncond`` (a sampler that reads only the guided result saves one array's
+    worth of memory writes per model call). Returns False if out holds a NaN or inf (v - v != 0 exactly
+    then; an AND reduction keeps the loop vectorised, a count would not). Compiled by numba (module
+    level, so its cache finds it)."""
     n = x.shape[0]
     ou = 0 if uncond_first else n
     oc = n - ou
@@ -50,26 +52,8 @@ def _head(x, out, sigma, cfg, uncond_first, guided, uncond):
         finite &= (eu - eu == 0) & (ec - ec == 0)
         du = x[i] - eu * sigma
         dc = x[i] - ec * sigma
-        uncond[i] = du
-        guided[i] = du + (dc - du) * cfg
-    return finite
-
-
-def _head_guided(x, out, sigma, cfg, uncond_first, guided):
-    """:func:`_head` without storing the uncond values: a sampler that only reads the guided result
-    saves one array's worth of memory writes per model call."""
-    n = x.shape[0]
-    ou = 0 if uncond_first else n
-    oc = n - ou
-    eus = out[ou:ou + n]
-    ecs = out[oc:oc + n]
-    finite = True
-    for i in range(n):
-        eu = eus[i]
-        ec = ecs[i]
-        finite &= (eu - eu == 0) & (ec - ec == 0)
-        du = x[i] - eu * sigma
-        dc = x[i] - ec * sigma
+        if keep_uncond:
+            uncond[i] = du
         guided[i] = du + (dc - du) * cfg
     return finite
 
@@ -78,8 +62,7 @@ def _compile() -> None:
     if not _K:
         import numba
 
-        jit_ = numba.njit(nogil=True, boundscheck=False, cache=True)
-        _K["head"], _K["head_guided"] = jit_(_head), jit_(_head_guided)
+        _K["head"] = numba.njit(nogil=True, boundscheck=False, cache=True)(_head)
 
 
 def _self_check() -> None:
@@ -117,12 +100,8 @@ def cfg_eps(x: np.ndarray, out: np.ndarray, sigma, cfg, uncond_first: bool, keep
                          "C-contiguous float32 arrays, out with twice x's rows")
     guided = np.empty_like(x)
     uncond = np.empty_like(x) if keep_uncond else None
-    if keep_uncond:
-        finite = _K["head"](x.reshape(-1), out.reshape(-1), np.float32(sigma), np.float32(cfg),
-                            bool(uncond_first), guided.reshape(-1), uncond.reshape(-1))
-    else:
-        finite = _K["head_guided"](x.reshape(-1), out.reshape(-1), np.float32(sigma), np.float32(cfg),
-                                   bool(uncond_first), guided.reshape(-1))
+    finite = _K["head"](x.reshape(-1), out.reshape(-1), np.float32(sigma), np.float32(cfg), bool(uncond_first),
+                        guided.reshape(-1), (guided if uncond is None else uncond).reshape(-1), bool(keep_uncond))
     if not finite:
         raise NonFiniteOutput(int(out.size - np.count_nonzero(np.isfinite(out))))
     return guided, uncond
