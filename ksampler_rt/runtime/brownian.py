@@ -266,7 +266,10 @@ class BrownianTree:
         return self._values(intervals)
 
     def __call__(self, ta: float, tb: float) -> np.ndarray:
-        ws = self._query(ta, tb)
+        return self._sum(self._query(ta, tb))
+
+    def _sum(self, ws: Optional[list]) -> np.ndarray:
+        """The intervals' values summed left to right (zeros for an empty query), in a fresh array."""
         if ws is None:
             return np.zeros(self.shape, dtype=_F32)
         w = ws[0].copy()
@@ -279,11 +282,9 @@ class BrownianTree:
         same float32 values; with the compiled kernels the intervals are summed, negated and divided
         in one pass instead of one numpy pass per interval."""
         ws = self._query(ta, tb)
-        if ws is not None and fused_jit.available() and fused_jit.fusable(*ws):
+        if ws is not None and fused_jit.ready(*ws):
             return fused_jit.brownian_sum(ws, negate, divisor)
-        w = np.zeros(self.shape, dtype=_F32) if ws is None else ws[0].copy()
-        for wi in (ws or [])[1:]:
-            w = w + wi
+        w = self._sum(ws)
         if negate:
             w = -w
         return w / divisor

@@ -27,7 +27,8 @@ import numpy as np
 
 from . import jit
 
-__all__ = ["available", "brownian_sum", "cfg_pp_renoise", "ddpm", "dpmpp_2m_cfg_pp", "fusable", "rf_renoise", "unipc_data_prediction", "unipc_correct", "unipc_predict"]
+__all__ = ["available", "brownian_sum", "cfg_pp_renoise", "ddpm", "dpmpp_2m_cfg_pp", "fusable", "ready", "rf_renoise",
+           "scalars_f32", "unipc_data_prediction", "unipc_correct", "unipc_predict"]
 
 F32 = np.float32
 _K: dict = {}
@@ -45,6 +46,17 @@ def fusable(*arrays) -> bool:
     shape = arrays[0].shape
     return all(isinstance(a, np.ndarray) and a.dtype == F32 and a.flags.c_contiguous and a.shape == shape
                for a in arrays)
+
+
+def ready(*arrays) -> bool:
+    """:func:`available` and :func:`fusable` for these arrays: whether a caller may take the compiled pass."""
+    return available() and fusable(*arrays)
+
+
+def scalars_f32(*values) -> bool:
+    """Whether every value is a numpy float32 scalar (what the kernels compute in; a Python float or a
+    float64 scalar would follow other promotion rules on the numpy path)."""
+    return all(isinstance(v, F32) for v in values)
 
 
 def _compile() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import jit
+from .fused_jit import fusable, scalars_f32  # one definition of what the compiled passes take
 
 __all__ = ["available", "eps_of", "er_sde_step", "fusable", "ge_step", "ipndm_step", "lin_step", "lms_step", "ready", "res_step",
            "rms_scaled", "sa_step", "scalars_f32", "seeds_stage"]
@@ -32,13 +33,6 @@ _K: dict = {}
 def available() -> bool:
     """True when the compiled kernels are on and passed their self-check."""
     return _KERNELS.available()
-
-
-def fusable(*arrays) -> bool:
-    """C-contiguous float32 arrays of one shape (anything else stays on numpy's promotion rules)."""
-    shape = arrays[0].shape
-    return all(isinstance(a, np.ndarray) and a.dtype == F32 and a.flags.c_contiguous and a.shape == shape
-               for a in arrays)
 
 
 def _compile() -> None:
@@ -79,12 +73,6 @@ def res_step(x, denoised, guide, old, nz, cfg_pp: bool, a, h, b1, b2, s_noise, s
 def ready(*arrays) -> bool:
     """:func:`available` and :func:`fusable` for these arrays: whether a caller may take the compiled pass."""
     return available() and fusable(*arrays)
-
-
-def scalars_f32(*values) -> bool:
-    """Whether every value is a numpy float32 scalar (what the kernels compute in; a Python float or a
-    float64 scalar would follow other promotion rules on the numpy path)."""
-    return all(isinstance(v, F32) for v in values)
 
 
 def _f(a: np.ndarray) -> np.ndarray:

@@ -262,8 +262,7 @@ def sample_lms(model, x, sigmas, noise, callback=None, order=4):
         sigma = f32(sigmas[i])
         denoised = model(x, sigma)
         notify(callback, i, x, denoised)
-        if t[i + 1] != 0 and 1 <= len(coeffs[i]) <= 4 and fused_steps.available() \
-                and fused_steps.fusable(x, denoised, *ds):
+        if t[i + 1] != 0 and 1 <= len(coeffs[i]) <= 4 and fused_steps.ready(x, denoised, *ds):
             # slope and update in one pass, the same float32 operations as below
             older = ds[::-1][:len(coeffs[i]) - 1]
             x, d = fused_steps.lms_step(x, denoised, sigma, older, coeffs[i])

@@ -191,9 +191,8 @@ def rf_step_renoise(x, sigma, sigma_to, denoised, alpha_ratio, noise, s_noise, c
     """``alpha_ratio * rf_step(x, sigma, sigma_to, denoised) + times(noise, s_noise, coeff)``: the step,
     rescale and renoise of ComfyUI's ``sample_euler_ancestral_RF``; one compiled pass (bit-identical)
     when the arrays are float32 and the scalars float32 (``s_noise`` may be a Python number)."""
-    f32s = all(isinstance(v, np.float32) for v in (sigma, sigma_to, alpha_ratio, coeff))
-    if (f32s and weak_or_f32(s_noise) and fused_jit.available()
-            and fused_jit.fusable(x, denoised, noise)):
+    if (fused_jit.scalars_f32(sigma, sigma_to, alpha_ratio, coeff) and weak_or_f32(s_noise)
+            and fused_jit.ready(x, denoised, noise)):
         return fused_jit.rf_renoise(x, denoised, noise, sigma_to / sigma, alpha_ratio, s_noise, coeff)
     return alpha_ratio * rf_step(x, sigma, sigma_to, denoised) + times(noise, s_noise, coeff)
 
@@ -202,9 +201,8 @@ def cfg_pp_renoise(x, denoised, uncond, sigma, alpha_s, alpha_t, sigma_down, noi
     """The renoised step of ComfyUI's ``sample_euler_ancestral_cfg_pp``: ``alpha_t * denoised + sigma_down *
     to_d(x, sigma, alpha_s * uncond) + times(noise, alpha_t, s_noise, sigma_up)``; one compiled pass
     (bit-identical) for float32 arrays and scalars."""
-    if (all(isinstance(v, np.float32) for v in (sigma, alpha_s, alpha_t, sigma_down, sigma_up))
-            and weak_or_f32(s_noise) and fused_jit.available()
-            and fused_jit.fusable(x, denoised, uncond, noise)):
+    if (fused_jit.scalars_f32(sigma, alpha_s, alpha_t, sigma_down, sigma_up) and weak_or_f32(s_noise)
+            and fused_jit.ready(x, denoised, uncond, noise)):
         return fused_jit.cfg_pp_renoise(x, denoised, uncond, noise, sigma, alpha_s, alpha_t, sigma_down, s_noise,
                                         sigma_up)
     x = alpha_t * denoised + sigma_down * to_d(x, sigma, alpha_s * uncond)
@@ -223,8 +221,7 @@ def ddpm_update(x, denoised, sigma, sigma_next, noise_sampler) -> np.ndarray:
     if sigma_next > 0:
         k3 = sqrt((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod))
         nz = noise_sampler(sigma, sigma_next)
-        if (all(isinstance(v, np.float32) for v in (sigma, alpha, q, k1, k2, k3, k4)) and fused_jit.available()
-                and fused_jit.fusable(x, denoised, nz)):
+        if fused_jit.scalars_f32(sigma, alpha, q, k1, k2, k3, k4) and fused_jit.ready(x, denoised, nz):
             return fused_jit.ddpm(x, denoised, nz, q, sigma, 1 - alpha, k1, k2, k3, k4)
     mu = k1 * (x / q - (1 - alpha) * ((x - denoised) / sigma) / k2)
     if sigma_next > 0:

@@ -7,8 +7,6 @@ run the ``*_gpu`` variants (Brownian tree on x's device) are the same as the pla
 """
 from __future__ import annotations
 
-import numpy as np
-
 from .. import fused_jit
 from .common import (
     brownian_bounds, exp, expm1, f32, get_ancestral_step, get_ancestral_step_rf, half_log_snr_to_sigma, is_flow, log,
@@ -188,8 +186,7 @@ def sample_dpmpp_2m_cfg_pp(model, x, sigmas, noise, callback=None):
         else:
             r = (t - t_fn(f32(sigmas[i - 1]))) / h
             ne, mc, e = -exp(-h), expm1(-h) * (1 / (2 * r)), exp(-h)
-            if (all(isinstance(v, np.float32) for v in (ne, mc, e)) and fused_jit.available()
-                    and fused_jit.fusable(x, denoised, uncond_denoised, old_uncond_denoised)):
+            if fused_jit.scalars_f32(ne, mc, e) and fused_jit.ready(x, denoised, uncond_denoised, old_uncond_denoised):
                 x, old_uncond_denoised = fused_jit.dpmpp_2m_cfg_pp(
                     x, denoised, uncond_denoised, old_uncond_denoised, ne, mc, e), uncond_denoised
                 continue  # one compiled pass, bit-identical to the numpy expressions below

@@ -66,7 +66,7 @@ def sample_ipndm(model, x, sigmas, noise=None, callback=None, max_order=4):
         else:
             weights, div = _IPNDM_WEIGHTS[order]
             ds = [d] + history[::-1]
-            if fused_steps.available() and fused_steps.fusable(x, *ds):
+            if fused_steps.ready(x, *ds):
                 x_next = fused_steps.ipndm_step(x, ds, weights, div, sigma_next - sigma)  # same bits, 1 pass
             else:
                 x_next = x + (sigma_next - sigma) * _weighted(ds, weights) / div
@@ -126,8 +126,7 @@ def sample_ipndm_v(model, x, sigmas, noise=None, callback=None, max_order=4):
             x_next = denoised
         else:
             ds, w = [d] + history[::-1], coeffs[i]
-            if len(ds) > 1 and all(isinstance(c, F32) for c in w) and fused_steps.available() \
-                    and fused_steps.fusable(x, *ds):
+            if len(ds) > 1 and fused_steps.scalars_f32(*w) and fused_steps.ready(x, *ds):
                 x_next = fused_steps.ipndm_step(x, ds, w, 1, sigma_next - sigma)  # /1 is exact: same bits
             else:
                 x_next = x + (sigma_next - sigma) * _weighted(ds, w)
@@ -239,8 +238,8 @@ def res_multistep(model, x, sigmas, noise, callback=None, eta=1.0, cfg_pp=False,
                 b2 = nan_to_zero(phi2_val / c2)
             a = sigma_fn(h)
             nz = noise_sampler(sigma, sigma_next) if sigma_next > 0 and eta > 0 else None
-            if (all(isinstance(v, F32) for v in (a, h, b1, b2, sigma_up)) and fused_steps.available()
-                    and fused_steps.fusable(x, denoised, guide, old_denoised, *([] if nz is None else [nz]))):
+            if (fused_steps.scalars_f32(a, h, b1, b2, sigma_up)
+                    and fused_steps.ready(x, denoised, guide, old_denoised, *([] if nz is None else [nz]))):
                 # one pass, same float32 operations in the same order as below
                 x = fused_steps.res_step(x, denoised, guide, old_denoised, nz, cfg_pp, a, h, b1, b2, F32(s_noise),
                                          sigma_up)

@@ -90,16 +90,18 @@ def sample_er_sde(model, x, sigmas, noise, callback=None, s_noise=1.0, max_stage
             callback(i, x, denoised)
         if plan[i] is None:
             x = denoised
-        elif weak_or_f32(s_noise) and fused_steps.scalars_f32(*(v for v in plan[i] if v is not None)) \
+            old_denoised = denoised
+            continue
+        x_weight, d_weight, d2, w2, d3, w3, alpha_t, std = plan[i]
+        if weak_or_f32(s_noise) and fused_steps.scalars_f32(*(v for v in plan[i] if v is not None)) \
                 and fused_steps.ready(x, denoised, *(a for a in (old_denoised, old_denoised_d) if a is not None)):
-            x_weight, d_weight, d2, w2, d3, w3, alpha_t, std = plan[i]
+            # one pass, the same float32 operations as below
             nz = noise_sampler(sigma, sigma_next) if s_noise > 0 else None
             x, denoised_d = fused_steps.er_sde_step(x, denoised, old_denoised, old_denoised_d, nz, x_weight,
                                                     d_weight, d2, w2, d3, w3, (alpha_t, F32(s_noise), std))
             if d2 is not None:
                 old_denoised_d = denoised_d
         else:
-            x_weight, d_weight, d2, w2, d3, w3, alpha_t, std = plan[i]
             x = x_weight * x + d_weight * denoised  # stage 1: Euler
             if d2 is not None:
                 denoised_d = (denoised - old_denoised) / d2

@@ -178,7 +178,7 @@ def sample_unipc(model, x, sigmas, noise=None, callback=None, variant="bh1"):
         t[-1] = F32(0.001)
     plan = unipc_plan(t, variant)
     x = x / np.sqrt(F32(1.0) + t[0] ** F32(2.0))
-    fused = fused_jit.available() and fused_jit.fusable(x)
+    fused = fused_jit.ready(x)
     step = _step_fused if fused else _step
     history = [_data_prediction(model, x, t[0], fused)]  # data predictions at t[k-1], t[k-2], ... (newest last)
     steps = len(t) - 1
