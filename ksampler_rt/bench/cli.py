@@ -19,19 +19,27 @@ def _size(value: str) -> tuple[int, int]:
         raise ValueError(f"--size: received {value!r}, expected WIDTHxHEIGHT, e.g. 256x256") from None
 
 
+def _peers(args) -> tuple[str, ...] | None:
+    """``--peers``: the named peers (``none``: no peer), None when not given (the bench's default)."""
+    return tuple(p for p in _csv(args.peers) if p != "none") if args.peers is not None else None
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def bench_precision(args) -> int:
     """``--precision``: each precision's speed and quality (ksampler_rt.bench.precision)."""
-    from .precision import DEFAULT_PEERS, PrecisionBenchConfig, format_report, run, save, split_precisions
+    from .precision import PrecisionBenchConfig, format_report, run, save, split_precisions
 
     w, h = _size(args.size) if args.size else (None, None)
-    peers = DEFAULT_PEERS if args.peers is None else tuple(p for p in _csv(args.peers) if p != "none")
     fields = dict(model=args.model, precisions=tuple(split_precisions(args.precision)), width=w, height=h,
                   steps=args.steps, cfg=args.cfg, seed=args.seed, repeats=args.repeats, threads=args.threads,
-                  peers=peers, out=args.out)
+                  peers=_peers(args), out=args.out)  # None: the config's default (DEFAULT_PEERS)
     if args.backend:
         fields["backends"] = tuple(_csv(args.backend))
     cfg = PrecisionBenchConfig(**{k: v for k, v in fields.items() if v is not None})
-    result = run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run(cfg, log=_log)
     print(format_report(result))
     print(f"\nwrote {save(result, cfg.out)}")
     return 0
@@ -49,7 +57,7 @@ def _run_bench(module, config_cls, fields: dict, quick: bool) -> int:
     """Build the config (``--quick``: its quick preset), run the module's bench, print the report, save the JSON."""
     cfg = config_cls.quick_config(**fields) if quick else config_cls(**{k: v for k, v in fields.items()
                                                                         if v is not None})
-    result = module.run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = module.run(cfg, log=_log)
     print(module.format_report(result))
     print(f"\nwrote {module.save(result, cfg.out)}")
     return 0
@@ -59,9 +67,7 @@ def bench_flow(args) -> int:
     """An SD3 / FLUX.1 model: ksampler-rt against diffusers' pipeline on the same weights (ksampler_rt.bench.flow)."""
     from . import flow
 
-    fields = _common_fields(args)
-    fields["peers"] = tuple(p for p in _csv(args.peers) if p != "none") if args.peers is not None else None
-    return _run_bench(flow, flow.FlowBenchConfig, fields, args.quick)
+    return _run_bench(flow, flow.FlowBenchConfig, dict(_common_fields(args), peers=_peers(args)), args.quick)
 
 
 def bench_controlnet(args) -> int:
@@ -83,26 +89,20 @@ def bench(args) -> int:
         return bench_flow(args)
     from .harness import BenchConfig, format_report, run, save
 
-    w, h = _size(args.size) if args.size else (None, None)
     overrides = dict(
-        model=args.model, backends=tuple(_csv(args.backend)) if args.backend else None, width=w, height=h,
-        steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg, seed=args.seed,
+        _common_fields(args), peers=_peers(args),
         batches=tuple(int(b) for b in _csv(args.batches)) if args.batches else None,
-        throughput_steps=args.throughput_steps, throughput_repeats=args.throughput_repeats, repeats=args.repeats,
-        unet_samples=args.unet_samples,
-        stage_repeats=args.stage_repeats,
+        throughput_steps=args.throughput_steps, throughput_repeats=args.throughput_repeats,
+        unet_samples=args.unet_samples, stage_repeats=args.stage_repeats,
         percentiles=tuple(float(p) for p in _csv(args.percentiles)) if args.percentiles else None,
-        threads=args.threads,
-        peers=tuple(p for p in _csv(args.peers) if p != "none") if args.peers is not None else None,
         sampler_overhead=not args.no_sampler_overhead, comfyui=args.comfyui, tune_ort=args.tune_ort or None,
-        out=args.out, chart=not args.no_chart,
+        chart=not args.no_chart,
     )
     if args.quick:
         cfg = BenchConfig.quick_config(**overrides)
     else:
         cfg = BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
-    log = (lambda m: print(m, file=sys.stderr, flush=True))
-    result = run(cfg, log=log)
+    result = run(cfg, log=_log)
     print(format_report(result))
     paths = save(result, cfg.out, chart=cfg.chart)
     print(f"\nwrote {paths['json']}" + (f" and {paths['chart']}" if paths.get("chart") else ""))

@@ -38,7 +38,8 @@ from typing import Callable
 
 import numpy as np
 
-from .harness import BenchError, CallTimer, environment, resolve_backends, set_torch_thread_policy, summary
+from .harness import (BenchError, CallTimer, environment, interleave, rel_l2, require_positive, require_size,
+                      resolve_backends, set_torch_thread_policy, summary, time_method)
 
 DEFAULT_BACKENDS = ("onnxruntime-cpu",)
 
@@ -70,10 +71,7 @@ class ControlBenchConfig:
 
 
 def validate(cfg: ControlBenchConfig) -> None:
-    for name in ("steps", "repeats"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            raise BenchError(f"--{name}: received {v!r}, expected a positive integer")
+    require_positive(cfg, ("steps", "repeats"))
     if cfg.steps < 2:
         raise BenchError(f"--steps: received {cfg.steps}, expected at least 2")
     if cfg.sampler != "euler":
@@ -81,9 +79,7 @@ def validate(cfg: ControlBenchConfig) -> None:
                          f"is the peer's sampler)")
     if not cfg.cfg > 1:
         raise BenchError(f"--cfg: received {cfg.cfg}, expected a value > 1 (cond and uncond both run)")
-    for w in (cfg.width, cfg.height):
-        if w is not None and (w < 64 or w % 8):
-            raise BenchError(f"--size: received {w} px, expected a multiple of 8 >= 64")
+    require_size(cfg, 8)
 
 
 @dataclass
@@ -220,19 +216,6 @@ class DiffusersRunner:
         self.pipe = None
 
 
-def _instrument(module, key: str, calls: dict[str, list]) -> None:
-    """Times every ``forward`` of ``module`` (the UNet is shared by both pipelines: wrapped once)."""
-    inner = module.forward
-
-    def forward(*a, **k):
-        t = time.perf_counter()
-        try:
-            return inner(*a, **k)
-        finally:
-            calls.setdefault(key, []).append((t, time.perf_counter()))
-    module.forward = forward
-
-
 def _load_diffusers(model, cfg: ControlBenchConfig, inputs: Inputs) -> tuple[list, float]:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
@@ -242,8 +225,8 @@ def _load_diffusers(model, cfg: ControlBenchConfig, inputs: Inputs) -> tuple[lis
     with open(model.source_dir / "scheduler" / "scheduler_config.json") as f:
         sched = json.load(f)
     calls: dict[str, list] = {}
-    _instrument(unet, "unet", calls)
-    _instrument(net, "controlnet", calls)
+    for module, key in ((unet, "unet"), (net, "controlnet")):  # the UNet is shared by both pipelines: wrapped once
+        time_method(module, "forward", lambda t0, t1, key=key: calls.setdefault(key, []).append((t0, t1)))
     runners = [DiffusersRunner(unet, None, sched, cfg, inputs, calls),
                DiffusersRunner(unet, net, sched, cfg, inputs, calls)]
     return runners, time.perf_counter() - t0
@@ -251,13 +234,6 @@ def _load_diffusers(model, cfg: ControlBenchConfig, inputs: Inputs) -> tuple[lis
 
 # ---------------------------------------------------------------------------------------------
 # the run
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        raise BenchError(f"latents: shapes {a.shape} and {b.shape} differ")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _inputs(ckpt, manifest: dict, cfg: ControlBenchConfig) -> Inputs:
@@ -343,12 +319,7 @@ def _measure_backend(model, manifest: dict, backend: str, cfg: ControlBenchConfi
             s.job(rec)  # cold: engine builds / the residual-taking UNet's first load, torch's first call
             cold[s.key] = rec["sampling_s"]
         log(f"{cfg.repeats} interleaved warm jobs each: " + ", ".join(s.name for s in systems))
-        records: dict[str, list[dict]] = {s.key: [] for s in systems}
-        for _ in range(cfg.repeats):
-            for s in systems:
-                rec = {}
-                s.job(rec)
-                records[s.key].append(rec)
+        records = interleave(systems, cfg.repeats, key=lambda s: s.key)
     finally:
         net.release()
         ckpt.release()
@@ -402,18 +373,9 @@ def format_report(result: dict) -> str:
 
 
 def save(result: dict, out_dir) -> Path:
-    """``bench-controlnet-<model>-<time>.json`` under ``out_dir``, written atomically."""
-    from .harness import _json_default
+    """``bench-controlnet-<model>-<time>.json`` under ``out_dir``, written atomically, without arrays (latents
+    stay in memory only)."""
+    from .harness import write_json
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-controlnet-{result['model']['name']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_strip(result), indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _strip(result: dict) -> dict:
-    """The result without arrays (latents stay in memory only)."""
-    return json.loads(json.dumps(result, default=lambda o: None if isinstance(o, np.ndarray) else str(o)))
+    path = Path(out_dir) / f"bench-controlnet-{result['model']['name']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return write_json(path, result, default=lambda o: None if isinstance(o, np.ndarray) else str(o))

@@ -28,7 +28,8 @@ from typing import Callable
 
 import numpy as np
 
-from .harness import BenchError, CallTimer, environment, resolve_backends, set_torch_thread_policy, summary
+from .harness import (BenchError, CallTimer, environment, interleave, load_checkpoint_timed, rel_l2, require_positive,
+                      require_size, resolve_backends, set_torch_thread_policy, summary, time_method)
 
 DEFAULT_BACKENDS = ("onnxruntime-cpu", "openvino-cpu")
 #: cfg per family: FLUX.1 is guidance-distilled (cfg 1, ComfyUI's example graphs); SD3.5's example uses 4.5
@@ -64,14 +65,8 @@ class FlowBenchConfig:
 
 
 def validate(cfg: FlowBenchConfig) -> None:
-    for name in ("steps", "repeats"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            raise BenchError(f"--{name}: received {v!r}, expected a positive integer")
-    for w in (cfg.width, cfg.height):
-        if w is not None and (w < 64 or w % 16):
-            raise BenchError(f"--size: received {w} px, expected a multiple of 16 >= 64 (FLUX.1 / SD3 pack 2x2 "
-                             f"latent patches of the 1/8 latent)")
+    require_positive(cfg, ("steps", "repeats"))
+    require_size(cfg, 16, "FLUX.1 / SD3 pack 2x2 latent patches of the 1/8 latent")
     unknown = [p for p in cfg.peers if p != "diffusers"]
     if unknown:
         raise BenchError(f"--peers: received {', '.join(unknown)}, expected diffusers or none for an SD3 / FLUX.1 "
@@ -96,20 +91,12 @@ class FlowRunner:
 
     def load(self) -> dict:
         from ..engines import LoadOptions
-        from ..workflow.checkpoint import load_checkpoint
 
-        def load():
-            return load_checkpoint(self.export_dir, self.backend, log=None,
-                                   options=LoadOptions(threads=self.cfg.threads, precision="fp32"))
-
-        t0 = time.perf_counter()
-        load().engines.release()  # a first build / cache verification, timed apart from the load (as the harness)
-        t1 = time.perf_counter()
-        ck = load()
-        ck.engines.load()
-        self.ckpt = ck
-        self.timer = CallTimer(ck.engines.transformer)
-        return {"load_s": time.perf_counter() - t1, "first_prepare_s": t1 - t0}
+        # a first build / cache verification, timed apart from the load (as the harness)
+        self.ckpt, prepare_s, load_s = load_checkpoint_timed(
+            self.export_dir, self.backend, options=LoadOptions(threads=self.cfg.threads, precision="fp32"))
+        self.timer = CallTimer(self.ckpt.engines.transformer)
+        return {"load_s": load_s, "first_prepare_s": prepare_s}
 
     def _conditioning(self, text: str) -> list:
         cond = self.ckpt.clip.encode(text)
@@ -176,21 +163,9 @@ class DiffusersFlowPeer:
     def _instrument(self, pipe) -> None:
         """Times the text encoding, every transformer call and the VAE decode inside the pipeline's own call."""
         marks = self._marks
-
-        def timed(obj, attr, key):
-            inner = getattr(obj, attr)
-
-            def wrapper(*a, **k):
-                t = time.perf_counter()
-                try:
-                    return inner(*a, **k)
-                finally:
-                    marks.setdefault(key, []).append((t, time.perf_counter()))
-            setattr(obj, attr, wrapper)
-
-        timed(pipe, "encode_prompt", "text")
-        timed(pipe.transformer, "forward", "model")
-        timed(pipe.vae, "decode", "decode")
+        for obj, attr, key in ((pipe, "encode_prompt", "text"), (pipe.transformer, "forward", "model"),
+                               (pipe.vae, "decode", "decode")):
+            time_method(obj, attr, lambda t0, t1, key=key: marks.setdefault(key, []).append((t0, t1)))
 
     def job(self, record: dict) -> np.ndarray:
         import torch
@@ -238,13 +213,6 @@ class DiffusersFlowPeer:
 # the run
 
 
-def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        raise BenchError(f"latents: ksampler-rt's {a.shape} and diffusers' {b.shape} differ in shape")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def _stats(records: list[dict], steps: int) -> dict:
     calls = [t for r in records for t in r["model_calls"]]
     return {"end_to_end": summary([r["total_s"] for r in records]),
@@ -255,17 +223,6 @@ def _stats(records: list[dict], steps: int) -> dict:
             "model_calls_per_step": len(calls) / (len(records) * steps),
             "text_encode": summary([r["text_s"] for r in records]),
             "vae_decode": summary([r["decode_s"] for r in records])}
-
-
-def _interleave(systems: list, repeats: int) -> dict[str, list[dict]]:
-    """``repeats`` rounds of one job per system, so that a noisy machine slows every system alike."""
-    records: dict[str, list[dict]] = {s.name: [] for s in systems}
-    for _ in range(repeats):
-        for s in systems:
-            rec: dict = {}
-            s.job(rec)
-            records[s.name].append(rec)
-    return records
 
 
 def run(cfg: FlowBenchConfig, log: Callable[[str], None] = print) -> dict:
@@ -281,7 +238,7 @@ def run(cfg: FlowBenchConfig, log: Callable[[str], None] = print) -> dict:
     cfg.cfg = DEFAULT_CFG[model.family] if cfg.cfg is None else float(cfg.cfg)
     validate(cfg)
     manifest = json.loads((Path(model.export_dir) / "manifest.json").read_text())
-    env = environment(backends, _env_view(cfg), manifest)
+    env = environment(backends, cfg, manifest)
     env.update(torch_thread_policy=policy, precision="fp32",
                shapes={"image": [cfg.height, cfg.width], "latent": [manifest.get("latent_channels", 16),
                                                                     cfg.height // 8, cfg.width // 8]})
@@ -324,7 +281,7 @@ def _measure(model, cfg: FlowBenchConfig, backends: list[str], systems: list, re
         systems.append(peer)
         colds[peer.name] = peer.cold
     log(f"{cfg.repeats} interleaved warm jobs each: " + ", ".join(s.name for s in systems))
-    records = _interleave(systems, cfg.repeats)
+    records = interleave(systems, cfg.repeats)
     stats = {s.name: _stats(records[s.name], cfg.steps) for s in systems}
     for r in systems[:len(backends)]:
         result["products"].append({"name": r.name, "backend": r.backend, "cold": colds[r.name],
@@ -343,11 +300,6 @@ def _default_backends() -> list[str]:
         raise BenchError(f"--backend: none of the default backends is usable here "
                          f"({'; '.join(f'{b}: {avail.get(b)}' for b in DEFAULT_BACKENDS)}); name one with --backend")
     return usable
-
-
-def _env_view(cfg: FlowBenchConfig):
-    """The fields of the harness' BenchConfig that ``harness.environment`` reads."""
-    return dataclasses.make_dataclass("EnvView", ["threads", "width", "height"])(cfg.threads, cfg.width, cfg.height)
 
 
 def _load_peer(model, cfg: FlowBenchConfig, first: FlowRunner, tokens: int, log) -> DiffusersFlowPeer:
@@ -371,8 +323,8 @@ def _compare(mine: str, theirs: str, stats: dict, records: dict) -> dict:
     ratio = {f"{k}_speedup": stats[theirs][k]["median_ms"] / stats[mine][k]["median_ms"]
              for k in ("end_to_end", "per_step", "model_call")}
     a, b = records[mine][-1], records[theirs][-1]
-    return {"product": mine, "peer": theirs, **ratio, "latent_rel_l2": _rel_l2(a["latent"], b["latent"]),
-            "image_rel_l2": _rel_l2(a["image"], b["image"]),
+    return {"product": mine, "peer": theirs, **ratio, "latent_rel_l2": rel_l2(a["latent"], b["latent"]),
+            "image_rel_l2": rel_l2(a["image"], b["image"], "image"),
             "image_max_abs": float(np.abs(a["image"] - b["image"]).max())}
 
 
@@ -410,13 +362,7 @@ def format_report(result: dict) -> str:
 
 
 def save(result: dict, out_dir) -> Path:
-    """``bench-<model>-<time>.json`` under ``out_dir``, written atomically."""
-    from .harness import _json_default
+    """``bench-<model>-<time>.json`` under ``out_dir``, written atomically (the harness' JSON, no chart)."""
+    from .harness import save as save_bench
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{result['model']['name']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
+    return Path(save_bench(result, out_dir, chart=False)["json"])

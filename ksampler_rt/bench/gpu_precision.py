@@ -24,7 +24,6 @@ capability >= 8.9 / 6.1: otherwise the row says why it was skipped. Every refusa
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,15 +222,10 @@ def half_export(export_dir: Path, out_dir: Path) -> Path:
 
 # --------------------------------------------------------------------------------------------- measuring
 
-def _median_ms(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+def _median_ms(fn: Callable[[], object], repeat: int) -> float:
+    from .gpu_check import _time
+
+    return _time(fn, max(1, repeat))["median_ms"]
 
 
 def _run(eng, feeds: dict) -> np.ndarray:

@@ -114,11 +114,24 @@ def percentiles(samples, ps) -> dict:
     return out
 
 
-def validate_config(cfg: BenchConfig) -> None:
-    for name in ("steps", "repeats", "unet_samples", "stage_repeats", "throughput_repeats"):
+def require_positive(cfg, names) -> None:
+    """Each of ``cfg``'s fields ``names`` is a positive int (the error names its ``--option``)."""
+    for name in names:
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             raise BenchError(f"--{name.replace('_', '-')}: received {v!r}, expected a positive integer")
+
+
+def require_size(cfg, multiple: int = 8, why: str = "") -> None:
+    """``cfg.width`` / ``cfg.height`` (None: the model's default) are multiples of ``multiple``, at least 64."""
+    for w in (cfg.width, cfg.height):
+        if w is not None and (w < 64 or w % multiple):
+            raise BenchError(f"--size: received {w} px, expected a multiple of {multiple} >= 64"
+                             + (f" ({why})" if why else ""))
+
+
+def validate_config(cfg: BenchConfig) -> None:
+    require_positive(cfg, ("steps", "repeats", "unet_samples", "stage_repeats", "throughput_repeats"))
     if cfg.steps < 2:
         raise BenchError(f"--steps: received {cfg.steps}, expected at least 2 (per-step times need 2 steps per job)")
     for b in cfg.batches:
@@ -129,10 +142,7 @@ def validate_config(cfg: BenchConfig) -> None:
         if cfg.unet_samples < need:
             raise BenchError(f"--unet-samples: received {cfg.unet_samples}, expected at least {need} for p{p:g}; "
                              f"raise --unet-samples or drop p{p:g} from --percentiles")
-    for w in (cfg.width, cfg.height):
-        if w is not None and (w < 64 or w % 8):
-            raise BenchError(f"--size: received {w} px, expected a multiple of 8 >= 64 (the latent is 1/8 of the "
-                             f"image)")
+    require_size(cfg, 8, "the latent is 1/8 of the image")
     unknown = [p for p in cfg.peers if p not in PEERS]
     if unknown:
         raise BenchError(f"--peers: received unknown {', '.join(unknown)}, expected some of {', '.join(PEERS)} "
@@ -179,6 +189,41 @@ def summary(samples_s, ps=()) -> dict:
            "max_ms": float(max(ms)), "median_ms": float(statistics.median(ms))}
     out.update({k + "_ms": v for k, v in percentiles(ms, ps).items()})
     return out
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray, what: str = "latents") -> float:
+    """``||a - b|| / ||b||`` in float64 (``b``: the peer's / the reference); ``what`` names the arrays in the
+    shape error."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise BenchError(f"{what}: shapes {a.shape} and {b.shape} differ")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def time_method(obj, attr: str, record: Callable[[float, float], None]) -> None:
+    """Replaces ``obj.<attr>`` by a wrapper that reports every call's (start, end) ``perf_counter`` times to
+    ``record``, whether the call returns or raises (a torch module's ``forward``, a pipeline's stage)."""
+    inner = getattr(obj, attr)
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            record(t, time.perf_counter())
+    setattr(obj, attr, timed)
+
+
+def interleave(systems: list, repeats: int, key: Callable = lambda s: s.name) -> dict[str, list[dict]]:
+    """``repeats`` rounds of one ``job(record)`` per system, so that a noisy machine slows every system alike;
+    the records per ``key(system)``."""
+    records: dict[str, list[dict]] = {key(s): [] for s in systems}
+    for _ in range(repeats):
+        for s in systems:
+            rec: dict = {}
+            s.job(rec)
+            records[key(s)].append(rec)
+    return records
 
 
 def rss_bytes() -> int:
@@ -299,17 +344,7 @@ class ProductRunner:
 
     def load(self) -> dict:
         """Cold start: engine load (sessions / plans into memory) timed apart from any build."""
-        from ..workflow.checkpoint import load_checkpoint
-
-        t0 = time.perf_counter()
-        ck = load_checkpoint(self.export_dir, self.backend, log=None, **self._engine_options())
-        ck.engines.release()  # any build / cache verification is done now; what follows is the load
-        t_prepare = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ck = load_checkpoint(self.export_dir, self.backend, log=None, **self._engine_options())
-        ck.engines.load()
-        t_load = time.perf_counter() - t0
-        self.ckpt = ck
+        self.ckpt, t_prepare, t_load = load_checkpoint_timed(self.export_dir, self.backend, **self._engine_options())
         return {"engine_load_s": t_load, "first_prepare_s": t_prepare}
 
     def check_shapes(self) -> None:
@@ -341,6 +376,20 @@ class ProductRunner:
         rec.update(text_s=t1 - t0, sampling_s=t2 - t1, decode_s=t3 - t2, total_s=t3 - t0, marks=marks,
                    sampling_start=t1)
         return image
+
+
+def load_checkpoint_timed(export_dir, backend: str, **options) -> tuple[object, float, float]:
+    """(loaded checkpoint, prepare s, load s): a first load that builds / verifies the engine cache, released,
+    then the timed load of the engines into memory (``load_checkpoint(..., **options)``)."""
+    from ..workflow.checkpoint import load_checkpoint
+
+    t0 = time.perf_counter()
+    ck = load_checkpoint(export_dir, backend, log=None, **options)
+    ck.engines.release()  # any build / cache verification is done now; what follows is the load
+    t1 = time.perf_counter()
+    ck = load_checkpoint(export_dir, backend, log=None, **options)
+    ck.engines.load()
+    return ck, t1 - t0, time.perf_counter() - t1
 
 
 def check_shapes(engines, width, height, batches, downscale=8) -> None:
@@ -490,17 +539,8 @@ class DiffusersPeer:
         if self.compile:
             pipe.unet = torch.compile(pipe.unet)
         t_load = time.perf_counter() - t0
-        unet, calls = pipe.unet, self.unet_calls
-        orig_forward = unet.forward
-
-        def forward(*a, **k):
-            t = time.perf_counter()
-            try:
-                return orig_forward(*a, **k)
-            finally:
-                calls.append((t, time.perf_counter()))
-
-        unet.forward = forward
+        calls = self.unet_calls
+        time_method(pipe.unet, "forward", lambda t0, t1: calls.append((t0, t1)))
         self.pipe = pipe
         return {"load_s": t_load}
 
@@ -872,11 +912,8 @@ def write_chart(result: dict, path: Path) -> Path | None:
 
 def save(result: dict, out_dir, chart: bool = True) -> dict:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    stem = f"bench-{result['model']['name']}-{stamp}"
-    jpath = out / f"{stem}.json"
-    jpath.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    stem = f"bench-{result['model']['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    jpath = write_json(out / f"{stem}.json", result)
     paths = {"json": str(jpath)}
     if chart:
         c = write_chart(result, out / f"{stem}.png")
@@ -892,3 +929,14 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     return str(o)
+
+
+def write_json(path, obj, *, indent: int = 2, default: Callable = _json_default) -> Path:
+    """``obj`` as JSON (+ newline) at ``path``, written atomically (temp file + rename), folders made. Not
+    ``engines.cache.atomic_write_bytes``: its ``mkstemp`` file would leave the report readable by its owner only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=indent, default=default) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -133,7 +133,8 @@ def ensure_source(name: str, log: Callable[[str], None] = print) -> Path:
     return target
 
 
-def _export_into_cache(source: Path, key: str, log: Callable[[str], None]) -> Path:
+def _export_into_cache(source: Path, key: str, log: Callable[[str], None], **export_options) -> Path:
+    """``source`` exported once under the cache (``export_options``: ``export_model``'s, e.g. control_inputs)."""
     from ..export.manifest import EXPORTER_REVISION
 
     export_dir = cache_root() / "exports" / f"{key}-e{EXPORTER_REVISION}"  # a new exporter re-exports
@@ -142,7 +143,7 @@ def _export_into_cache(source: Path, key: str, log: Callable[[str], None]) -> Pa
     from ..export.onnx_export import export_model
 
     log(f"exporting {source} to {export_dir} (once; minutes for large models on a small CPU) ...")
-    export_model(str(source), str(export_dir), overwrite=True)
+    export_model(str(source), str(export_dir), overwrite=True, **export_options)
     return export_dir
 
 
@@ -253,19 +254,6 @@ def _ensure_controlnet_source(source: Path, target: Path, log: Callable[[str], N
     return make_tiny_controlnet(source, seed=0, out=target)  # written into a temp folder, then renamed
 
 
-def _export_control(source: Path, key: str, log: Callable[[str], None], **kw) -> Path:
-    from ..export.manifest import EXPORTER_REVISION
-
-    export_dir = cache_root() / "exports" / f"{key}-e{EXPORTER_REVISION}"
-    if (export_dir / "manifest.json").is_file():
-        return export_dir
-    from ..export.onnx_export import export_model
-
-    log(f"exporting {source} to {export_dir} (once; minutes for half-sd15 on a small CPU) ...")
-    export_model(str(source), str(export_dir), overwrite=True, **kw)
-    return export_dir
-
-
 def resolve_control_model(spec: str, log: Callable[[str], None] = print) -> ControlBenchModel:
     """``--model`` of ``bench --controlnet``: a built-in SD1.5 model, its ControlNet, and both exports (the
     checkpoint with ``--control-inputs``), built and exported into the bench cache on first use."""
@@ -281,6 +269,6 @@ def resolve_control_model(spec: str, log: Callable[[str], None] = print) -> Cont
     else:
         raise ValueError(f"--model: received {spec!r} with --controlnet, expected one of {', '.join(CONTROL_MODELS)}")
     cn_dir = _ensure_controlnet_source(source, cache_root() / "bench" / f"{key}-controlnet", log)
-    export_dir = _export_control(source, f"bench-{key}-control", log, control_inputs=True)
-    cn_export = _export_control(cn_dir, f"bench-{key}-controlnet", log)
+    export_dir = _export_into_cache(source, f"bench-{key}-control", log, control_inputs=True)
+    cn_export = _export_into_cache(cn_dir, f"bench-{key}-controlnet", log)
     return ControlBenchModel(spec, source, cn_dir, export_dir, cn_export, DEFAULT_SIZE[spec], note)

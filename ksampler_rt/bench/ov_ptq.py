@@ -25,9 +25,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from .harness import write_json
 from .precision import cpu_flags_record, psnr, relative_l2
 
 # variant -> (weights transform, INFERENCE_PRECISION_HINT)
@@ -62,21 +64,9 @@ def unet_calibration_inputs(model, family: str, *, runs: int = 2, steps: int = 1
     names = [p.get_any_name() for p in model.inputs]
     width = model.inputs[2].get_partial_shape()[2].get_length()
     channels = model.inputs[0].get_partial_shape()[1].get_length()
-    core, compiled, samples = ov.Core(), {}, []
-    cfg_ov = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
-    if threads:
-        cfg_ov["INFERENCE_NUM_THREADS"] = int(threads)
-
-    def unet(x, timestep, context, **_):
-        feeds = [np.ascontiguousarray(a, np.float32) for a in (x, timestep, context)]
-        key = tuple(a.shape for a in feeds)
-        if key not in compiled:  # one static compile per shape signature (CFG batch 2: one in practice)
-            m = model.clone()
-            m.reshape({i: list(s) for i, s in enumerate(key)})
-            compiled[key] = core.compile_model(m, "CPU", cfg_ov).create_infer_request()
-        samples.append({n: a.copy() for n, a in zip(names, feeds)})
-        return np.array(compiled[key].infer(dict(enumerate(feeds)))[0])
-
+    samples: list[dict] = []
+    unet = _ov_unet(ov.Core(), model, "f32", threads,
+                    record=lambda feeds: samples.append({n: a.copy() for n, a in zip(names, feeds)}))
     rng = np.random.default_rng(seed)
     for r in range(runs):
         pos, neg = ([[rng.standard_normal((1, tokens, width), dtype=np.float32), {}]] for _ in range(2))
@@ -142,8 +132,26 @@ def _compile(core, model, shapes, hint: str, threads: int | None):
     m.reshape({i: list(s) for i, s in enumerate(shapes)})
     cfg = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
     if threads:
-        cfg["INFERENCE_NUM_THREADS"] = threads
+        cfg["INFERENCE_NUM_THREADS"] = int(threads)
     return core.compile_model(m, "CPU", cfg).create_infer_request()
+
+
+def _ov_unet(core, model, hint: str, threads: int | None, record: Callable[[list], None] | None = None):
+    """A ``ksampler_rt.runtime.Model`` UNet callable on the OpenVINO ``model`` (latent, timestep, context), one
+    static compile per shape signature (CFG batch 2: one in practice); ``record(feeds)`` sees every call's
+    float32 inputs."""
+    compiled: dict = {}
+
+    def unet(x, timestep, context, **_):
+        feeds = [np.ascontiguousarray(a, np.float32) for a in (x, timestep, context)]
+        key = tuple(a.shape for a in feeds)
+        if key not in compiled:
+            compiled[key] = _compile(core, model, key, hint, threads)
+        if record is not None:
+            record(feeds)
+        return np.array(compiled[key].infer(dict(enumerate(feeds)))[0])
+
+    return unet
 
 
 def time_calls(models: dict, latent: int, width: int, repeats: int, threads: int | None) -> dict:
@@ -178,15 +186,7 @@ def quality(models: dict, export_dir: Path, family: str, width: int, threads: in
     pos, neg = ([[rng.standard_normal((1, 77, width), dtype=np.float32), {}]] for _ in range(2))
     out = {}
     for v, m in models.items():
-        reqs: dict = {}
-
-        def unet(x, timestep, context, **_):
-            feeds = [np.ascontiguousarray(a, np.float32) for a in (x, timestep, context)]
-            key = tuple(a.shape for a in feeds)
-            if key not in reqs:
-                reqs[key] = _compile(core, m, key, VARIANTS[v][1], threads)
-            return np.array(reqs[key].infer(dict(enumerate(feeds)))[0])
-
+        unet = _ov_unet(core, m, VARIANTS[v][1], threads)
         lat = ksampler(Model(unet, family), 42, steps, 8.0, "euler", "normal", pos, neg,
                        {"samples": np.zeros((1, 4, 32, 32), np.float32)})["samples"]
         dec = _compile(core, vae, [lat.shape], "f32", threads)
@@ -247,12 +247,8 @@ def main(argv=None) -> int:  # pragma: no cover - measurement script
     a = ap.parse_args(argv)
     res = run(a.model, tuple(a.latent), a.repeats, tuple(a.variants.split(",")), a.threads, a.quality_steps)
     print(format_report(res))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ov-ptq-{res['model']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    tmp.replace(path)
+    path = write_json(Path(a.out) / f"ov-ptq-{res['model']}-{time.strftime('%Y%m%d-%H%M%S')}.json", res, indent=1,
+                      default=str)
     print(f"saved {path}")
     return 0
 

@@ -16,7 +16,6 @@ as in the main harness, so a noisy shared machine slows all of them alike.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -257,12 +256,11 @@ def format_report(result: dict) -> str:
 
 
 def save(result: dict, out_dir) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"precision-{result['model']['name']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isinf(o)
-                               else str(o)) + "\n")
-    return path
+    """``precision-<model>-<time>.json`` under ``out_dir``, written atomically (infinite PSNRs as ``Infinity``)."""
+    from .harness import write_json
+
+    path = Path(out_dir) / f"precision-{result['model']['name']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return write_json(path, result, indent=1, default=str)
 
 
 def main(argv=None) -> int:  # pragma: no cover - thin wrapper, the CLI goes through ksampler_rt.bench.cli
