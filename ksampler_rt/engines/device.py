@@ -90,8 +90,8 @@ class DeviceIO:
     a consumer (DeviceTensor feeds copied device to device into the bucket's fixed input buffers).
 
     Relies on the engine's ``cuda`` (the CUDA facade, None without cuda-python), ``stream``, ``_thread``,
-    ``_lock``, ``stats``, ``device_id``, ``outputs`` and its buckets' ``inputs`` / ``outputs`` / ``host`` /
-    ``held`` / ``live``. Without cuda-python there is no device copy: ``keep_on_device`` is ignored (numpy
+    ``_lock``, ``stats``, ``device_id``, ``outputs``, ``_download`` and its buckets' ``inputs`` / ``outputs`` /
+    ``host`` / ``held`` / ``live``. Without cuda-python there is no device copy: ``keep_on_device`` is ignored (numpy
     outputs) and DeviceTensor feeds go through the host."""
 
     device_inputs = True   # EngineSet.unet_callable may feed DeviceTensors
@@ -174,17 +174,9 @@ class DeviceIO:
             t._detach()
 
     def _fetch(self, t: DeviceTensor) -> None:
-        """D2H of one DeviceTensor (session thread, under the lock), through its bucket's pinned staging."""
-        from .cuda import pinned_array
-
-        b = t.bucket
-        if self.cuda is None:
-            t._set_host(b.outputs[t.name].numpy())
-        else:
-            self.cuda.dtoh(b.host[t.name], t.data_ptr(), t.nbytes, self.stream)
-            self.cuda.sync(self.stream)
-            self.stats["syncs"] += 1
-            t._set_host(pinned_array(b.host[t.name], t.shape, t.dtype).copy())
+        """D2H of one DeviceTensor (session thread, under the lock), through its bucket's pinned staging
+        (DeviceTensors exist only where cuda-python does: see ``_run_bucket``)."""
+        t._set_host(self._download(t.bucket, [t])[t.name])
         self.stats["d2h_fallbacks"] += 1
         self.stats["d2h_fallback_bytes"] += t.nbytes
 

@@ -16,6 +16,7 @@ from .base import Engine
 from .build import BuildOptions, build_model, key_components, model_profiles, profile_request, rebuild_command, \
     resolve_precision
 from .cache import EngineCache
+from .device import DeviceTensor
 from .manifest import ExportManifest, load_manifest
 from .profiles import MODELS, dim_roles
 from .spec import EngineError
@@ -157,6 +158,7 @@ class EngineSet:
                 raise EngineError(f"the exported {kind} has no input {need!r} (inputs: {', '.join(specs)})")
         residuals = sorted((n for n in specs if n.startswith("down_")), key=lambda n: int(n.split("_")[1]))
         roles = dim_roles(kind, eng.inputs) if residuals else {}
+        device = bool(getattr(eng, "device_inputs", False))  # takes DeviceTensor residuals (engines/device.py)
 
         def per_row(name, value, batch):
             spec = specs[name]
@@ -193,8 +195,7 @@ class EngineSet:
                     raise TypeError("unet(): this transformer (FLUX.1 dev) needs guidance (FluxGuidance)")
                 feeds["guidance"] = per_row("guidance", guidance, batch)
             if residuals:
-                feeds.update(_control_feeds(specs, roles, residuals, control, x,
-                                            device=getattr(eng, "device_inputs", False)))
+                feeds.update(_control_feeds(specs, roles, residuals, control, x, device=device))
             elif control is not None:
                 raise TypeError("unet(): received ControlNet residuals (control=...), expected none: this export's "
                                 "UNet takes no ControlNet inputs (re-export with --control-inputs)")
@@ -226,7 +227,6 @@ def controlnet_callable(eng: Engine) -> Callable[..., dict]:
             raise EngineError(f"the exported ControlNet has no input {need!r} (inputs: {', '.join(specs)})")
     downs = sorted((n for n in eng.output_names if n.startswith("down_")), key=lambda n: int(n.split("_")[1]))
     on_device = bool(getattr(eng, "device_outputs", False))
-
     def controlnet(x, timestep, context, hint, y=None) -> dict:
         x = np.asarray(x)
         t = np.asarray(timestep, dtype=specs["timestep"].dtype).reshape(-1)
@@ -275,15 +275,11 @@ def _control_feeds(specs: dict, roles: dict, residuals: list[str], control, x: n
         value = given.get(name)
         if value is None:
             feeds[name] = np.zeros(_residual_shape(specs[name], roles[name], x), dtype=specs[name].dtype)
-        elif device and _device_resident(value) and np.dtype(value.dtype) == np.dtype(specs[name].dtype):
+        elif device and isinstance(value, DeviceTensor) and value.dtype == np.dtype(specs[name].dtype):
             feeds[name] = value
         else:
             feeds[name] = np.ascontiguousarray(value, dtype=specs[name].dtype)  # a DeviceTensor: explicit D2H
     return feeds
-
-
-def _device_resident(value) -> bool:
-    return not isinstance(value, np.ndarray) and getattr(value, "device_resident", False) is True
 
 
 def _residual_shape(spec, roles: list, x: np.ndarray) -> tuple[int, ...]:

@@ -426,17 +426,23 @@ class OrtCudaEngine(DeviceIO, Engine):
         b.calls += 1
         self.stats["runs"] += 1
         self.stats["graph_runs"] += b.graph_id >= 0
-        if keep_on_device and self.cuda is not None:
-            return self._device_outputs(b)
         if self.cuda is None:
             return {n: v.numpy() for n, v in b.outputs.items()}
-        for spec in self.outputs:
-            v = b.outputs[spec.name]
-            nbytes = int(np.prod(b.out_shapes[spec.name])) * np.dtype(spec.dtype).itemsize
-            self.cuda.dtoh(b.host[spec.name], v.data_ptr(), nbytes, self.stream)
+        if keep_on_device:
+            return self._device_outputs(b)
+        return self._download(b, self.outputs)
+
+    def _download(self, b: _Bucket, specs) -> dict[str, np.ndarray]:
+        """Bucket ``b``'s outputs named by ``specs`` (``name`` and ``dtype``: TensorSpecs or DeviceTensors) to
+        the host through its pinned staging: the D2H copies on our stream, then one sync."""
+        from .cuda import pinned_array
+
+        for s in specs:
+            nbytes = int(np.prod(b.out_shapes[s.name])) * np.dtype(s.dtype).itemsize
+            self.cuda.dtoh(b.host[s.name], b.outputs[s.name].data_ptr(), nbytes, self.stream)
         self.cuda.sync(self.stream)
         self.stats["syncs"] += 1
-        return {s.name: pinned_array(b.host[s.name], b.out_shapes[s.name], s.dtype).copy() for s in self.outputs}
+        return {s.name: pinned_array(b.host[s.name], b.out_shapes[s.name], s.dtype).copy() for s in specs}
 
     def device_bytes(self) -> dict:
         """Device memory of this engine's IO buffers per bucket (gpu-check)."""

@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ExportError
-from .manifest import MANIFEST_NAME, read_manifest
+from .manifest import MANIFEST_NAME, read_manifest, write_manifest
 
 MODES = ("fp8", "int8")
 DENOISERS = ("unet", "transformer")
@@ -101,19 +101,23 @@ def record_denoiser_inputs(export_dir: str | os.PathLike, recipe: CalibrationRec
     eng._run = recording
     try:
         w, h = recipe.size(ck.manifest["family"])
-        down = int(ck.manifest.get("latent_downscale", 8))
-        channels = int(ck.manifest.get("latent_channels", 4))
         neg = ck.clip.encode(recipe.negative)
         for prompt in recipe.prompts:
             pos = ck.clip.encode(prompt)
             for seed in recipe.seeds:
-                latent = {"samples": np.zeros((1, channels, h // down, w // down), np.float32)}
                 ksampler(ck.model, seed, recipe.steps, recipe.cfg, recipe.sampler, recipe.scheduler, pos, neg,
-                         latent)
+                         _empty_latent(ck.manifest, w, h))
     finally:
         eng._run = run
         ck.release()
     return feeds
+
+
+def _empty_latent(manifest: dict, width: int, height: int) -> dict:
+    """txt2img's start LATENT (one row) for an export of ``manifest``: its latent channels and downscale."""
+    down = int(manifest.get("latent_downscale", 8))
+    return {"samples": np.zeros((1, int(manifest.get("latent_channels", 4)), height // down, width // down),
+                                np.float32)}
 
 
 class _Feeds:
@@ -311,7 +315,7 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, mode: str
             files = {entry["file"], entry["file"] + ".data", str(entry.get("external_data_file") or "")}
             _copy_others(src, tmp, files)
             new = _quantized_manifest(manifest, denoiser, tmp, mode, recipe, summary, len(feeds))
-            _write_json(tmp / MANIFEST_NAME, new)
+            write_manifest(str(tmp), new)  # tmp is renamed into place whole: the folder is the atomic unit
             drop_marker(str(tmp))
             _move_into_place(str(tmp), out, overwrite)
             tmp = None
@@ -368,12 +372,6 @@ def _quantized_manifest(m: dict, denoiser: str, tmp: Path, mode: str, recipe: Ca
     return json.loads(json.dumps(new))  # as read back from manifest.json (tuples become lists)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 # --- quality -------------------------------------------------------------------------------------------
 def generate(export_dir, prompt: str, seed: int, steps: int, width: int, height: int, *, cfg: float = 7.0,
              sampler: str = "euler", scheduler: str = "normal") -> tuple[np.ndarray, np.ndarray]:
@@ -384,10 +382,8 @@ def generate(export_dir, prompt: str, seed: int, steps: int, width: int, height:
     ck = load_checkpoint(export_dir, "onnxruntime-cpu", log=None)
     try:
         pos, neg = ck.clip.encode(prompt), ck.clip.encode("")
-        down = int(ck.manifest.get("latent_downscale", 8))
-        latent = {"samples": np.zeros((1, int(ck.manifest.get("latent_channels", 4)), height // down,
-                                       width // down), np.float32)}
-        out = ksampler(ck.model, seed, steps, cfg, sampler, scheduler, pos, neg, latent)["samples"]
+        out = ksampler(ck.model, seed, steps, cfg, sampler, scheduler, pos, neg,
+                       _empty_latent(ck.manifest, width, height))["samples"]
         return out, np.asarray(ck.vae.decode(out))
     finally:
         ck.release()

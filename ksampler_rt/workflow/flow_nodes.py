@@ -15,7 +15,7 @@ import copy
 
 import numpy as np
 
-from ..runtime.model_sampling import ModelSamplingDiscreteFlow, ModelSamplingFlux, flux_shift
+from ..runtime.model_sampling import FAMILIES, ModelSamplingDiscreteFlow, ModelSamplingFlux, flux_shift
 from .conditioning_nodes import set_values
 from .flow_checkpoint import Component
 from .flow_text import encode_flux, encode_sd3
@@ -71,7 +71,7 @@ def empty_sd3_latent_image(ctx, node_id, width, height, batch_size):
     return ({"samples": np.zeros((batch_size, 16, height // 8, width // 8), np.float32)},)
 
 
-FLOW_MODEL_FAMILIES = ("sd3", "flux", "flux-schnell")
+FLOW_MODEL_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.is_flow)
 
 
 def with_sampling(model, model_sampling, node: str):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .executor import EventSink, ExecutionContext, ExecutionResult, OutputCache, execute, resolve_input
-from .graph import Plan, load_workflow, validate
+from .graph import Plan, is_link, load_workflow, validate
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .nodes import build_node_specs
 from .registry import ModelRegistry
@@ -54,6 +54,28 @@ def clip_layer_problem(manifest: Mapping, layer: int) -> str | None:
         except ValueError as exc:
             return str(exc).partition(": ")[2] or str(exc)
     return None
+
+
+# The loaders whose export's manifest says a MODEL's family: class_type -> (registry folder, name input)
+_MODEL_LOADERS = {"CheckpointLoaderSimple": ("checkpoints", "ckpt_name"),
+                  "UNETLoader": ("diffusion_models", "unet_name")}
+# The inputs a CONDITIONING (and the ControlNet applied to it) comes through
+_CONDITIONING_INPUTS = ("conditioning", "positive", "negative", "conditioning_1", "conditioning_2",
+                        "conditioning_to", "conditioning_from", "control_net")
+
+
+def _upstream(prompt: Mapping, link, keys: tuple[str, ...]):
+    """The nodes of API-format ``prompt`` reached from ``link`` through the inputs named ``keys`` (depth first,
+    each once; links to nodes not in the prompt are skipped)."""
+    seen, stack = set(), [link]
+    while stack:
+        link = stack.pop()
+        if not is_link(link) or str(link[0]) not in prompt or str(link[0]) in seen:
+            continue
+        seen.add(str(link[0]))
+        node = prompt[str(link[0])]
+        yield node
+        stack.extend(v for k, v in (node.get("inputs") or {}).items() if k in keys)
 
 
 class Pipeline:
@@ -223,49 +245,35 @@ class Pipeline:
 
         return check
 
-    def _manifest_family(self, folder: str, name) -> str | None:
+    def _manifest(self, folder: str, name) -> dict | None:
+        """The manifest of the export registered as ``name`` in ``folder``; None when there is none (reported on
+        the loader's own input)."""
         import json
 
         try:
             path = self.registry.checkpoint(name) if folder == "checkpoints" else self.registry.component(folder, name)
-            return json.loads((path / "manifest.json").read_text()).get("family")
+            return json.loads((path / "manifest.json").read_text())
         except (ValueError, OSError, TypeError):
-            return None  # reported on the loader's own input
+            return None
+
+    def _manifest_family(self, folder: str, name) -> str | None:
+        return (self._manifest(folder, name) or {}).get("family")
 
     def _controlnet_family_problem(self, prompt: Mapping, values: Mapping) -> str | None:
         """A ControlNet registered for another family than the sampler's MODEL (its export's manifest says
         which UNet family it fits), found at validation, before any engine is built or run. None when they fit or
         either is unknown (stand-ins, models not in the registry: the runtime checks again at sampling)."""
-        from .graph import is_link
-
-        def upstream(link, keys):
-            seen, stack = set(), [link]
-            while stack:
-                link = stack.pop()
-                if not is_link(link) or str(link[0]) not in prompt or str(link[0]) in seen:
-                    continue
-                seen.add(str(link[0]))
-                node = prompt[str(link[0])]
-                yield node
-                stack.extend(v for k, v in (node.get("inputs") or {}).items() if k in keys)
-
         model_family = None
-        for node in upstream(values.get("model"), ("model",)):
-            inputs = node.get("inputs") or {}
-            if node.get("class_type") == "CheckpointLoaderSimple":
-                model_family = self._manifest_family("checkpoints", inputs.get("ckpt_name"))
-            elif node.get("class_type") == "UNETLoader":
-                model_family = self._manifest_family("diffusion_models", inputs.get("unet_name"))
-            else:
-                continue
-            break
+        for node in _upstream(prompt, values.get("model"), ("model",)):
+            if node.get("class_type") in _MODEL_LOADERS:
+                folder, key = _MODEL_LOADERS[node["class_type"]]
+                model_family = self._manifest_family(folder, (node.get("inputs") or {}).get(key))
+                break
         if model_family is None:
             return None
         group = {"sd2-v": "sd2"}.get
-        conditioning = ("conditioning", "positive", "negative", "conditioning_1", "conditioning_2", "conditioning_to",
-                        "conditioning_from", "control_net")
         for key in ("positive", "negative"):
-            for node in upstream(values.get(key), conditioning):
+            for node in _upstream(prompt, values.get(key), _CONDITIONING_INPUTS):
                 name = (node.get("inputs") or {}).get("control_net_name")
                 if node.get("class_type") not in ("ControlNetLoader", "DiffControlNetLoader") or name is None:
                     continue
@@ -277,24 +285,10 @@ class Pipeline:
 
     def _clip_layer_problem(self, prompt: Mapping, link, layer: int) -> str | None:
         """Why ``layer`` cannot be served by the checkpoint the CLIP comes from (None when it can or is unknown)."""
-        import json
-
-        from .graph import is_link
-
-        seen = set()
-        while is_link(link) and str(link[0]) in prompt and str(link[0]) not in seen:
-            node_id = str(link[0])
-            seen.add(node_id)
-            node = prompt[node_id]
-            inputs = node.get("inputs") or {}
+        for node in _upstream(prompt, link, ("clip",)):
             if node.get("class_type") == "CheckpointLoaderSimple":
-                try:
-                    export_dir = self.registry.checkpoint(inputs.get("ckpt_name"))
-                    manifest = json.loads((export_dir / "manifest.json").read_text())
-                except (ValueError, OSError, TypeError):
-                    return None  # reported on the loader's own input
-                return clip_layer_problem(manifest, layer)
-            link = inputs.get("clip")
+                manifest = self._manifest("checkpoints", (node.get("inputs") or {}).get("ckpt_name"))
+                return None if manifest is None else clip_layer_problem(manifest, layer)
         return None
 
     def run_workflow(self, workflow: str | os.PathLike | Mapping | Plan, *, overrides: Mapping[str, Any] | None = None,

@@ -38,14 +38,10 @@ CKPT, CN = "sd15-control", "control_v11p_sd15_canny.safetensors"
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
+    """``exports(family)``: (SD export, ControlNet export, diffusers folder), built once per session by
+    ``tiny_controlnet_export`` (which caches them itself)."""
     root = tmp_path_factory.mktemp("cn-engines")
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = tiny_controlnet_export(family, root)
-        return cache[family]
-    return get
+    return lambda family: tiny_controlnet_export(family, root)
 
 
 @pytest.fixture(scope="module")

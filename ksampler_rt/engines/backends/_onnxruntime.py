@@ -55,10 +55,11 @@ class OnnxRuntimeBackend(Backend):
             from ..ort import check_providers, cpu_session_options
             from ..precision import QUANTIZED_CPU_NOTE, ort_session_configs, quantized_model
 
-            if quantized_model(job.manifest.data, entry.name) and self.device_type == "cpu":
+            quantized = quantized_model(job.manifest.data, entry.name)
+            if quantized and self.device_type == "cpu":
                 import warnings
 
-                warnings.warn(f"{entry.name}: {quantized_model(job.manifest.data, entry.name)} Q/DQ graph "
+                warnings.warn(f"{entry.name}: {quantized} Q/DQ graph "
                               f"{QUANTIZED_CPU_NOTE}", RuntimeWarning, stacklevel=2)
 
             out = tmp / "model.onnx"

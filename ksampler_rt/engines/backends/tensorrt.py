@@ -59,9 +59,11 @@ class TensorRT(Backend):
     def resolve_precision(self, export_precision: str, requested: str | None) -> str:
         """The export's precision by default. TensorRT 10 can convert (``--precision fp16`` on an fp32 export,
         the builder flag path); TensorRT 11 builds strongly typed networks only, so it runs the export's own."""
+        from ..trt_backend import QUANTIZED
+
         p = requested or export_precision
         major = self.installed_major()
-        if p in ("fp8", "int8"):
+        if p in QUANTIZED:
             return p  # the precision of the Q/DQ graph: gated per model, with the manifest (model_precision)
         if p != export_precision and major is not None and major >= 11:
             raise EngineError(f"precision: received {p!r}, expected the export's own precision "
@@ -73,8 +75,9 @@ class TensorRT(Backend):
         """What ``entry`` is built in: ``precision``, except a model the export kept in fp32 inside a half
         precision export (the SDXL VAE), which is built fp32 unless a conversion was asked for."""
         from ..precision import keeps_fp32
+        from ..trt_backend import QUANTIZED
 
-        if precision in ("fp8", "int8"):
+        if precision in QUANTIZED:
             return self._quantized_precision(precision, entry, manifest)
         if precision == "fp16" and keeps_fp32(entry.name, manifest.family):  # T5-XXL, FLUX.1's VAE
             return "fp32"
@@ -88,6 +91,7 @@ class TensorRT(Backend):
         """fp8 / int8: the quantized export's denoiser (its Q/DQ graph) in ``precision``, its other models
         (text encoders, VAE: no Q/DQ nodes) in fp32. An export without Q/DQ nodes: refused here when the
         build is strongly typed (TensorRT 11), else by ``precision_flags`` after the GPU check, as before."""
+        from ..precision import quantized_model
         from ..trt_backend import qdq_refusal
 
         quantized = manifest.data.get("quantized")
@@ -99,8 +103,7 @@ class TensorRT(Backend):
         if quantized != precision:
             raise EngineError(f"precision: received {precision!r}, expected {quantized!r} (this export's Q/DQ "
                               f"nodes are {quantized}; re-quantize with `--quantize {precision}`)")
-        own = (manifest.data.get("models", {}).get(entry.name) or {}).get("precision")
-        return precision if own == quantized else "fp32"
+        return precision if quantized_model(manifest.data, entry.name) else "fp32"
 
     def key_options(self, options) -> dict:
         major = self.installed_major()
@@ -111,6 +114,7 @@ class TensorRT(Backend):
         return {"exporter_revision": manifest.data.get("exporter_revision")}
 
     def builder(self, job: BuildJob) -> Callable[[Path], dict]:
+        from ..precision import quantized_model
         from ..trt_backend import build_plan, import_tensorrt
 
         import_tensorrt()  # raises the install message before anything starts
@@ -120,8 +124,7 @@ class TensorRT(Backend):
             plan = build_plan(job.entry.path, job.profiles, job.precision, env.get("compute_capability"),
                               refit=opts.refit, weight_streaming=opts.weight_streaming,
                               timing_cache=job.cache.timing_cache_path(env),
-                              quantized_export=bool(job.manifest.data.get("quantized")
-                                                     and job.precision == job.manifest.data.get("quantized")))
+                              quantized_export=quantized_model(job.manifest.data, job.entry.name) is not None)
             (tmp / "engine.plan").write_bytes(plan)
             return {"artefact": "engine.plan"}
 
